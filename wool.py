@@ -52,8 +52,8 @@ import time
 import traceback
 import uuid
 import weakref
-from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Callable, Mapping
+from typing import ParamSpec, Self, TypeVar
 
 import cloudpickle
 
@@ -79,11 +79,11 @@ __all__ = [
     "RemoteError",
     "RoundRobinLoadBalancer",
     "Task",
+    "WoolError",
     "Worker",
     "WorkerInfo",
     "WorkerLost",
     "WorkerPool",
-    "WoolError",
     "current_worker",
     "routine",
     "work",
@@ -192,10 +192,7 @@ def work(fn: Callable[P, R], /) -> Callable[P, R]:
 
         @functools.wraps(fn)
         async def wrapper(*args, **kwargs):
-            pool = _current_pool.get()
-            if pool is None:
-                raise NoWorkersAvailable(_outside_pool(wrapper))
-            return await pool._run(wrapper, args, kwargs)
+            return await _dispatch(wrapper, args, kwargs)
 
     else:
         hint = ""
@@ -212,6 +209,15 @@ def work(fn: Callable[P, R], /) -> Callable[P, R]:
 routine = work  # the upstream project's name
 
 
+# The wrappers above name nothing but module-level functions and classes, so
+# a closure's wrapper pickles by value without dragging module state along.
+async def _dispatch(fn, args, kwargs):
+    pool = _current_pool.get()
+    if pool is None:
+        raise NoWorkersAvailable(_outside_pool(fn))
+    return await pool._run(fn, args, kwargs)
+
+
 def current_worker() -> WorkerInfo | None:
     """The WorkerInfo of the worker running the current task; None in a caller."""
     return _current_worker.get()
@@ -220,7 +226,7 @@ def current_worker() -> WorkerInfo | None:
 class Task:
     """One call of a @work function, as a load balancer sees it."""
 
-    __slots__ = ("fn", "args", "kwargs")
+    __slots__ = ("args", "fn", "kwargs")
 
     def __init__(self, fn: Callable, args: tuple, kwargs: dict):
         self.fn, self.args, self.kwargs = fn, args, kwargs
@@ -366,7 +372,7 @@ class WorkerPool:
         """The workers this pool is connected to now."""
         return list(self._conns)
 
-    async def __aenter__(self) -> WorkerPool:
+    async def __aenter__(self) -> Self:
         if self._state is not _State.NEW:
             raise RuntimeError(f"{self!r} cannot be entered twice")
         self._state = _State.STARTING
@@ -422,13 +428,15 @@ class WorkerPool:
                 with contextlib.suppress(Exception):
                     proc.stdin.close()
             if procs:
-                done, pending = await asyncio.wait(
+                _done, _pending = await asyncio.wait(
                     [asyncio.ensure_future(p.wait()) for p in procs],
                     timeout=self.grace + 1.0,
                 )
                 for proc in procs:
                     if proc.returncode is None:
-                        log.warning("killing worker pid %d: it outlived its grace", proc.pid)
+                        log.warning(
+                            "killing worker pid %d: it outlived its grace", proc.pid
+                        )
                         with contextlib.suppress(ProcessLookupError):
                             proc.kill()
                         await proc.wait()
@@ -464,7 +472,9 @@ class WorkerPool:
     # when this process is killed.
 
     async def _spawn(self):
-        code = "import sys; sys.path.insert(0, sys.argv[1]); import wool; wool._spawned()"
+        code = (
+            "import sys; sys.path.insert(0, sys.argv[1]); import wool; wool._spawned()"
+        )
         here = os.path.dirname(os.path.abspath(__file__))
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", code, here,
@@ -500,7 +510,9 @@ class WorkerPool:
                 proc.pid, code, len(self._respawns) - 1,
             )  # fmt: skip
             return
-        log.warning("worker pid %d exited with %s; starting a replacement", proc.pid, code)
+        log.warning(
+            "worker pid %d exited with %s; starting a replacement", proc.pid, code
+        )
         await self._spawn()
 
     # Discovered workers: one _link task per listed worker keeps a connection
@@ -545,12 +557,19 @@ class WorkerPool:
                 continue
             key = self._spawn_key if spawned else _authkey(self.authkey)
             try:
-                conn = await _Connection.open(info, key, self.ssl, self._hello, self.max_frame)
+                conn = await _Connection.open(
+                    info, key, self.ssl, self._hello, self.max_frame
+                )
             except AuthenticationError as e:
                 self._refused[uid] = e
                 self._notify()
                 log.warning("%s", e)
-            except (OSError, asyncio.IncompleteReadError, ProtocolError, TimeoutError) as e:
+            except (
+                OSError,
+                asyncio.IncompleteReadError,
+                ProtocolError,
+                TimeoutError,
+            ) as e:
                 log.debug("cannot connect to worker %s: %r", info.address, e)
             else:
                 self._refused.pop(uid, None)
@@ -644,7 +663,9 @@ class _NestedPool:
     def _pool(self) -> WorkerPool:
         pool = self.worker._nested.get(self.hello)
         if pool is None:
-            pool = WorkerPool(size=0, authkey=self.worker.authkey, ssl=self.worker.client_ssl)
+            pool = WorkerPool(
+                size=0, authkey=self.worker.authkey, ssl=self.worker.client_ssl
+            )
             pool._sources, pool._hello = pickle.loads(self.hello), self.hello
             pool._state = _State.READY
             for i, source in enumerate(pool._sources):
@@ -885,7 +906,7 @@ class _Outbox:
     """Frames sent in one event-loop turn leave in one write (fewer syscalls
     under load). Sending never blocks; readers apply backpressure."""
 
-    __slots__ = ("transport", "parts", "loop")
+    __slots__ = ("loop", "parts", "transport")
 
     def __init__(self, transport: asyncio.Transport):
         self.transport, self.parts = transport, []
@@ -921,7 +942,9 @@ def _tune(writer: asyncio.StreamWriter):
     ]:
         if hasattr(socket, name):
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), max(1, int(value)))
+                sock.setsockopt(
+                    socket.IPPROTO_TCP, getattr(socket, name), max(1, int(value))
+                )
 
 
 # -- The worker -------------------------------------------------------------------
@@ -981,7 +1004,7 @@ class Worker:
         where = self.info.address if self.info else f"{self.host}:{self.port}"
         return f"<Worker {where}>"
 
-    async def __aenter__(self) -> Worker:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -999,13 +1022,25 @@ class Worker:
             self._serve, self.host, self.port, ssl=self.ssl, limit=2**20, backlog=1024
         )
         port = self._server.sockets[0].getsockname()[1]
-        host = self.advertise or (self.host if self.host not in ("", "0.0.0.0", "::") else _primary_address())
+        host = self.advertise or (
+            self.host if self.host not in ("", "0.0.0.0", "::") else _primary_address()
+        )
         self.info = WorkerInfo(
-            self.uid, host, port, os.getpid(), __version__, self.tags, self.ssl is not None
+            self.uid,
+            host,
+            port,
+            os.getpid(),
+            __version__,
+            self.tags,
+            self.ssl is not None,
         )
         if self.discovery is not None:
             await self.discovery.publish(DiscoveryEvent("worker-added", self.info))
-        log.info("worker %s listening (tags: %s)", self.info.address, ",".join(sorted(self.tags)))
+        log.info(
+            "worker %s listening (tags: %s)",
+            self.info.address,
+            ",".join(sorted(self.tags)),
+        )
 
     async def stop(self, grace: float | None = None):
         """Withdraw, stop listening, drain in-flight tasks, then cancel them."""
@@ -1016,7 +1051,9 @@ class Worker:
         try:
             if self.discovery is not None and self.info is not None:
                 with contextlib.suppress(Exception):
-                    await self.discovery.publish(DiscoveryEvent("worker-dropped", self.info))
+                    await self.discovery.publish(
+                        DiscoveryEvent("worker-dropped", self.info)
+                    )
             if self._server is not None:
                 self._server.close()
             tasks = [t for p in self._peers for t in p.tasks.values()]
@@ -1042,7 +1079,11 @@ class Worker:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         address = _peer_address(writer)
         if len(self._peers) >= self.max_connections:
-            log.warning("closed connection from %s: over %d connections", address, self.max_connections)
+            log.warning(
+                "closed connection from %s: over %d connections",
+                address,
+                self.max_connections,
+            )
             writer.close()
             return
         peer = None
@@ -1057,7 +1098,11 @@ class Worker:
             self._peers.add(peer)
             await peer.serve()
         except TimeoutError:
-            log.warning("closed connection from %s: no handshake within %g s", address, HANDSHAKE_TIMEOUT)
+            log.warning(
+                "closed connection from %s: no handshake within %g s",
+                address,
+                HANDSHAKE_TIMEOUT,
+            )
         except (AuthenticationError, ProtocolError) as e:
             log.warning("closed connection from %s: %s", address, e)
         except (ConnectionError, asyncio.IncompleteReadError, OSError) as e:
@@ -1101,7 +1146,9 @@ class _Peer:
                     task.cancel()
             elif kind in (NEXT, THROW, CLOSE):
                 if rid in tasks:  # the task may not have started yet
-                    self.inboxes.setdefault(rid, asyncio.Queue()).put_nowait((kind, body))
+                    self.inboxes.setdefault(rid, asyncio.Queue()).put_nowait(
+                        (kind, body)
+                    )
             else:
                 raise ProtocolError(f"unknown frame kind {kind} from a caller")
             if self.writer.transport.get_write_buffer_size() > HIGH_WATER:
@@ -1254,7 +1301,9 @@ class _Connection:
             if not call.reply.done():
                 if call.accepted:
                     call.reply.set_exception(
-                        WorkerLost(f"lost worker {self.info.address} ({reason}) with the task on it")
+                        WorkerLost(
+                            f"lost worker {self.info.address} ({reason}) with the task on it"
+                        )
                     )
                 else:
                     call.reply.set_exception(_NotAccepted())
@@ -1289,7 +1338,9 @@ class _Connection:
         if call.reply.done():
             call.reply = self.loop.create_future()
         if self.lost is not None:
-            raise WorkerLost(f"lost worker {self.info.address} ({self.lost}) with the generator on it")
+            raise WorkerLost(
+                f"lost worker {self.info.address} ({self.lost}) with the generator on it"
+            )
         self.out.send(kind, rid, body)
         try:
             return await call.reply
@@ -1348,7 +1399,9 @@ class _RemoteGenerator(collections.abc.AsyncGenerator):
             if self._conn is None:
                 reply_kind, data = await self._start()
             else:
-                reply_kind, data = await self._conn.step(self._rid, self._call, kind, body)
+                reply_kind, data = await self._conn.step(
+                    self._rid, self._call, kind, body
+                )
         except BaseException:
             self._finish()
             raise
@@ -1368,7 +1421,9 @@ class _RemoteGenerator(collections.abc.AsyncGenerator):
         if self._done:
             raise StopAsyncIteration
         if self._conn is None and value is not None:
-            raise TypeError("can't send non-None value to a just-started async generator")
+            raise TypeError(
+                "can't send non-None value to a just-started async generator"
+            )
         body = b"" if value is None else _dumps(value)
         return await self._step(NEXT, body)
 
@@ -1414,7 +1469,9 @@ def _spawned():
     (size,) = struct.unpack("!I", sys.stdin.buffer.read(4))
     config = pickle.loads(sys.stdin.buffer.read(size))
     sys.path[:] = config["path"]
-    logging.basicConfig(level=config["log_level"], format="wool worker %(process)d: %(message)s")
+    logging.basicConfig(
+        level=config["log_level"], format="wool worker %(process)d: %(message)s"
+    )
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     asyncio.run(_serve_spawned(config))
 
@@ -1448,7 +1505,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"wool {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run the quick start on a local pool")
-    demo.add_argument("--size", type=int, default=2, help="worker processes (default 2)")
+    demo.add_argument(
+        "--size", type=int, default=2, help="worker processes (default 2)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="wool: %(message)s")
     if args.command == "demo":
@@ -1488,13 +1547,17 @@ async def _demo(size: int) -> int:
             print(" ", line)
         t = time.perf_counter()
         value = await _demo_fibonacci(12)
-        print(f"  fibonacci(12) = {value}: 465 nested tasks in {time.perf_counter() - t:.2f} s")
+        print(
+            f"  fibonacci(12) = {value}: 465 nested tasks in {time.perf_counter() - t:.2f} s"
+        )
         async for i, pid in _demo_countdown(3):
             print(f"  countdown yielded {i} from worker pid {pid}")
         try:
             await _demo_fail()
         except ValueError as e:
-            print(f"  caught ValueError({str(e)!r}) with the worker's traceback as its cause")
+            print(
+                f"  caught ValueError({str(e)!r}) with the worker's traceback as its cause"
+            )
     print(f"stopped the pool; {time.perf_counter() - start:.2f} s in all")
     return 0
 

@@ -30,7 +30,6 @@ import fcntl
 import json
 import os
 import re
-import socket
 import struct
 import sys
 import time
@@ -77,7 +76,11 @@ class WorkerInfo:
 
     @property
     def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return (
+            f"[{self.host}]:{self.port}"
+            if ":" in self.host
+            else f"{self.host}:{self.port}"
+        )
 
     def to_json(self) -> bytes:
         fields = dataclasses.asdict(self) | {"tags": sorted(self.tags)}
@@ -369,7 +372,9 @@ def _interface_addresses() -> list[str]:
     for adapter in ifaddr.get_adapters():
         for ip in adapter.ips:
             address = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
-            if not (address.startswith("127.") or address == "::1" or address.startswith("fe80")):
+            if not (
+                address.startswith(("127.", "fe80")) or address == "::1"
+            ):
                 found.append(address)
     return found or ["127.0.0.1"]
 
@@ -424,7 +429,9 @@ class LanDiscoveryService:
     most clouds block it; there, use a fixed list (see README).
     """
 
-    def __init__(self, filter: Callable[[WorkerInfo], bool] | None = None, *, interfaces=None):
+    def __init__(
+        self, filter: Callable[[WorkerInfo], bool] | None = None, *, interfaces=None
+    ):
         self.filter = filter
         self.interfaces = interfaces
         self._zc = None  # this process's publishing zeroconf
@@ -448,7 +455,8 @@ class LanDiscoveryService:
             return AsyncZeroconf(interfaces=InterfaceChoice.All)
         v4 = all(":" not in i for i in self.interfaces if isinstance(i, str))
         return AsyncZeroconf(
-            interfaces=self.interfaces, ip_version=IPVersion.V4Only if v4 else IPVersion.All
+            interfaces=self.interfaces,
+            ip_version=IPVersion.V4Only if v4 else IPVersion.All,
         )
 
     async def publish(self, event: DiscoveryEvent) -> None:
@@ -468,7 +476,9 @@ class LanDiscoveryService:
             await (await self._zc.async_update_service(service))
             return
         # Skipping the uniqueness probes is safe: the name holds a fresh uid.
-        await (await self._zc.async_register_service(service, cooperating_responders=True))
+        await (
+            await self._zc.async_register_service(service, cooperating_responders=True)
+        )
         self._services[info.uid] = service
         if self._announcer is None:
             self._announcer = asyncio.ensure_future(self._reannounce())
@@ -514,7 +524,9 @@ class LanDiscoveryService:
                     current.pop(name, None)
                 else:
                     current[name] = info
-                for event in _changes(known, {i.uid: i for i in current.values()}, self.filter):
+                for event in _changes(
+                    known, {i.uid: i for i in current.values()}, self.filter
+                ):
                     yield event
         finally:
             for task in resolving:

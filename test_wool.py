@@ -1,0 +1,645 @@
+"""The specification of wool, in wool.py's order: errors and the public API,
+frames, streams and handshake, the worker, pools, entry points.
+
+Real worker processes, real sockets on 127.0.0.1, real shared memory. Every
+test has a timeout (pyproject.toml); none sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import wool
+
+HERE = Path(__file__).parent
+
+
+# -- Task functions (importable, so workers find them by reference) ------------
+
+
+@wool.work
+async def add(a: int, b: int = 0) -> int:
+    """Add two numbers on a worker."""
+    return a + b
+
+
+@wool.work
+async def pid() -> int:
+    return os.getpid()
+
+
+@wool.work
+async def echo(x):
+    return x
+
+
+@wool.work
+async def fibonacci(n: int) -> int:
+    if n <= 1:
+        return n
+    return await fibonacci(n - 1) + await fibonacci(n - 2)
+
+
+class Boom(Exception):
+    pass
+
+
+class Unpicklable(Exception):
+    def __init__(self, message):
+        super().__init__(message)
+        self.lock = __import__("threading").Lock()
+
+
+@wool.work
+async def fail(kind: str):
+    if kind == "boom":
+        raise Boom("it went boom")
+    if kind == "unpicklable":
+        raise Unpicklable("holds a lock")
+    raise ValueError(kind)
+
+
+@wool.work
+async def wait_cancelled(marker: str, started: str | None = None):
+    if started:
+        Path(started).touch()
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        Path(marker).write_text("cancelled")
+        raise
+
+
+@wool.work
+async def count(n: int, marker: str | None = None):
+    try:
+        for i in range(n):
+            got = yield i
+            if got is not None:
+                yield f"got {got}"
+    except Boom as e:
+        yield f"caught {e}"
+    finally:
+        if marker:
+            Path(marker).write_text("closed")
+
+
+@wool.work
+async def exists(path: str) -> bool:
+    return Path(path).exists()
+
+
+class Calculator:
+    def __init__(self, base: int):
+        self.base = base
+
+    @wool.work
+    async def plus(self, x: int) -> int:
+        return self.base + x
+
+    @classmethod
+    @wool.work
+    async def name(cls) -> str:
+        return cls.__name__
+
+    @staticmethod
+    @wool.work
+    async def double(x: int) -> int:
+        return 2 * x
+
+
+def make_multiplier(k: int):
+    @wool.work
+    async def multiply(x: int) -> int:
+        return k * x
+
+    return multiply
+
+
+@pytest.fixture
+async def pool():
+    async with wool.WorkerPool(size=2) as pool:
+        yield pool
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return status != "Z"
+
+
+def run_script(code: str, *args, timeout=30) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=HERE,
+    )  # fmt: skip
+
+
+# -- The public API --------------------------------------------------------------
+
+
+def test_work_keeps_name_docstring_and_signature():
+    assert add.__name__ == "add"
+    assert add.__doc__ == "Add two numbers on a worker."
+    assert str(inspect.signature(add)) == "(a: 'int', b: 'int' = 0) -> 'int'"
+    assert inspect.iscoroutinefunction(add)
+    assert wool.routine is wool.work
+
+
+def test_work_refuses_what_is_not_async():
+    with pytest.raises(TypeError, match="needs an `async def` function"):
+        wool.work(lambda: 1)
+    with pytest.raises(TypeError, match="put @wool.work below @classmethod"):
+        wool.work(classmethod(add))
+
+
+async def test_call_outside_a_pool_raises_at_once():
+    with pytest.raises(
+        wool.NoWorkersAvailable,
+        match=r"add\(\) was called outside a WorkerPool; call it inside `async with wool.WorkerPool\(\):`",
+    ):
+        await add(1, 2)
+    with pytest.raises(wool.NoWorkersAvailable, match="outside a WorkerPool"):
+        async for _ in count(1):
+            pass
+
+
+def test_pool_arguments_are_checked():
+    with pytest.raises(ValueError, match="size must be a whole number"):
+        wool.WorkerPool(size=-1)
+    with pytest.raises(TypeError, match="authkey must be bytes"):
+        wool.WorkerPool(size=1, authkey="secret")
+    with pytest.raises(TypeError, match="not both"):
+        wool.WorkerPool(size=1, spawn=2)
+
+
+async def test_result_comes_back(pool):
+    assert await add(2, b=3) == 5
+    assert repr(pool) == "<WorkerPool ready 2/2>"
+
+
+async def test_tasks_run_in_the_pools_worker_processes(pool):
+    pids = set(await asyncio.gather(*(pid() for _ in range(8))))
+    assert pids == {w.pid for w in pool.workers}
+    assert len(pids) == 2 and os.getpid() not in pids
+
+
+async def test_spawn_alias_and_tags_reach_spawned_workers():
+    async with wool.WorkerPool("gpu", "fast", spawn=1) as pool:
+        assert [w.tags for w in pool.workers] == [frozenset({"gpu", "fast"})]
+
+
+async def test_exception_keeps_type_message_and_remote_traceback(pool):
+    with pytest.raises(Boom, match="it went boom") as caught:
+        await fail("boom")
+    cause = caught.value.__cause__
+    assert "Traceback" in str(cause) and 'raise Boom("it went boom")' in str(cause)
+
+
+async def test_unpicklable_exception_arrives_as_remote_error(pool):
+    with pytest.raises(wool.RemoteError, match="Unpicklable: holds a lock") as caught:
+        await fail("unpicklable")
+    assert caught.value.type_name == "test_wool.Unpicklable"
+    assert "holds a lock" in caught.value.traceback
+
+
+async def test_unpicklable_argument_raises_type_error_in_the_caller(pool):
+    with pytest.raises(TypeError, match=r"cannot send echo\(\) and its arguments"):
+        await echo(socket.socket())
+    assert await echo(1) == 1  # nothing was lost
+
+
+async def test_unpicklable_return_value_raises_type_error_from_the_worker(pool):
+    with pytest.raises(
+        TypeError, match=r"cannot send the value of return_socket\(\) back"
+    ):
+        await return_socket()
+    assert await echo(1) == 1
+
+
+@wool.work
+async def return_socket():
+    return socket.socket()
+
+
+async def test_generator_streams_values_one_per_step(pool):
+    assert [x async for x in count(4)] == [0, 1, 2, 3]
+    assert isinstance(count(1), wool.collections.abc.AsyncGenerator)
+
+
+async def test_generator_asend_athrow_aclose_reach_the_worker(pool, tmp_path):
+    marker = tmp_path / "closed"
+    gen = count(10, str(marker))
+    assert await gen.__anext__() == 0
+    assert await gen.asend("hi") == "got hi"
+    assert await gen.athrow(Boom("thrown")) == "caught thrown"
+    await gen.aclose()
+    assert marker.read_text() == "closed"
+    with pytest.raises(StopAsyncIteration):
+        await gen.__anext__()
+
+
+async def test_generator_left_early_runs_its_finally_on_the_worker(tmp_path):
+    marker = tmp_path / "closed"
+    async with wool.WorkerPool(size=1):
+        async for i in count(100, str(marker)):
+            if i == 2:
+                break
+        # The abandoned generator's CLOSE went out before this call's TASK.
+        assert await exists(str(marker))
+
+
+async def test_generator_exception_reaches_caller(pool):
+    with pytest.raises(Boom):
+        gen = count(3)
+        await gen.__anext__()
+        await gen.athrow(Boom)
+        await gen.athrow(Boom("again"))  # the generator has finished
+    assert await add(1) == 1
+
+
+async def test_methods_classmethods_staticmethods(pool):
+    assert await Calculator(10).plus(5) == 15
+    assert await Calculator.name() == "Calculator"
+    assert await Calculator.double(21) == 42
+
+
+async def test_closures_travel_by_value(pool):
+    triple = make_multiplier(3)
+    assert await triple(14) == 42
+
+
+def test_functions_in_main_travel_by_value():
+    result = run_script(
+        """
+        import asyncio, os, wool
+
+        @wool.work
+        async def where(x):
+            return x * 2, os.getpid()
+
+        async def main():
+            async with wool.WorkerPool(size=1):
+                value, pid = await where(21)
+                print(value, pid != os.getpid())
+
+        asyncio.run(main())
+        """
+    )
+    assert result.stdout.split() == ["42", "True"], result.stderr
+
+
+async def test_nested_dispatch_fibonacci_on_two_workers():
+    async with wool.WorkerPool(size=2):
+        assert await fibonacci(12) == 144
+
+
+async def test_ten_thousand_concurrent_calls_return_in_order(pool):
+    results = await asyncio.gather(*(add(i, 1) for i in range(10_000)))
+    assert results == [i + 1 for i in range(10_000)]
+
+
+async def test_64_mb_argument_round_trips(pool):
+    data = os.urandom(64 * 2**20)
+    assert await echo(data) == data
+
+
+async def test_cancelling_the_caller_cancels_the_task_on_the_worker(tmp_path):
+    # One worker, one connection: frames are handled in the order they were
+    # sent, so each `exists` call observes the effect of the frames before it.
+    marker, started = tmp_path / "marker", tmp_path / "started"
+    async with wool.WorkerPool(size=1):
+        call = asyncio.ensure_future(wait_cancelled(str(marker), str(started)))
+        await asyncio.sleep(0)  # one step: `call` sends its TASK frame
+        assert await exists(str(started))
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert await exists(str(marker))
+    assert marker.read_text() == "cancelled"
+
+
+async def test_timeout_cancels_the_task_on_the_worker(tmp_path):
+    marker = tmp_path / "marker"
+    async with wool.WorkerPool(size=1):
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await wait_cancelled(str(marker))
+        assert await exists(str(marker))
+    assert marker.read_text() == "cancelled"
+
+
+class Recording(wool.RoundRobinLoadBalancer):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def select(self, workers, task):
+        self.seen.append((dict(workers), task.fn.__name__))
+        return super().select(workers, task)
+
+
+async def test_custom_load_balancer_sees_workers_and_in_flight_counts(tmp_path):
+    balancer = Recording()
+    async with wool.WorkerPool(size=2, loadbalancer=balancer) as pool:
+        busy = asyncio.ensure_future(wait_cancelled(str(tmp_path / "m")))
+        await asyncio.sleep(0)  # one step: `busy` is in flight
+        assert await add(1, 2) == 3
+        assert set(balancer.seen[1][0]) == set(pool.workers)
+        busy.cancel()
+    assert [name for _, name in balancer.seen] == ["wait_cancelled", "add"]
+    assert sorted(balancer.seen[0][0].values()) == [0, 0]
+    assert sorted(balancer.seen[1][0].values()) == [0, 1]
+
+
+async def test_balancer_that_returns_a_stranger_gets_a_clear_error():
+    class Bad:
+        def select(self, workers, task):
+            return "nobody"
+
+    async with wool.WorkerPool(size=1, loadbalancer=Bad()):
+        with pytest.raises(
+            TypeError, match="returned 'nobody', which is not one of the workers"
+        ):
+            await add(1)
+
+
+async def test_worker_dead_before_accepting_fails_over_and_balancer_is_asked_again():
+    class First:
+        def __init__(self):
+            self.seen = []
+
+        def select(self, workers, task):
+            self.seen.append(list(workers))
+            return min(workers, key=lambda w: w.pid != self.victim)
+
+    balancer = First()
+    async with wool.WorkerPool(size=2, loadbalancer=balancer) as pool:
+        victim = pool.workers[0]
+        balancer.victim = victim.pid
+        os.kill(victim.pid, signal.SIGKILL)
+        while alive(victim.pid):  # no await: the pool has not noticed yet
+            pass
+        assert await add(20, 22) == 42
+    assert victim in balancer.seen[0]
+    assert victim not in balancer.seen[1]
+
+
+async def test_leaving_the_pool_leaves_no_process_or_shared_memory():
+    before = set(os.listdir("/dev/shm"))
+    async with wool.WorkerPool(size=2) as pool:
+        pids = [w.pid for w in pool.workers]
+        assert len(set(os.listdir("/dev/shm")) - before) == 1
+    assert not any(alive(p) for p in pids)
+    assert set(os.listdir("/dev/shm")) - before == set()
+    assert repr(pool) == "<WorkerPool stopped 0/2>"
+
+
+async def test_leaving_the_pool_by_exception_cleans_up_too():
+    before = set(os.listdir("/dev/shm"))
+    with pytest.raises(Boom):
+        async with wool.WorkerPool(size=2) as pool:
+            pids = [w.pid for w in pool.workers]
+            raise Boom()
+    assert not any(alive(p) for p in pids)
+    assert set(os.listdir("/dev/shm")) - before == set()
+
+
+def test_killed_caller_leaves_no_worker_behind():
+    result = run_script(
+        """
+        import asyncio, os, wool
+        async def main():
+            async with wool.WorkerPool(size=2) as pool:
+                print(*[w.pid for w in pool.workers], flush=True)
+                os.kill(os.getpid(), 9)
+        asyncio.run(main())
+        """
+    )
+    pids = [int(p) for p in result.stdout.split()]
+    assert len(pids) == 2
+    for p in pids:  # they see their stdin close and stop
+        while alive(p):
+            time.sleep(0.005)
+
+
+# -- Frames ------------------------------------------------------------------------
+
+
+def feed(data: bytes, chunk: int = 1) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    for i in range(0, len(data), chunk):
+        reader.feed_data(data[i : i + chunk])
+    reader.feed_eof()
+    return reader
+
+
+async def test_frame_split_across_reads_decodes_once():
+    body = pickle.dumps({"x": list(range(100))})
+    reader = feed(
+        wool.encode(wool.TASK, 7, body) + wool.encode(wool.CANCEL, 8), chunk=1
+    )
+    assert await wool.read_frame(reader, wool.MAX_FRAME) == (wool.TASK, 7, body)
+    assert await wool.read_frame(reader, wool.MAX_FRAME) == (wool.CANCEL, 8, b"")
+    assert await wool.read_frame(reader, wool.MAX_FRAME) is None
+
+
+async def test_eof_inside_header_or_body_is_a_protocol_error():
+    frame = wool.encode(wool.RESULT, 1, b"x" * 10)
+    with pytest.raises(wool.ProtocolError, match="inside a frame header"):
+        await wool.read_frame(feed(frame[:5]), wool.MAX_FRAME)
+    with pytest.raises(wool.ProtocolError, match="inside a frame of 10 bytes"):
+        await wool.read_frame(feed(frame[:-3]), wool.MAX_FRAME)
+
+
+async def test_oversized_frame_is_refused_before_its_body_is_read():
+    header = wool.HEADER.pack(80 * 2**20, wool.TASK, 1)
+    with pytest.raises(
+        wool.ProtocolError, match=r"frame of 80 MiB is over max_frame \(64 MiB\)"
+    ):
+        await wool.read_frame(feed(header), 64 * 2**20)
+
+
+def test_result_over_max_frame_is_a_clear_error():
+    with pytest.raises(
+        TypeError, match=r"over max_frame \(0 MiB\); pass a file path instead"
+    ):
+        wool._dump_value(b"x" * 2**20, add, 1000)
+
+
+# -- The worker: handshake and hostile input ------------------------------------
+
+
+@pytest.fixture
+async def worker():
+    async with wool.Worker(authkey=b"secret") as worker:
+        yield worker
+
+
+async def test_connection_without_the_key_never_unpickles(worker, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    reader, writer = await asyncio.open_connection(worker.info.host, worker.info.port)
+    await reader.readexactly(len(wool.MAGIC) + wool.NONCE)
+    payload = pickle.dumps(Evil())
+    writer.write(wool.encode(wool.TASK, 1, payload) * 10)  # skips the handshake
+    assert await reader.read() in (b"", b"-")
+    assert not marker.exists()
+
+
+async def test_wrong_key_is_refused_with_a_clear_error(worker):
+    with pytest.raises(wool.AuthenticationError, match="refused the key"):
+        await wool._Connection.open(worker.info, b"wrong", None, b"", wool.MAX_FRAME)
+
+
+async def test_pool_with_the_wrong_key_raises_authentication_error(tmp_path):
+    namespace = f"t{os.getpid()}k"
+    service = wool.LocalDiscoveryService(namespace)
+    try:
+        async with wool.Worker(authkey=b"right", discovery=service):
+            async with wool.WorkerPool(
+                discovery=wool.LocalDiscoveryService(namespace),
+                authkey=b"wrong",
+                wait=5,
+            ):
+                with pytest.raises(
+                    wool.AuthenticationError, match="every worker refused the key"
+                ):
+                    await add(1)
+    finally:
+        Path(f"/dev/shm/wool-{namespace}").unlink(missing_ok=True)
+
+
+async def test_worker_refuses_public_address_without_key():
+    with pytest.raises(ValueError, match="refusing to listen on 0.0.0.0 without a key"):
+        await wool.Worker(host="0.0.0.0").start()
+
+
+def test_caller_killed_mid_task_has_its_task_cancelled(tmp_path):
+    """A durable worker in a subprocess; a caller that is SIGKILLed mid-task."""
+    namespace, marker, started = f"t{os.getpid()}c", tmp_path / "m", tmp_path / "s"
+    worker = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import asyncio, wool
+            async def main():
+                async with wool.Worker(discovery=wool.LocalDiscoveryService({namespace!r})) as w:
+                    print("ready", flush=True)
+                    await w.stopped()
+            asyncio.run(main())
+        """)],
+        cwd=HERE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert worker.stdout.readline() == "ready\n"
+        caller = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(f"""
+                import asyncio, wool, test_wool
+                async def main():
+                    async with wool.WorkerPool(discovery=wool.LocalDiscoveryService({namespace!r})):
+                        await test_wool.wait_cancelled({str(marker)!r}, {str(started)!r})
+                asyncio.run(main())
+            """)],
+            cwd=HERE,
+        )  # fmt: skip
+        while not started.exists():
+            assert caller.poll() is None
+            time.sleep(0.005)
+        caller.kill()
+        caller.wait()
+        while not marker.exists():  # the worker sees the connection drop
+            assert worker.poll() is None
+            time.sleep(0.005)
+        assert marker.read_text() == "cancelled"
+    finally:
+        worker.kill()
+        worker.wait()
+        Path(f"/dev/shm/wool-{namespace}").unlink(missing_ok=True)
+
+
+# -- Local discovery -------------------------------------------------------------
+
+
+async def test_local_discovery_sees_added_updated_dropped_and_stale():
+    namespace = f"t{os.getpid()}d"
+    service = wool.LocalDiscoveryService(namespace)
+    info = wool.WorkerInfo("u1", "127.0.0.1", 1, os.getpid(), "0", {"a"})
+    ghost = wool.WorkerInfo("u2", "127.0.0.1", 2, 2**22 + 12345, "0")  # no such pid
+    try:
+        await service.publish(wool.DiscoveryEvent("worker-added", info))
+        await service.publish(wool.DiscoveryEvent("worker-added", ghost))
+        events = wool.LocalDiscoveryService(namespace).subscribe()
+        assert await anext(events) == wool.DiscoveryEvent("worker-added", info)
+        updated = wool.WorkerInfo("u1", "127.0.0.1", 1, os.getpid(), "0", {"b"})
+        await service.publish(wool.DiscoveryEvent("worker-updated", updated))
+        assert await anext(events) == wool.DiscoveryEvent("worker-updated", updated)
+        await service.publish(wool.DiscoveryEvent("worker-dropped", updated))
+        assert await anext(events) == wool.DiscoveryEvent("worker-dropped", updated)
+        await events.aclose()
+    finally:
+        await service.close()
+        Path(f"/dev/shm/wool-{namespace}").unlink(missing_ok=True)
+
+
+def test_attaching_process_never_unlinks_or_warns():
+    namespace = f"t{os.getpid()}r"
+    service = wool.LocalDiscoveryService(namespace)
+    service._create()
+    try:
+        result = run_script(
+            f"""
+            import asyncio, wool_discovery as d
+            async def main():
+                events = d.LocalDiscoveryService({namespace!r}).subscribe()
+                info = d.WorkerInfo("x", "127.0.0.1", 1, 1, "0")
+                s = d.LocalDiscoveryService({namespace!r})
+                await s.publish(d.DiscoveryEvent("worker-added", info))
+                await s.close()
+            asyncio.run(main())
+            """
+        )
+        assert result.returncode == 0, result.stderr
+        assert "leaked" not in result.stderr and "resource_tracker" not in result.stderr
+        assert Path(f"/dev/shm/wool-{namespace}").exists()
+    finally:
+        service._unlink()
+
+
+def test_bad_namespace_and_oversized_record_are_refused():
+    with pytest.raises(ValueError, match="namespace 'a/b' must be"):
+        wool.LocalDiscoveryService("a/b")
+
+
+# -- Entry points ------------------------------------------------------------------
+
+
+def test_wool_demo_runs_the_quick_start():
+    result = subprocess.run(
+        [sys.executable, "-m", "wool", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=HERE,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "fibonacci(12) = 144" in result.stdout
+    assert "countdown yielded 1" in result.stdout
+    assert "caught ValueError" in result.stdout
