@@ -1,0 +1,1570 @@
+"""wool: run async functions as tasks on a pool of worker processes.
+
+    @wool.work
+    async def fibonacci(n: int) -> int:
+        if n <= 1:
+            return n
+        return await fibonacci(n - 1) + await fibonacci(n - 2)
+
+    async with wool.WorkerPool(size=4):
+        print(await fibonacci(10))
+
+How a call travels (one TCP connection per pool and worker, many tasks on it):
+
+    caller --------- HELLO, TASK, NEXT/THROW/CLOSE, CANCEL ---------> worker
+      ^  <----------- ACCEPTED | REFUSED, RESULT | ERROR | STOP ------'  |
+      '-- WorkerPool <- discovery (shared memory, mDNS) <- publish ------'
+
+Each frame is a fixed header (body length, kind, request id) and a pickle
+body. A connection opens with an HMAC challenge-response on a shared key:
+nothing is unpickled before the peer proved it holds the key.
+
+Sections, top-down: errors; the public API (`work`, `WorkerPool`, load
+balancers); frames (pure); streams (handshake, reading, writing); the worker;
+pool internals (connections, calls, generators); entry points (spawned worker,
+CLI, demo).
+
+Version 0.1.0. Licensed Apache-2.0. https://github.com/wool-labs/wool
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections.abc
+import contextlib
+import contextvars
+import enum
+import functools
+import hmac
+import importlib
+import inspect
+import itertools
+import logging
+import os
+import pickle
+import secrets
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+import uuid
+import weakref
+from collections.abc import Callable, Mapping
+from typing import ParamSpec, Self, TypeVar
+
+import cloudpickle
+
+from wool_discovery import (
+    DiscoveryEvent,
+    LanDiscovery,
+    LanDiscoveryService,
+    LocalDiscovery,
+    LocalDiscoveryService,
+    WorkerInfo,
+)
+
+__all__ = [
+    "AuthenticationError",
+    "DiscoveryEvent",
+    "LanDiscovery",
+    "LanDiscoveryService",
+    "LeastLoadedLoadBalancer",
+    "LocalDiscovery",
+    "LocalDiscoveryService",
+    "NoWorkersAvailable",
+    "ProtocolError",
+    "RemoteError",
+    "RoundRobinLoadBalancer",
+    "Task",
+    "WoolError",
+    "Worker",
+    "WorkerInfo",
+    "WorkerLost",
+    "WorkerPool",
+    "current_worker",
+    "routine",
+    "work",
+]
+
+__version__ = "0.1.0"
+
+MAX_FRAME = 256 * 2**20  # bytes in one frame; larger data belongs in a file
+HANDSHAKE_TIMEOUT = 5.0  # seconds a new connection has to authenticate
+WAIT = 30.0  # seconds a call waits for a worker to appear before giving up
+GRACE = 5.0  # seconds in-flight tasks get to finish when a worker stops
+KEEPALIVE = 1.0  # seconds of silence before the kernel probes a peer ...
+DEAD_AFTER = 3.0  # ... and seconds without an answer before the link is dead
+MAX_CONNECTIONS = 1024  # per worker; more are closed at once
+HIGH_WATER = 4 * 2**20  # unsent reply bytes at which a worker stops reading
+RESPAWNS_PER_MINUTE = 10  # per pool, so a task that kills workers cannot fork-bomb
+
+log = logging.getLogger("wool")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+# -- Errors -------------------------------------------------------------------
+#
+#   WoolError
+#   +-- NoWorkersAvailable   no worker could take the task within the wait
+#   +-- WorkerLost           the worker's connection died with the task on it
+#   +-- AuthenticationError  the key (or certificate) was refused
+#   +-- ProtocolError        a peer sent bytes that are not wool frames
+#   +-- RemoteError          a worker's exception that could not be rebuilt here
+
+
+class WoolError(Exception):
+    """Base of the errors wool raises itself."""
+
+
+class NoWorkersAvailable(WoolError):
+    """No worker could take the task: outside a pool, or none within the wait."""
+
+
+class WorkerLost(WoolError):
+    """The worker's connection died after it accepted the task. The task may
+    or may not have run; wool does not run it again (at-most-once)."""
+
+
+class AuthenticationError(WoolError):
+    """The peer refused our key, or did not prove it holds the same key."""
+
+
+class ProtocolError(WoolError):
+    """A peer sent something that is not a valid wool frame."""
+
+
+class RemoteError(WoolError):
+    """A worker's exception that could not be pickled or rebuilt in the caller.
+
+    Carries the original type name, message and the worker's traceback text.
+    """
+
+    def __init__(self, type_name: str, message: str, traceback: str):
+        super().__init__(type_name, message, traceback)
+        self.type_name, self.message, self.traceback = type_name, message, traceback
+
+    def __str__(self):
+        return f"{self.type_name}: {self.message}"
+
+
+class _RemoteTraceback(Exception):
+    """The worker's traceback, attached as `__cause__` (as concurrent.futures)."""
+
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self):
+        return self.tb
+
+
+class _NotAccepted(Exception):
+    """Internal: the worker never accepted the task, so another one may run it."""
+
+
+# -- The public API: work, WorkerPool, load balancers ----------------------------
+
+
+def work(fn: Callable[P, R], /) -> Callable[P, R]:
+    """Make an async function (or async generator) run as a task on a worker.
+
+    Calling the result returns what the function would: a coroutine, which
+    dispatches when awaited, or an async generator, which dispatches when
+    first iterated and then pulls one value per step from the worker. The
+    task goes to the pool of the enclosing `async with WorkerPool()`, or, in
+    a worker, to the pool that sent the running task.
+
+    On methods, `@work` is the innermost decorator (`@classmethod` above it).
+    Raises TypeError at decoration time for anything but `async def`.
+    """
+    if inspect.isasyncgenfunction(fn):
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return _RemoteGenerator(wrapper, args, kwargs)
+
+    elif inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def wrapper(*args, **kwargs):
+            return await _dispatch(wrapper, args, kwargs)
+
+    else:
+        hint = ""
+        if isinstance(fn, (classmethod, staticmethod)):
+            hint = f"; put @wool.work below @{type(fn).__name__}"
+        raise TypeError(
+            f"@wool.work needs an `async def` function or async generator, "
+            f"not {fn!r}{hint}"
+        )
+    wrapper.__wool_work__ = fn  # what the worker runs
+    return wrapper
+
+
+routine = work  # the upstream project's name
+
+
+# The wrappers above name nothing but module-level functions and classes, so
+# a closure's wrapper pickles by value without dragging module state along.
+async def _dispatch(fn, args, kwargs):
+    pool = _current_pool.get()
+    if pool is None:
+        raise NoWorkersAvailable(_outside_pool(fn))
+    return await pool._run(fn, args, kwargs)
+
+
+def current_worker() -> WorkerInfo | None:
+    """The WorkerInfo of the worker running the current task; None in a caller."""
+    return _current_worker.get()
+
+
+class Task:
+    """One call of a @work function, as a load balancer sees it."""
+
+    __slots__ = ("args", "fn", "kwargs")
+
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict):
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+
+    def __repr__(self):
+        return f"<Task {self.fn.__qualname__}>"
+
+
+class RoundRobinLoadBalancer:
+    """Send each task to the next worker in turn.
+
+    A load balancer is any object with `select(workers, task)` returning one
+    key of `workers`: a mapping of the connected workers' WorkerInfo to the
+    number of this caller's tasks in flight on each. When the chosen worker
+    fails before accepting the task, the pool asks again without it:
+
+        class PreferGpu:
+            def select(self, workers, task):
+                gpu = [w for w in workers if "gpu" in w.tags]
+                return min(gpu or workers, key=workers.get)
+    """
+
+    def __init__(self):
+        self._turn = 0
+
+    def select(self, workers: Mapping[WorkerInfo, int], task: Task) -> WorkerInfo:
+        self._turn += 1
+        return next(itertools.islice(workers, self._turn % len(workers), None))
+
+
+class LeastLoadedLoadBalancer:
+    """Send each task to the worker with the fewest of this caller's tasks in
+    flight: better than round-robin when task durations vary widely."""
+
+    def select(self, workers: Mapping[WorkerInfo, int], task: Task) -> WorkerInfo:
+        return min(workers, key=workers.__getitem__)
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+_current_pool: contextvars.ContextVar[WorkerPool | _NestedPool | None]
+_current_pool = contextvars.ContextVar("wool.pool", default=None)
+_current_worker: contextvars.ContextVar[WorkerInfo | None]
+_current_worker = contextvars.ContextVar("wool.worker", default=None)
+
+
+def _outside_pool(fn) -> str:
+    return (
+        f"{fn.__qualname__}() was called outside a WorkerPool; call it inside "
+        "`async with wool.WorkerPool():`"
+    )
+
+
+class WorkerPool:
+    """Workers that run the @work calls made inside `async with` it.
+
+        async with WorkerPool(size=4): ...                     # ephemeral
+        async with WorkerPool(discovery=LanDiscoveryService()): ...  # durable
+        async with WorkerPool("gpu", size=2, discovery=lan): ...     # hybrid
+
+    `size` (alias `spawn`) worker processes are started on this machine, given
+    the positional `tags`; with neither `size` nor `discovery`, one per CPU.
+    `discovery` adds the workers a discovery service finds, at most `lease` of
+    them. `loadbalancer` picks a worker per task (default round-robin).
+    A call waits up to `wait` seconds for a worker to appear.
+
+    Resource handling: spawned workers get a fresh random key (or `authkey`),
+    never published; leaving the block stops them gracefully (in-flight tasks
+    get `grace` seconds), kills stragglers, and removes the pool's shared
+    memory, also when the block raised or was cancelled. A spawned worker
+    that dies is replaced, at most RESPAWNS_PER_MINUTE times a minute.
+
+    Error handling: a task goes to another worker when its worker could not
+    be reached or refused it before accepting. Once accepted it is never run
+    again by wool: if the worker dies the caller gets WorkerLost. With no
+    worker after `wait` seconds a call raises NoWorkersAvailable; when every
+    worker refused the key, AuthenticationError.
+    """
+
+    def __init__(
+        self,
+        *tags: str,
+        size: int | None = None,
+        spawn: int | None = None,
+        discovery=None,
+        lease: int | None = None,
+        loadbalancer=None,
+        authkey: bytes | None = None,
+        ssl=None,
+        wait: float = WAIT,
+        grace: float = GRACE,
+        max_frame: int = MAX_FRAME,
+    ):
+        if spawn is not None:
+            if size is not None and size != spawn:
+                raise TypeError("give size= or its alias spawn=, not both")
+            size = spawn
+        if size is None and discovery is None:
+            size = os.cpu_count() or 1
+        if size is not None and (not isinstance(size, int) or size < 0):
+            raise ValueError(f"size must be a whole number >= 0, not {size!r}")
+        if lease is not None and lease < 0:
+            raise ValueError(f"lease must be >= 0, not {lease!r}")
+        if authkey is not None and not isinstance(authkey, bytes):
+            raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}")
+        self.tags = frozenset(tags)
+        self.size = size or 0
+        self.discovery = discovery
+        self.lease = lease
+        self.loadbalancer = loadbalancer or RoundRobinLoadBalancer()
+        self.authkey = authkey
+        self.ssl = ssl
+        self.wait = wait
+        self.grace = grace
+        self.max_frame = max_frame
+        self._state = _State.NEW
+        self._local: LocalDiscoveryService | None = None  # spawned workers' namespace
+        self._spawn_key = authkey
+        self._procs: set[asyncio.subprocess.Process] = set()
+        self._respawns: list[float] = []
+        self._listed: dict[str, tuple[WorkerInfo, int]] = {}  # uid -> info, source
+        self._conns: dict[WorkerInfo, _Connection] = {}
+        self._loads: dict[WorkerInfo, int] = {}  # what the balancer sees
+        self._refused: dict[str, AuthenticationError] = {}  # uid -> why
+        self._changed = asyncio.Event()
+        self._background: set[asyncio.Task] = set()
+        self._token = None
+        self._hello = b""
+        self._sources: list = []
+
+    def __repr__(self):
+        expected = f"/{self.size}" if self.size and not self.discovery else ""
+        return f"<WorkerPool {self._state.value} {len(self._conns)}{expected}>"
+
+    @property
+    def workers(self) -> list[WorkerInfo]:
+        """The workers this pool is connected to now."""
+        return list(self._conns)
+
+    async def __aenter__(self) -> Self:
+        if self._state is not _State.NEW:
+            raise RuntimeError(f"{self!r} cannot be entered twice")
+        self._state = _State.STARTING
+        self._token = _current_pool.set(self)
+        try:
+            await self._start()
+        except BaseException:
+            await self._stop()
+            raise
+        self._state = _State.READY
+        return self
+
+    async def __aexit__(self, *exc_info):
+        await self._stop()
+
+    async def _start(self):
+        if self.size:
+            self._local = LocalDiscoveryService(f"p{uuid.uuid4().hex[:12]}")
+            self._local._create()
+            self._spawn_key = self.authkey or secrets.token_bytes(32)
+            self._sources.append(self._local)
+        if self.discovery is not None:
+            self._sources.append(self.discovery)
+        self._hello = _dumps(self._sources)
+        for i, source in enumerate(self._sources):
+            self._spawn_task(self._follow(source, i))
+        if self.size:
+            await asyncio.gather(*(self._spawn() for _ in range(self.size)))
+            await self._wait_spawned()
+
+    async def _wait_spawned(self):
+        # Ready when every spawned worker is connected; a worker that exits
+        # early (bad sys.path, crash at import) fails the start at once.
+        async with asyncio.timeout(self.wait):
+            while sum(1 for i in self._conns if i.pid in self._pids()) < self.size:
+                if any(p.returncode is not None for p in self._procs):
+                    codes = [p.returncode for p in self._procs]
+                    raise RuntimeError(f"a spawned worker exited at start: {codes}")
+                changed = self._changed
+                await changed.wait()
+
+    def _pids(self) -> set[int]:
+        return {p.pid for p in self._procs}
+
+    async def _stop(self):
+        if self._state in (_State.STOPPING, _State.STOPPED):
+            return
+        self._state = _State.STOPPING
+        self._notify()
+        try:
+            procs = list(self._procs)
+            for proc in procs:  # closing stdin is the worker's signal to stop
+                with contextlib.suppress(Exception):
+                    proc.stdin.close()
+            if procs:
+                _done, _pending = await asyncio.wait(
+                    [asyncio.ensure_future(p.wait()) for p in procs],
+                    timeout=self.grace + 1.0,
+                )
+                for proc in procs:
+                    if proc.returncode is None:
+                        log.warning(
+                            "killing worker pid %d: it outlived its grace", proc.pid
+                        )
+                        with contextlib.suppress(ProcessLookupError):
+                            proc.kill()
+                        await proc.wait()
+            for task in list(self._background):
+                task.cancel()
+            await asyncio.gather(*self._background, return_exceptions=True)
+            for conn in list(self._conns.values()):
+                conn.close()
+            await asyncio.gather(
+                *(c.reader_task for c in self._conns.values()), return_exceptions=True
+            )
+        finally:
+            if self._local is not None:
+                self._local._unlink()
+            if self._token is not None:
+                with contextlib.suppress(ValueError):
+                    _current_pool.reset(self._token)
+                self._token = None
+            self._state = _State.STOPPED
+
+    def _spawn_task(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def _notify(self):
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # Spawned workers: `python -c "import wool; wool._spawned()"`, configured
+    # through stdin, which stays open: its EOF tells the worker to stop, also
+    # when this process is killed.
+
+    async def _spawn(self):
+        code = (
+            "import sys; sys.path.insert(0, sys.argv[1]); import wool; wool._spawned()"
+        )
+        here = os.path.dirname(os.path.abspath(__file__))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, here,
+            stdin=asyncio.subprocess.PIPE,
+            start_new_session=True,  # Ctrl-C reaches the caller, which stops us
+        )  # fmt: skip
+        config = {
+            "path": sys.path,
+            "namespace": self._local.namespace,
+            "authkey": self._spawn_key,
+            "tags": sorted(self.tags),
+            "max_frame": self.max_frame,
+            "grace": self.grace,
+            "log_level": logging.getLogger("wool").getEffectiveLevel(),
+        }
+        data = pickle.dumps(config)
+        proc.stdin.write(struct.pack("!I", len(data)) + data)
+        self._procs.add(proc)
+        self._spawn_task(self._watch(proc))
+
+    async def _watch(self, proc):
+        code = await proc.wait()
+        self._procs.discard(proc)
+        self._notify()
+        if self._state not in (_State.READY, _State.STARTING):
+            return
+        now = time.monotonic()
+        self._respawns = [t for t in self._respawns if now - t < 60] + [now]
+        if len(self._respawns) > RESPAWNS_PER_MINUTE:
+            log.error(
+                "worker pid %d exited with %s; not replacing it: %d workers died "
+                "in the last minute",
+                proc.pid, code, len(self._respawns) - 1,
+            )  # fmt: skip
+            return
+        log.warning(
+            "worker pid %d exited with %s; starting a replacement", proc.pid, code
+        )
+        await self._spawn()
+
+    # Discovered workers: one _link task per listed worker keeps a connection
+    # to it while it is listed, reconnecting after a drop. Liveness comes from
+    # the connection, never from discovery records.
+
+    async def _follow(self, source, index: int):
+        async for event in source.subscribe():
+            info = event.info
+            if event.type == "worker-dropped":
+                self._listed.pop(info.uid, None)
+                continue
+            known = self._listed.get(info.uid)
+            self._listed[info.uid] = (info, index)
+            if known is None:
+                self._spawn_task(self._link(info.uid))
+            elif (conn := self._find(info.uid)) is not None and conn.info != info:
+                self._rekey(conn, info)
+
+    def _find(self, uid: str) -> _Connection | None:
+        return next((c for i, c in self._conns.items() if i.uid == uid), None)
+
+    def _rekey(self, conn: _Connection, info: WorkerInfo):
+        self._loads[info] = self._loads.pop(conn.info, 0)
+        self._conns[info] = self._conns.pop(conn.info)
+        conn.info = info
+        self._notify()
+
+    def _admits(self, index: int) -> bool:
+        if self.lease is None or (self._local is not None and index == 0):
+            return True
+        discovered = sum(1 for c in self._conns.values() if not c.spawned)
+        return discovered < self.lease
+
+    async def _link(self, uid: str):
+        delay = 0.05
+        while uid in self._listed and self._state in (_State.STARTING, _State.READY):
+            info, index = self._listed[uid]
+            spawned = self._local is not None and index == 0
+            if not self._admits(index):
+                await self._changed.wait()
+                continue
+            key = self._spawn_key if spawned else _authkey(self.authkey)
+            try:
+                conn = await _Connection.open(
+                    info, key, self.ssl, self._hello, self.max_frame
+                )
+            except AuthenticationError as e:
+                self._refused[uid] = e
+                self._notify()
+                log.warning("%s", e)
+            except (
+                OSError,
+                asyncio.IncompleteReadError,
+                ProtocolError,
+                TimeoutError,
+            ) as e:
+                log.debug("cannot connect to worker %s: %r", info.address, e)
+            else:
+                self._refused.pop(uid, None)
+                conn.spawned = spawned
+                self._conns[conn.info] = conn
+                self._loads[conn.info] = 0
+                self._notify()
+                await conn.closed
+                del self._conns[conn.info], self._loads[conn.info]
+                self._notify()
+                delay = 0.05
+                continue
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    # Dispatch.
+
+    async def _connection(self, task: Task, exclude: set[str]) -> _Connection:
+        """A connected worker for `task`, waiting up to `wait` for one."""
+        deadline = None
+        while True:
+            loads = self._loads
+            if exclude:
+                loads = {i: n for i, n in loads.items() if i.uid not in exclude}
+            if loads:
+                info = self.loadbalancer.select(loads, task)
+                conn = self._conns.get(info)
+                if conn is None:
+                    raise TypeError(
+                        f"{self.loadbalancer!r}.select() returned {info!r}, "
+                        "which is not one of the workers it was given"
+                    )
+                return conn
+            if self._state not in (_State.READY, _State.STARTING):
+                raise NoWorkersAvailable(f"{self!r} is closed; call inside its block")
+            if self._refused and len(self._refused) >= len(self._listed):
+                raise AuthenticationError(
+                    "every worker refused the key: "
+                    + "; ".join(str(e) for e in self._refused.values())
+                )
+            now = time.monotonic()
+            deadline = deadline or now + self.wait
+            try:
+                async with asyncio.timeout(deadline - now):
+                    await self._changed.wait()
+            except TimeoutError:
+                raise NoWorkersAvailable(
+                    f"no worker took {task.fn.__qualname__}() within {self.wait:g} s; "
+                    f"waited on {self._waited_on()}"
+                ) from None
+
+    def _waited_on(self) -> str:
+        sources = [repr(s) for s in self._sources] or ["no discovery"]
+        return ", ".join(sources)
+
+    async def _run(self, fn, args, kwargs):
+        body = _dump_task(fn, args, kwargs, self.max_frame)
+        task, exclude = Task(fn, args, kwargs), set()
+        while True:
+            conn = await self._connection(task, exclude)
+            info = conn.info
+            self._loads[info] += 1
+            try:
+                kind, data = await conn.request(TASK, body)
+            except _NotAccepted:
+                exclude.add(info.uid)
+                continue
+            finally:
+                if info in self._loads:
+                    self._loads[info] -= 1
+            if kind == REFUSED:
+                exclude.add(info.uid)
+                continue
+            return _load_reply(kind, data, fn)
+
+
+class _NestedPool:
+    """In a worker: the pool that sent the running task, opened on first use.
+
+    Nested calls go to the same discovery sources as the caller's pool, with
+    this worker's own key and TLS settings; one pool per source list, kept
+    for the worker's life.
+    """
+
+    def __init__(self, worker: Worker, hello: bytes):
+        self.worker, self.hello = worker, hello
+
+    async def _run(self, fn, args, kwargs):
+        return await self._pool()._run(fn, args, kwargs)
+
+    def _pool(self) -> WorkerPool:
+        pool = self.worker._nested.get(self.hello)
+        if pool is None:
+            pool = WorkerPool(
+                size=0, authkey=self.worker.authkey, ssl=self.worker.client_ssl
+            )
+            pool._sources, pool._hello = pickle.loads(self.hello), self.hello
+            pool._state = _State.READY
+            for i, source in enumerate(pool._sources):
+                pool._spawn_task(pool._follow(source, i))
+            self.worker._nested[self.hello] = pool
+        return pool
+
+
+def _authkey(key: bytes | None) -> bytes:
+    """The key to use: the one given, else WOOL_AUTHKEY, else none (b"")."""
+    if key is not None:
+        return key
+    return os.environ.get("WOOL_AUTHKEY", "").encode()
+
+
+# -- Frames: objects <-> bytes. No sockets, no await. ----------------------------
+
+HEADER = struct.Struct("!IBQ")  # body length, kind, request id; then a pickle
+
+# caller -> worker
+HELLO = 1  # body: the caller's discovery sources, for nested calls; rid 0
+TASK = 2  # body: (function reference, args, kwargs)
+NEXT = 3  # body: value sent into a generator (empty: None)
+THROW = 4  # body: exception thrown into a generator
+CLOSE = 5  # no body: close the generator
+CANCEL = 6  # no body: cancel the task
+# worker -> caller
+ACCEPTED = 16  # no body: the task runs here; it will not run anywhere else
+REFUSED = 17  # no body: not accepted (stopping or full); try another worker
+RESULT = 18  # body: return value, or a generator's yielded value
+ERROR = 19  # body: (type name, message, traceback text, pickled exception)
+STOP = 20  # no body: the generator finished
+
+_TO_WORKER = frozenset({HELLO, TASK, NEXT, THROW, CLOSE, CANCEL})
+_TO_CALLER = frozenset({ACCEPTED, REFUSED, RESULT, ERROR, STOP})
+
+
+def encode(kind: int, rid: int, body: bytes = b"") -> bytes:
+    """One frame: header and body together, ready for a single write."""
+    return HEADER.pack(len(body), kind, rid) + body
+
+
+def decode_header(header: bytes, max_frame: int) -> tuple[int, int, int]:
+    """(body length, kind, request id); checks the length before any body is read."""
+    size, kind, rid = HEADER.unpack(header)
+    if size > max_frame:
+        raise ProtocolError(
+            f"frame of {size / 2**20:.0f} MiB is over max_frame "
+            f"({max_frame / 2**20:.0f} MiB)"
+        )
+    return size, kind, rid
+
+
+def _dumps(obj) -> bytes:
+    return cloudpickle.dumps(obj, protocol=5)
+
+
+def _too_big(what: str, size: int, max_frame: int) -> TypeError:
+    return TypeError(
+        f"{what} is {size / 2**20:.0f} MiB, over max_frame "
+        f"({max_frame / 2**20:.0f} MiB); pass a file path instead"
+    )
+
+
+_refs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _ref(fn) -> tuple[str, str] | bytes:
+    """How a @work function travels: (module, qualname) when the worker can
+    import it, else its pickle by value (functions in __main__, closures)."""
+    try:
+        return _refs[fn]
+    except KeyError:
+        pass
+    module, name = fn.__module__, fn.__qualname__
+    by_value = module == "__main__" or any(
+        module == m or module.startswith(m + ".")
+        for m in cloudpickle.list_registry_pickle_by_value()
+    )
+    if not by_value:
+        try:
+            by_value = _lookup(module, name) is not fn
+        except Exception:
+            by_value = True
+    ref = _dumps(fn) if by_value else (module, name)
+    _refs[fn] = ref
+    return ref
+
+
+def _lookup(module: str, qualname: str):
+    obj = sys.modules.get(module) or importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return getattr(obj, "__func__", obj)  # a classmethod's function
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolve(ref) -> Callable:
+    """The function a worker runs for a reference made by _ref."""
+    fn = pickle.loads(ref) if isinstance(ref, bytes) else _lookup(*ref)
+    return fn.__wool_work__
+
+
+def _dump_task(fn, args, kwargs, max_frame: int) -> bytes:
+    try:
+        body = _dumps((_ref(fn), args, kwargs))
+    except Exception as e:
+        raise TypeError(
+            f"cannot send {fn.__qualname__}() and its arguments to a worker: {e}"
+        ) from e
+    if len(body) > max_frame:
+        raise _too_big(f"the call of {fn.__qualname__}()", len(body), max_frame)
+    return body
+
+
+def _dump_value(value, fn, max_frame: int) -> bytes:
+    try:
+        body = _dumps(value)
+    except Exception as e:
+        raise TypeError(
+            f"cannot send the value of {fn.__qualname__}() back to the caller: {e}"
+        ) from e
+    if len(body) > max_frame:
+        raise _too_big(f"the value of {fn.__qualname__}()", len(body), max_frame)
+    return body
+
+
+def _dump_error(exc: BaseException) -> bytes:
+    tb = "".join(traceback.format_exception(exc))
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<str() failed>"
+    try:
+        payload = _dumps(exc)
+    except Exception:
+        payload = None
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    return pickle.dumps((name, message, tb, payload))
+
+
+def _load_error(data: bytes) -> BaseException:
+    name, message, tb, payload = pickle.loads(data)
+    exc = None
+    if payload is not None:
+        try:
+            exc = pickle.loads(payload)
+        except Exception:
+            pass
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(name, message, tb)
+    exc.__cause__ = _RemoteTraceback(tb)
+    return exc
+
+
+def _load_reply(kind: int, data: bytes, fn):
+    if kind == ERROR:
+        raise _load_error(data)
+    try:
+        return pickle.loads(data)
+    except Exception as e:
+        raise TypeError(
+            f"cannot load the value of {fn.__qualname__}() in the caller: {e}"
+        ) from e
+
+
+# -- Streams: handshake, reading and writing frames ------------------------------
+#
+# Handshake (raw bytes, nothing pickled), with a deadline on each side:
+#   worker -> caller   MAGIC, worker nonce (32)
+#   caller -> worker   MAGIC, HMAC(key, "caller" + worker nonce), caller nonce (32)
+#   worker -> caller   "+" and HMAC(key, "worker" + caller nonce), or "-" and close
+
+MAGIC = b"wool\x00\x01"  # protocol version 1
+NONCE = 32
+
+
+def _digest(key: bytes, role: bytes, nonce: bytes) -> bytes:
+    return hmac.new(key, role + nonce, "sha256").digest()
+
+
+async def _authenticate_caller(reader, writer, key: bytes) -> None:
+    """Worker side: prove the caller holds the key, then prove we do."""
+    nonce = secrets.token_bytes(NONCE)
+    writer.write(MAGIC + nonce)
+    data = await reader.readexactly(len(MAGIC) + 2 * NONCE)
+    if data[: len(MAGIC)] != MAGIC:
+        raise ProtocolError(f"not a wool caller (it sent {data[:8]!r}...)")
+    proof, their_nonce = data[len(MAGIC) : -NONCE], data[-NONCE:]
+    if not hmac.compare_digest(proof, _digest(key, b"caller", nonce)):
+        writer.write(b"-")
+        raise AuthenticationError("the caller does not hold this worker's key")
+    writer.write(b"+" + _digest(key, b"worker", their_nonce))
+
+
+async def _authenticate_worker(reader, writer, key: bytes, address: str) -> None:
+    """Caller side: answer the worker's challenge, then check its answer."""
+    data = await reader.readexactly(len(MAGIC) + NONCE)
+    if data[: len(MAGIC)] != MAGIC:
+        raise ProtocolError(f"{address} is not a wool worker (it sent {data[:8]!r}...)")
+    nonce = secrets.token_bytes(NONCE)
+    writer.write(MAGIC + _digest(key, b"caller", data[len(MAGIC) :]) + nonce)
+    try:
+        verdict = await reader.readexactly(1)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        verdict = b"-"
+    if verdict != b"+":
+        raise AuthenticationError(
+            f"worker {address} refused the key; give the pool its key "
+            "(authkey= or WOOL_AUTHKEY)"
+        )
+    proof = await reader.readexactly(len(_digest(b"", b"", b"")))
+    if not hmac.compare_digest(proof, _digest(key, b"worker", nonce)):
+        raise AuthenticationError(f"worker {address} does not hold the pool's key")
+
+
+async def read_frame(reader: asyncio.StreamReader, max_frame: int):
+    """The next (kind, request id, body), or None at a clean end of stream.
+
+    Raises ProtocolError when the stream ends inside a frame or announces a
+    frame over `max_frame`.
+    """
+    try:
+        header = await reader.readexactly(HEADER.size)
+    except asyncio.IncompleteReadError as e:
+        if not e.partial:
+            return None
+        raise ProtocolError("stream ended inside a frame header") from None
+    size, kind, rid = decode_header(header, max_frame)
+    try:
+        body = await reader.readexactly(size) if size else b""
+    except asyncio.IncompleteReadError:
+        raise ProtocolError(f"stream ended inside a frame of {size} bytes") from None
+    return kind, rid, body
+
+
+class _Outbox:
+    """Frames sent in one event-loop turn leave in one write (fewer syscalls
+    under load). Sending never blocks; readers apply backpressure."""
+
+    __slots__ = ("loop", "parts", "transport")
+
+    def __init__(self, transport: asyncio.Transport):
+        self.transport, self.parts = transport, []
+        self.loop = asyncio.get_running_loop()
+
+    def send(self, kind: int, rid: int, body: bytes = b""):
+        if not self.parts:
+            self.loop.call_soon(self.flush)
+        self.parts.append(HEADER.pack(len(body), kind, rid))
+        if body:
+            self.parts.append(body)
+
+    def flush(self):
+        parts, self.parts = self.parts, []
+        if not self.transport.is_closing():
+            self.transport.writelines(parts)
+
+
+def _tune(writer: asyncio.StreamWriter):
+    """Let the kernel find a dead peer: keepalive probes answer even while
+    the peer's event loop is busy with a long synchronous task, and
+    TCP_USER_TIMEOUT bounds how long sent data may go unacknowledged."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in [
+        ("TCP_KEEPIDLE", KEEPALIVE),
+        ("TCP_KEEPINTVL", KEEPALIVE),
+        ("TCP_KEEPCNT", max(1, int(DEAD_AFTER / KEEPALIVE) - 1)),
+        ("TCP_USER_TIMEOUT", DEAD_AFTER * 1000),
+    ]:
+        if hasattr(socket, name):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(
+                    socket.IPPROTO_TCP, getattr(socket, name), max(1, int(value))
+                )
+
+
+# -- The worker -------------------------------------------------------------------
+
+
+class Worker:
+    """A worker server: runs the tasks that authenticated callers send it.
+
+        async with Worker("gpu", authkey=key, discovery=LanDiscoveryService()) as w:
+            print(w.info.address)
+            await w.stopped()
+
+    Listens on `host:port` (port 0: any free one) and publishes itself to
+    `discovery` when started; `stop()` withdraws it first, lets in-flight tasks
+    finish within `grace` seconds, then cancels the rest. Every task runs as
+    an asyncio task in this process; nested calls go to the caller's pool.
+
+    Raises ValueError when asked to listen on a non-loopback address with
+    neither a key nor TLS, unless `insecure`: anyone who can reach the port
+    could run code here.
+    """
+
+    def __init__(
+        self,
+        *tags: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        authkey: bytes | None = None,
+        ssl=None,
+        client_ssl=None,
+        discovery=None,
+        advertise: str | None = None,
+        insecure: bool = False,
+        grace: float = GRACE,
+        max_frame: int = MAX_FRAME,
+        max_connections: int = MAX_CONNECTIONS,
+    ):
+        self.tags = frozenset(tags)
+        self.host, self.port = host, port
+        self.authkey = _authkey(authkey)
+        self.ssl, self.client_ssl = ssl, client_ssl
+        self.discovery = discovery
+        self.advertise = advertise
+        self.insecure = insecure
+        self.grace = grace
+        self.max_frame = max_frame
+        self.max_connections = max_connections
+        self.uid = uuid.uuid4().hex
+        self.info: WorkerInfo | None = None
+        self.stopping = False
+        self._server: asyncio.Server | None = None
+        self._peers: set[_Peer] = set()
+        self._nested: dict[bytes, WorkerPool] = {}
+        self._stopped = asyncio.Event()
+
+    def __repr__(self):
+        where = self.info.address if self.info else f"{self.host}:{self.port}"
+        return f"<Worker {where}>"
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info):
+        await self.stop()
+
+    async def start(self):
+        if not (self.authkey or self.ssl or self.insecure or _is_loopback(self.host)):
+            raise ValueError(
+                f"refusing to listen on {self.host} without a key: anyone who can "
+                "reach the port could run code here. Set a key (--authkey-file, "
+                "WOOL_AUTHKEY or authkey=), or TLS, or pass --insecure"
+            )
+        self._server = await asyncio.start_server(
+            self._serve, self.host, self.port, ssl=self.ssl, limit=2**20, backlog=1024
+        )
+        port = self._server.sockets[0].getsockname()[1]
+        host = self.advertise or (
+            self.host if self.host not in ("", "0.0.0.0", "::") else _primary_address()
+        )
+        self.info = WorkerInfo(
+            self.uid,
+            host,
+            port,
+            os.getpid(),
+            __version__,
+            self.tags,
+            self.ssl is not None,
+        )
+        if self.discovery is not None:
+            await self.discovery.publish(DiscoveryEvent("worker-added", self.info))
+        log.info(
+            "worker %s listening (tags: %s)",
+            self.info.address,
+            ",".join(sorted(self.tags)),
+        )
+
+    async def stop(self, grace: float | None = None):
+        """Withdraw, stop listening, drain in-flight tasks, then cancel them."""
+        if self.stopping:
+            return await self._stopped.wait()
+        self.stopping = True
+        grace = self.grace if grace is None else grace
+        try:
+            if self.discovery is not None and self.info is not None:
+                with contextlib.suppress(Exception):
+                    await self.discovery.publish(
+                        DiscoveryEvent("worker-dropped", self.info)
+                    )
+            if self._server is not None:
+                self._server.close()
+            tasks = [t for p in self._peers for t in p.tasks.values()]
+            if tasks:
+                await asyncio.wait(tasks, timeout=grace)
+            for peer in list(self._peers):
+                peer.close()
+            for pool in self._nested.values():
+                await pool._stop()
+            if self._server is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        finally:
+            if (close := getattr(self.discovery, "close", None)) is not None:
+                with contextlib.suppress(Exception):
+                    await close()
+            self._stopped.set()
+
+    async def stopped(self):
+        """Wait until the worker has stopped."""
+        await self._stopped.wait()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        address = _peer_address(writer)
+        if len(self._peers) >= self.max_connections:
+            log.warning(
+                "closed connection from %s: over %d connections",
+                address,
+                self.max_connections,
+            )
+            writer.close()
+            return
+        peer = None
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                await _authenticate_caller(reader, writer, self.authkey)
+                frame = await read_frame(reader, self.max_frame)
+            if frame is None or frame[0] != HELLO:
+                raise ProtocolError("the caller did not start with HELLO")
+            _tune(writer)
+            peer = _Peer(self, reader, writer, frame[2])
+            self._peers.add(peer)
+            await peer.serve()
+        except TimeoutError:
+            log.warning(
+                "closed connection from %s: no handshake within %g s",
+                address,
+                HANDSHAKE_TIMEOUT,
+            )
+        except (AuthenticationError, ProtocolError) as e:
+            log.warning("closed connection from %s: %s", address, e)
+        except (ConnectionError, asyncio.IncompleteReadError, OSError) as e:
+            log.info("connection from %s ended: %r", address, e)
+        finally:
+            if peer is not None:
+                self._peers.discard(peer)
+                peer.close()
+            writer.close()
+
+
+class _Peer:
+    """A worker's side of one caller's connection: the tasks it sent."""
+
+    def __init__(self, worker: Worker, reader, writer, hello: bytes):
+        self.worker, self.reader, self.writer = worker, reader, writer
+        self.out = _Outbox(writer.transport)
+        self.hello = hello
+        self.tasks: dict[int, asyncio.Task] = {}
+        self.inboxes: dict[int, asyncio.Queue] = {}
+        writer.transport.set_write_buffer_limits(high=HIGH_WATER)
+
+    async def serve(self):
+        # Tasks created below copy this context: nested calls go to the
+        # caller's pool, and current_worker() answers.
+        _current_pool.set(_NestedPool(self.worker, self.hello))
+        _current_worker.set(self.worker.info)
+        worker, out, tasks = self.worker, self.out, self.tasks
+        while (frame := await read_frame(self.reader, worker.max_frame)) is not None:
+            kind, rid, body = frame
+            if kind == TASK:
+                if rid in tasks:
+                    raise ProtocolError(f"request id {rid} is already running")
+                if worker.stopping:
+                    out.send(REFUSED, rid)
+                    continue
+                out.send(ACCEPTED, rid)
+                tasks[rid] = asyncio.ensure_future(self._run(rid, body))
+            elif kind == CANCEL:
+                if (task := tasks.get(rid)) is not None:
+                    task.cancel()
+            elif kind in (NEXT, THROW, CLOSE):
+                if rid in tasks:  # the task may not have started yet
+                    self.inboxes.setdefault(rid, asyncio.Queue()).put_nowait(
+                        (kind, body)
+                    )
+            else:
+                raise ProtocolError(f"unknown frame kind {kind} from a caller")
+            if self.writer.transport.get_write_buffer_size() > HIGH_WATER:
+                await self.writer.drain()  # a caller that does not read stalls itself
+
+    def close(self):
+        for task in self.tasks.values():
+            task.cancel()
+        self.out.flush()
+        self.writer.close()
+
+    async def _run(self, rid: int, body: bytes):
+        out, max_frame = self.out, self.worker.max_frame
+        try:
+            ref, args, kwargs = pickle.loads(body)
+            fn = _resolve(ref)
+            if inspect.isasyncgenfunction(fn):
+                return await self._drive(rid, fn, fn(*args, **kwargs))
+            value = await fn(*args, **kwargs)
+            out.send(RESULT, rid, _dump_value(value, fn, max_frame))
+        except BaseException as e:  # CancelledError too: the caller may be waiting
+            out.send(ERROR, rid, _dump_error(e))
+        finally:
+            self.tasks.pop(rid, None)
+
+    async def _drive(self, rid: int, fn, agen):
+        """Run a generator one step per NEXT/THROW; CLOSE or cancel closes it."""
+        inbox = self.inboxes.setdefault(rid, asyncio.Queue())
+        out, max_frame = self.out, self.worker.max_frame
+        try:
+            while True:
+                kind, body = await inbox.get()
+                try:
+                    if kind == CLOSE:
+                        await agen.aclose()
+                        out.send(STOP, rid)
+                        return
+                    value = pickle.loads(body) if body else None
+                    if kind == NEXT:
+                        value = await agen.asend(value)
+                    else:
+                        value = await agen.athrow(value)
+                except StopAsyncIteration:
+                    out.send(STOP, rid)
+                    return
+                except BaseException as e:
+                    out.send(ERROR, rid, _dump_error(e))
+                    return
+                try:
+                    out.send(RESULT, rid, _dump_value(value, fn, max_frame))
+                except TypeError as e:
+                    out.send(ERROR, rid, _dump_error(e))
+                    return
+        finally:
+            self.inboxes.pop(rid, None)
+            await agen.aclose()  # runs the generator's `finally` if it is open
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost",) or host.startswith("127.") or host == "::1"
+
+
+def _primary_address() -> str:
+    """This machine's address on its default route (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+def _peer_address(writer) -> str:
+    peer = writer.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
+# -- Pool internals: connections, calls, generators ----------------------------------
+#
+# Rules: every request id on a connection gets at most one reply per request
+# frame; only the reader task resolves reply futures; whoever awaits a reply
+# decodes its body, so one bad body fails one call, not the connection. A
+# call is "accepted" once ACCEPTED (or any reply) arrived: from then on a lost
+# connection means WorkerLost, before it, failover.
+
+
+class _Call:
+    __slots__ = ("accepted", "reply")
+
+    def __init__(self, reply: asyncio.Future):
+        self.accepted, self.reply = False, reply
+
+
+class _Connection:
+    """A caller's connection to one worker, multiplexing many tasks."""
+
+    def __init__(self, info: WorkerInfo, reader, writer, max_frame: int):
+        self.info, self.reader, self.writer = info, reader, writer
+        self.max_frame = max_frame
+        self.out = _Outbox(writer.transport)
+        self.loop = asyncio.get_running_loop()
+        self.pending: dict[int, _Call] = {}
+        self.rids = itertools.count(1)
+        self.spawned = False
+        self.lost: str | None = None
+        self.closed = self.loop.create_future()
+        self.reader_task = asyncio.ensure_future(self._read())
+
+    @classmethod
+    async def open(cls, info, key, ssl, hello: bytes, max_frame: int) -> _Connection:
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+            reader, writer = await asyncio.open_connection(
+                info.host, info.port, ssl=ssl, limit=2**20
+            )
+            try:
+                await _authenticate_worker(reader, writer, key, info.address)
+            except BaseException:
+                writer.close()
+                raise
+        _tune(writer)
+        conn = cls(info, reader, writer, max_frame)
+        conn.out.send(HELLO, 0, hello)
+        return conn
+
+    async def _read(self):
+        pending, reason = self.pending, "closed by the worker"
+        try:
+            while (frame := await read_frame(self.reader, self.max_frame)) is not None:
+                kind, rid, body = frame
+                if kind not in _TO_CALLER:
+                    raise ProtocolError(f"unknown frame kind {kind} from a worker")
+                call = pending.get(rid)
+                if call is None:
+                    continue  # a reply to a call that was cancelled
+                call.accepted = True
+                if kind != ACCEPTED and not call.reply.done():
+                    call.reply.set_result((kind, body))
+        except ProtocolError as e:
+            reason = str(e)
+            log.warning("closed connection to worker %s: %s", self.info.address, e)
+        except (ConnectionError, OSError) as e:
+            reason = repr(e)
+        finally:
+            self._lose(reason)
+
+    def _lose(self, reason: str):
+        self.lost = reason
+        self.writer.close()
+        for call in self.pending.values():
+            if not call.reply.done():
+                if call.accepted:
+                    call.reply.set_exception(
+                        WorkerLost(
+                            f"lost worker {self.info.address} ({reason}) with the task on it"
+                        )
+                    )
+                else:
+                    call.reply.set_exception(_NotAccepted())
+        self.pending.clear()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def close(self):
+        self.writer.close()
+
+    def start(self, kind: int, body: bytes) -> tuple[int, _Call]:
+        if self.lost is not None:
+            raise _NotAccepted()
+        rid = next(self.rids)
+        call = self.pending[rid] = _Call(self.loop.create_future())
+        self.out.send(kind, rid, body)
+        return rid, call
+
+    async def request(self, kind: int, body: bytes) -> tuple[int, bytes]:
+        """Send a TASK; its reply (kind, body). Cancelling cancels it remotely."""
+        rid, call = self.start(kind, body)
+        try:
+            return await call.reply
+        except asyncio.CancelledError:
+            self.cancel(rid)
+            raise
+        finally:
+            self.pending.pop(rid, None)
+
+    async def step(self, rid: int, call: _Call, kind: int, body: bytes = b""):
+        """One generator step on an open request."""
+        if call.reply.done():
+            call.reply = self.loop.create_future()
+        if self.lost is not None:
+            raise WorkerLost(
+                f"lost worker {self.info.address} ({self.lost}) with the generator on it"
+            )
+        self.out.send(kind, rid, body)
+        try:
+            return await call.reply
+        except asyncio.CancelledError:
+            self.cancel(rid)
+            raise
+
+    def cancel(self, rid: int):
+        if self.pending.pop(rid, None) is not None and self.lost is None:
+            self.out.send(CANCEL, rid)
+
+
+class _RemoteGenerator(collections.abc.AsyncGenerator):
+    """A @work async generator call: pulls one value per step from a worker.
+
+    The task is sent on the first step, to the pool current at that time.
+    `asend`, `athrow` and `aclose` reach the generator on the worker; a
+    generator dropped unfinished (an `async for` left early) is closed there.
+    """
+
+    def __init__(self, fn, args, kwargs):
+        self._fn, self._args, self._kwargs = fn, args, kwargs
+        self._conn: _Connection | None = None
+        self._rid, self._call = 0, None
+        self._done = False
+
+    def __repr__(self):
+        return f"<wool generator {self._fn.__qualname__}>"
+
+    async def _start(self):
+        pool = _current_pool.get()
+        if pool is None:
+            raise NoWorkersAvailable(_outside_pool(self._fn))
+        if isinstance(pool, _NestedPool):
+            pool = pool._pool()
+        fn, args, kwargs = self._fn, self._args, self._kwargs
+        body = _dump_task(fn, args, kwargs, pool.max_frame)
+        task, exclude = Task(fn, args, kwargs), set()
+        while True:
+            conn = await pool._connection(task, exclude)
+            try:
+                rid, call = conn.start(TASK, body)
+                reply = await conn.step(rid, call, NEXT)
+            except _NotAccepted:
+                exclude.add(conn.info.uid)
+                continue
+            if reply[0] == REFUSED:
+                conn.pending.pop(rid, None)
+                exclude.add(conn.info.uid)
+                continue
+            self._conn, self._rid, self._call = conn, rid, call
+            return reply
+
+    async def _step(self, kind: int, body: bytes = b""):
+        try:
+            if self._conn is None:
+                reply_kind, data = await self._start()
+            else:
+                reply_kind, data = await self._conn.step(
+                    self._rid, self._call, kind, body
+                )
+        except BaseException:
+            self._finish()
+            raise
+        if reply_kind == RESULT:
+            return _load_reply(reply_kind, data, self._fn)
+        self._finish()
+        if reply_kind == STOP:
+            raise StopAsyncIteration
+        raise _load_error(data)
+
+    def _finish(self):
+        self._done = True
+        if self._conn is not None:
+            self._conn.pending.pop(self._rid, None)
+
+    async def asend(self, value):
+        if self._done:
+            raise StopAsyncIteration
+        if self._conn is None and value is not None:
+            raise TypeError(
+                "can't send non-None value to a just-started async generator"
+            )
+        body = b"" if value is None else _dumps(value)
+        return await self._step(NEXT, body)
+
+    async def athrow(self, typ, val=None, tb=None):
+        if isinstance(typ, BaseException):
+            exc = typ
+        elif isinstance(val, BaseException):
+            exc = val
+        else:
+            exc = typ() if val is None else typ(val)
+        if self._done or self._conn is None:
+            self._done = True
+            raise exc
+        return await self._step(THROW, _dumps(exc))
+
+    async def aclose(self):
+        if self._done or self._conn is None:
+            self._done = True
+            return
+        try:
+            await self._step(CLOSE)
+        except StopAsyncIteration:
+            pass
+
+    def __del__(self):
+        if not self._done and self._conn is not None:
+            conn, rid = self._conn, self._rid
+            try:
+                if asyncio.get_running_loop() is conn.loop:
+                    conn.cancel(rid)  # runs the generator's `finally` there
+                    return
+            except RuntimeError:
+                pass
+            conn.loop.call_soon_threadsafe(conn.cancel, rid)
+
+
+# -- Entry points: spawned worker, CLI, demo -------------------------------------------
+
+
+def _spawned():
+    """Main of a worker spawned by a WorkerPool: config on stdin, whose EOF
+    (the pool closed it, or the caller died) means stop."""
+    (size,) = struct.unpack("!I", sys.stdin.buffer.read(4))
+    config = pickle.loads(sys.stdin.buffer.read(size))
+    sys.path[:] = config["path"]
+    logging.basicConfig(
+        level=config["log_level"], format="wool worker %(process)d: %(message)s"
+    )
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    asyncio.run(_serve_spawned(config))
+
+
+async def _serve_spawned(config):
+    loop = asyncio.get_running_loop()
+    eof = loop.create_future()
+
+    class Lifeline(asyncio.Protocol):
+        def connection_lost(self, exc):
+            if not eof.done():
+                eof.set_result(None)
+
+    await loop.connect_read_pipe(Lifeline, sys.stdin)
+    worker = Worker(
+        *config["tags"],
+        authkey=config["authkey"],
+        discovery=LocalDiscoveryService(config["namespace"]),
+        grace=config["grace"],
+        max_frame=config["max_frame"],
+    )
+    loop.add_signal_handler(signal.SIGTERM, lambda: eof.done() or eof.set_result(None))
+    await worker.start()
+    await eof
+    await worker.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `wool` command: `wool demo`, `wool worker`, `wool ls`."""
+    parser = argparse.ArgumentParser(prog="wool", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"wool {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="run the quick start on a local pool")
+    demo.add_argument(
+        "--size", type=int, default=2, help="worker processes (default 2)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="wool: %(message)s")
+    if args.command == "demo":
+        return asyncio.run(_demo(args.size))
+    return 2
+
+
+@work
+async def _demo_fibonacci(n: int) -> int:
+    if n <= 1:
+        return n
+    return await _demo_fibonacci(n - 1) + await _demo_fibonacci(n - 2)
+
+
+@work
+async def _demo_where(label: str) -> str:
+    return f"{label} ran in worker pid {os.getpid()}"
+
+
+@work
+async def _demo_countdown(n: int):
+    for i in range(n, 0, -1):
+        yield i, os.getpid()
+
+
+@work
+async def _demo_fail() -> None:
+    raise ValueError("raised in a worker, caught in the caller")
+
+
+async def _demo(size: int) -> int:
+    start = time.perf_counter()
+    async with WorkerPool(size=size) as pool:
+        ready = time.perf_counter()
+        print(f"started {pool!r} in {ready - start:.2f} s (caller pid {os.getpid()})")
+        for line in await asyncio.gather(*(_demo_where(f"task {i}") for i in range(4))):
+            print(" ", line)
+        t = time.perf_counter()
+        value = await _demo_fibonacci(12)
+        print(
+            f"  fibonacci(12) = {value}: 465 nested tasks in {time.perf_counter() - t:.2f} s"
+        )
+        async for i, pid in _demo_countdown(3):
+            print(f"  countdown yielded {i} from worker pid {pid}")
+        try:
+            await _demo_fail()
+        except ValueError as e:
+            print(
+                f"  caught ValueError({str(e)!r}) with the worker's traceback as its cause"
+            )
+    print(f"stopped the pool; {time.perf_counter() - start:.2f} s in all")
+    return 0
+
+
+if __name__ == "__main__":
+    # `python -m wool` runs this file as __main__; use the real `wool` module so
+    # tasks and the CLI share one copy of the module's state.
+    import wool
+
+    sys.exit(wool.main())

@@ -1,0 +1,548 @@
+"""Discovery for wool: how callers find workers, and workers announce themselves.
+
+    info = WorkerInfo(uid, host, port, pid, version, tags, secure)
+    await service.publish(DiscoveryEvent("worker-added", info))    # a worker
+    async for event in service.subscribe():                        # a pool
+        ...  # "worker-added" | "worker-updated" | "worker-dropped"
+
+Two services, both picklable descriptions (a task can carry "its pool" to a
+worker, which then opens the same service to dispatch nested calls):
+
+    LocalDiscoveryService(namespace)   shared memory on this machine
+    LanDiscoveryService(filter)        DNS-SD over mDNS, `_wool._tcp.local.`
+
+Any object with an async `subscribe()` yielding DiscoveryEvents (and, where
+workers announce themselves through it, an async `publish(event)`) works as
+`WorkerPool(discovery=...)`. Discovery only says where a worker *is*: whether
+it is alive is learnt from its TCP connection, never from these records.
+
+Sections: worker records, local discovery (shared memory), LAN discovery.
+
+wool is licensed Apache-2.0; https://github.com/wool-labs/wool
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import re
+import struct
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from multiprocessing import shared_memory
+from typing import Literal
+
+__all__ = [
+    "DiscoveryEvent",
+    "LanDiscovery",
+    "LanDiscoveryService",
+    "LocalDiscovery",
+    "LocalDiscoveryService",
+    "WorkerInfo",
+]
+
+SERVICE_TYPE = "_wool._tcp.local."
+SLOTS = 256  # workers one local namespace can hold
+SLOT_SIZE = 512  # bytes of JSON per worker record; long tag lists must fit
+POLL_MIN = 0.002  # seconds between shared-memory polls right after a change,
+POLL_MAX = 0.05  # ... backing off to this when nothing changes
+LIVENESS_EVERY = 0.5  # seconds between checks that listed local pids still run
+REANNOUNCE_EVERY = 10.0  # seconds between mDNS re-announcements of a worker
+REQUERY_EVERY = 10.0  # seconds between fresh mDNS queries of a browser
+
+
+# -- Worker records -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerInfo:
+    """Where a worker listens and what it offers; a discovery filter's argument."""
+
+    uid: str
+    host: str
+    port: int
+    pid: int
+    version: str
+    tags: frozenset[str] = frozenset()
+    secure: bool = False  # the worker speaks TLS
+
+    def __post_init__(self):
+        object.__setattr__(self, "tags", frozenset(self.tags))
+
+    @property
+    def address(self) -> str:
+        return (
+            f"[{self.host}]:{self.port}"
+            if ":" in self.host
+            else f"{self.host}:{self.port}"
+        )
+
+    def to_json(self) -> bytes:
+        fields = dataclasses.asdict(self) | {"tags": sorted(self.tags)}
+        return json.dumps(fields, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> WorkerInfo:
+        fields = json.loads(data)
+        return cls(**{f.name: fields[f.name] for f in dataclasses.fields(cls)})
+
+
+EventType = Literal["worker-added", "worker-updated", "worker-dropped"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscoveryEvent:
+    """A change in the set of workers a discovery service sees."""
+
+    type: EventType
+    info: WorkerInfo
+
+
+def _changes(
+    known: dict[str, WorkerInfo],
+    seen: dict[str, WorkerInfo],
+    filter: Callable[[WorkerInfo], bool] | None,
+):
+    """Events that turn `known` into `seen` (filtered); updates `known`."""
+    seen = {u: i for u, i in seen.items() if filter is None or filter(i)}
+    for uid in [u for u in known if u not in seen]:
+        yield DiscoveryEvent("worker-dropped", known.pop(uid))
+    for uid, info in seen.items():
+        if uid not in known:
+            known[uid] = info
+            yield DiscoveryEvent("worker-added", info)
+        elif known[uid] != info:
+            known[uid] = info
+            yield DiscoveryEvent("worker-updated", info)
+
+
+def _describe(cls_name: str, arg: str, filter) -> str:
+    if filter is None:
+        return f"{cls_name}({arg})"
+    name = getattr(filter, "__qualname__", None) or repr(filter)
+    return f"{cls_name}({arg}{', ' if arg else ''}filter={name})"
+
+
+# -- Local discovery: a table in shared memory -------------------------------------
+#
+# The segment `wool-<namespace>` holds a generation counter and SLOTS records,
+# each a 2-byte length and a WorkerInfo as JSON (never pickle: a record is
+# data, whoever wrote it). Writers and readers take fcntl.flock on the
+# segment's own file descriptor, which the kernel releases if a holder dies.
+# Records whose pid no longer runs are stale (a SIGKILLed worker) and are
+# cleared by whoever sees them next.
+
+_GENERATION = struct.Struct("!Q")
+_LENGTH = struct.Struct("!H")
+_SEGMENT_SIZE = _GENERATION.size + SLOTS * SLOT_SIZE
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
+
+
+def _attach(name: str, create: bool, track: bool) -> shared_memory.SharedMemory:
+    """Open segment `name` (creating it if asked) without letting an attaching
+    process unlink it at exit."""
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name, create, _SEGMENT_SIZE, track=track)
+    # Before 3.13 every open registers the segment with resource_tracker, which
+    # unlinks it when *this* process exits (CPython gh-82300). Unregistering
+    # afterwards is wrong for spawn children, which share their creator's
+    # tracker; not registering in the first place is right for everyone.
+    from multiprocessing import resource_tracker
+
+    register = resource_tracker.register
+    if not track:
+        resource_tracker.register = lambda name, rtype: None
+    try:
+        return shared_memory.SharedMemory(name, create, _SEGMENT_SIZE)
+    finally:
+        resource_tracker.register = register
+
+
+class _Table:
+    """One process's handle on a namespace's segment. Methods never await."""
+
+    def __init__(self, shm: shared_memory.SharedMemory):
+        self.shm = shm
+        self.buf = shm.buf
+
+    @contextlib.contextmanager
+    def locked(self):
+        # The lock is held for microseconds and never across an await; a holder
+        # that died released it with its descriptor. LOCK_NB would only turn
+        # a short wait into a busy loop.
+        fcntl.flock(self.shm._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.shm._fd, fcntl.LOCK_UN)
+
+    def generation(self) -> int:
+        return _GENERATION.unpack_from(self.buf, 0)[0]
+
+    def _slot(self, i: int) -> int:
+        return _GENERATION.size + i * SLOT_SIZE
+
+    def read(self) -> dict[str, tuple[int, WorkerInfo]]:
+        """uid -> (slot, info) of the live records; clears stale ones. Locked."""
+        records, cleared = {}, False
+        for i in range(SLOTS):
+            at = self._slot(i)
+            (n,) = _LENGTH.unpack_from(self.buf, at)
+            if not n:
+                continue
+            try:
+                info = WorkerInfo.from_json(bytes(self.buf[at + 2 : at + 2 + n]))
+            except (ValueError, KeyError, TypeError):
+                info = None  # a torn or foreign record: treat as stale
+            if info is None or not _pid_alive(info.pid):
+                _LENGTH.pack_into(self.buf, at, 0)
+                cleared = True
+            else:
+                records[info.uid] = (i, info)
+        if cleared:
+            self.bump()
+        return records
+
+    def bump(self):
+        _GENERATION.pack_into(self.buf, 0, (self.generation() + 1) % 2**64)
+
+    def write(self, slot: int, data: bytes):
+        at = self._slot(slot)
+        self.buf[at + 2 : at + 2 + len(data)] = data
+        _LENGTH.pack_into(self.buf, at, len(data))
+        self.bump()
+
+    def close(self):
+        self.buf = None
+        self.shm.close()
+
+
+class LocalDiscoveryService:
+    """Workers on this machine, listed in shared memory under a namespace.
+
+    Unrelated processes that use the same namespace see each other: `wool
+    worker --discovery local:NAME` publishes there and
+    `WorkerPool(discovery=LocalDiscoveryService("NAME"))` finds it. A named
+    namespace's segment (`/dev/shm/wool-NAME`, 128 KiB) outlives its workers;
+    an ephemeral pool's private namespace is removed when the pool exits.
+    """
+
+    def __init__(self, namespace: str | None = None, *, filter=None):
+        namespace = namespace or "default"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", namespace):
+            raise ValueError(
+                f"local discovery namespace {namespace!r} must be 1-64 letters, "
+                "digits, '_', '.' or '-'"
+            )
+        self.namespace = namespace
+        self.filter = filter
+        self._table: _Table | None = None  # this process's publishing handle
+
+    def __repr__(self):
+        return _describe("LocalDiscoveryService", repr(self.namespace), self.filter)
+
+    def __getstate__(self):
+        return {"namespace": self.namespace, "filter": self.filter, "_table": None}
+
+    @property
+    def segment(self) -> str:
+        return f"wool-{self.namespace}"
+
+    def _create(self) -> _Table:
+        """Create the namespace's segment for an ephemeral pool: tracked, so it
+        goes away even if the creator is killed. Fails if it exists."""
+        self._table = _Table(_attach(self.segment, True, track=True))
+        return self._table
+
+    def _unlink(self):
+        if self._table is not None:
+            shm = self._table.shm
+            self._table.close()
+            self._table = None
+            with contextlib.suppress(FileNotFoundError):
+                shm.unlink()
+
+    def _open(self, create: bool) -> _Table:
+        try:
+            return _Table(_attach(self.segment, False, track=False))
+        except FileNotFoundError:
+            if not create:
+                raise
+        try:
+            return _Table(_attach(self.segment, True, track=False))
+        except FileExistsError:  # another worker created it first
+            return _Table(_attach(self.segment, False, track=False))
+
+    async def publish(self, event: DiscoveryEvent) -> None:
+        """Add, update or withdraw `event.info` in the namespace."""
+        if self._table is None:
+            self._table = self._open(create=True)
+        table, info = self._table, event.info
+        data = info.to_json()
+        if len(data) > SLOT_SIZE - _LENGTH.size:
+            raise ValueError(
+                f"worker record of {len(data)} bytes does not fit a local discovery "
+                f"slot ({SLOT_SIZE - _LENGTH.size}); use fewer or shorter tags"
+            )
+        with table.locked():
+            records = table.read()
+            if event.type == "worker-dropped":
+                if info.uid in records:
+                    table.write(records[info.uid][0], b"")
+                return
+            if info.uid in records:
+                table.write(records[info.uid][0], data)
+                return
+            used = {slot for slot, _ in records.values()}
+            free = next((i for i in range(SLOTS) if i not in used), None)
+            if free is None:
+                raise RuntimeError(
+                    f"local discovery namespace {self.namespace!r} is full "
+                    f"({SLOTS} workers); use another namespace"
+                )
+            table.write(free, data)
+
+    async def subscribe(self) -> AsyncIterator[DiscoveryEvent]:
+        """Events for the namespace's workers: those present first, as added."""
+        table, known, generation = None, {}, None
+        delay, checked = POLL_MIN, 0.0
+        try:
+            while True:
+                if table is None:
+                    with contextlib.suppress(FileNotFoundError):
+                        table = self._open(create=False)
+                now = time.monotonic()
+                if table is not None and (
+                    table.generation() != generation or now - checked > LIVENESS_EVERY
+                ):
+                    with table.locked():
+                        records = table.read()
+                        generation = table.generation()
+                    checked = now
+                    seen = {uid: info for uid, (_, info) in records.items()}
+                    events = list(_changes(known, seen, self.filter))
+                    for event in events:
+                        yield event
+                    if events:
+                        delay = POLL_MIN
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, POLL_MAX)
+        finally:
+            if table is not None:
+                table.close()
+
+    async def close(self):
+        """Release this process's publishing handle (never unlinks a named
+        namespace)."""
+        if self._table is not None:
+            self._table.close()
+            self._table = None
+
+
+LocalDiscovery = LocalDiscoveryService
+
+
+# -- LAN discovery: DNS-SD over mDNS ----------------------------------------------
+#
+# One service per worker, `<uid>._wool._tcp.local.`, its address records the
+# worker's addresses, its TXT record the rest of its WorkerInfo. zeroconf is
+# imported here only, so `import wool` works without it.
+
+
+def _interface_addresses() -> list[str]:
+    """This machine's non-loopback IPv4 and IPv6 addresses (for a worker that
+    listens on every interface)."""
+    import ifaddr  # a dependency of zeroconf
+
+    found = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            address = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
+            if not (
+                address.startswith(("127.", "fe80")) or address == "::1"
+            ):
+                found.append(address)
+    return found or ["127.0.0.1"]
+
+
+def _to_service(info: WorkerInfo, addresses: list[str]):
+    from zeroconf.asyncio import AsyncServiceInfo
+
+    properties = {
+        "uid": info.uid,
+        "pid": str(info.pid),
+        "version": info.version,
+        "tags": ",".join(sorted(info.tags)),
+        "secure": "1" if info.secure else "0",
+    }
+    return AsyncServiceInfo(
+        SERVICE_TYPE,
+        f"{info.uid}.{SERVICE_TYPE}",
+        port=info.port,
+        properties=properties,
+        server=f"wool-{info.uid}.local.",
+        parsed_addresses=addresses,
+    )
+
+
+def _from_service(service) -> WorkerInfo | None:
+    props = {k.decode(): (v or b"").decode() for k, v in service.properties.items()}
+    addresses = service.parsed_addresses()
+    if not addresses or not {"uid", "pid", "version"} <= props.keys():
+        return None  # not a wool worker, or not resolved
+    addresses.sort(key=lambda a: ":" in a)  # IPv4 first
+    try:
+        return WorkerInfo(
+            uid=props["uid"],
+            host=addresses[0],
+            port=service.port,
+            pid=int(props["pid"]),
+            version=props["version"],
+            tags=frozenset(t for t in props.get("tags", "").split(",") if t),
+            secure=props.get("secure") == "1",
+        )
+    except ValueError:
+        return None
+
+
+class LanDiscoveryService:
+    """Workers on the local network, found with DNS-SD over mDNS.
+
+    `interfaces` goes to zeroconf: None for every interface, or a list of
+    addresses (tests use ["127.0.0.1"]). A worker re-announces itself every
+    REANNOUNCE_EVERY seconds, so browsers that missed it (a partition that
+    healed) find it without a restart. Multicast does not cross routers and
+    most clouds block it; there, use a fixed list (see README).
+    """
+
+    def __init__(
+        self, filter: Callable[[WorkerInfo], bool] | None = None, *, interfaces=None
+    ):
+        self.filter = filter
+        self.interfaces = interfaces
+        self._zc = None  # this process's publishing zeroconf
+        self._services: dict[str, object] = {}
+        self._announcer: asyncio.Task | None = None
+
+    def __repr__(self):
+        arg = f"interfaces={self.interfaces!r}" if self.interfaces else ""
+        return _describe("LanDiscoveryService", arg, self.filter)
+
+    def __getstate__(self):
+        return {"filter": self.filter, "interfaces": self.interfaces} | {
+            "_zc": None, "_services": {}, "_announcer": None
+        }  # fmt: skip
+
+    def _zeroconf(self):
+        from zeroconf import InterfaceChoice, IPVersion
+        from zeroconf.asyncio import AsyncZeroconf
+
+        if self.interfaces is None:
+            return AsyncZeroconf(interfaces=InterfaceChoice.All)
+        v4 = all(":" not in i for i in self.interfaces if isinstance(i, str))
+        return AsyncZeroconf(
+            interfaces=self.interfaces,
+            ip_version=IPVersion.V4Only if v4 else IPVersion.All,
+        )
+
+    async def publish(self, event: DiscoveryEvent) -> None:
+        """Register, update or withdraw `event.info` on the network."""
+        info = event.info
+        if self._zc is None:
+            self._zc = self._zeroconf()
+        if event.type == "worker-dropped":
+            service = self._services.pop(info.uid, None)
+            if service is not None:
+                await (await self._zc.async_unregister_service(service))
+            return
+        wildcard = info.host in ("0.0.0.0", "::", "")
+        service = _to_service(info, _interface_addresses() if wildcard else [info.host])
+        if info.uid in self._services:
+            self._services[info.uid] = service
+            await (await self._zc.async_update_service(service))
+            return
+        # Skipping the uniqueness probes is safe: the name holds a fresh uid.
+        await (
+            await self._zc.async_register_service(service, cooperating_responders=True)
+        )
+        self._services[info.uid] = service
+        if self._announcer is None:
+            self._announcer = asyncio.ensure_future(self._reannounce())
+
+    async def _reannounce(self):
+        # After its start-up queries a browser only refreshes records it knows;
+        # one that missed our announcement (a partition) would never see us.
+        while True:
+            await asyncio.sleep(REANNOUNCE_EVERY)
+            for service in list(self._services.values()):
+                with contextlib.suppress(Exception):
+                    await (await self._zc.async_update_service(service))
+
+    async def subscribe(self) -> AsyncIterator[DiscoveryEvent]:
+        """Events for the wool workers on the network: present ones first."""
+        from zeroconf import ServiceStateChange
+        from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo
+
+        zc = self._zeroconf()
+        changes: asyncio.Queue = asyncio.Queue()
+        resolving: set[asyncio.Task] = set()
+
+        async def resolve(name: str):
+            service = AsyncServiceInfo(SERVICE_TYPE, name)
+            if await service.async_request(zc.zeroconf, 3000):
+                changes.put_nowait((name, _from_service(service)))
+
+        def on_change(zeroconf, service_type, name, state_change):
+            if state_change is ServiceStateChange.Removed:
+                changes.put_nowait((name, None))
+            else:
+                task = asyncio.ensure_future(resolve(name))
+                resolving.add(task)
+                task.add_done_callback(resolving.discard)
+
+        browser = AsyncServiceBrowser(zc.zeroconf, [SERVICE_TYPE], handlers=[on_change])
+        current: dict[str, WorkerInfo] = {}
+        known: dict[str, WorkerInfo] = {}
+        try:
+            while True:
+                name, info = await changes.get()
+                if info is None:
+                    current.pop(name, None)
+                else:
+                    current[name] = info
+                for event in _changes(
+                    known, {i.uid: i for i in current.values()}, self.filter
+                ):
+                    yield event
+        finally:
+            for task in resolving:
+                task.cancel()
+            await browser.async_cancel()
+            await zc.async_close()
+
+    async def close(self):
+        """Withdraw what this process published and release the network."""
+        if self._announcer is not None:
+            self._announcer.cancel()
+            self._announcer = None
+        if self._zc is not None:
+            zc, self._zc = self._zc, None
+            self._services.clear()
+            await zc.async_close()  # sends goodbyes for what is still registered
+
+
+LanDiscovery = LanDiscoveryService
