@@ -59,6 +59,7 @@ import cloudpickle
 
 from wool_discovery import (
     DiscoveryEvent,
+    _interface_addresses,
     LanDiscovery,
     LanDiscoveryService,
     LocalDiscovery,
@@ -357,6 +358,7 @@ class WorkerPool:
         self._conns: dict[WorkerInfo, _Connection] = {}
         self._loads: dict[WorkerInfo, int] = {}  # what the balancer sees
         self._refused: dict[str, AuthenticationError] = {}  # uid -> why
+        self._leased: set[str] = set()  # uids of admitted discovered workers
         self._changed = asyncio.Event()
         self._background: set[asyncio.Task] = set()
         self._token = None
@@ -524,6 +526,8 @@ class WorkerPool:
             info = event.info
             if event.type == "worker-dropped":
                 self._listed.pop(info.uid, None)
+                self._refused.pop(info.uid, None)
+                self._notify()
                 continue
             known = self._listed.get(info.uid)
             self._listed[info.uid] = (info, index)
@@ -541,49 +545,55 @@ class WorkerPool:
         conn.info = info
         self._notify()
 
-    def _admits(self, index: int) -> bool:
-        if self.lease is None or (self._local is not None and index == 0):
-            return True
-        discovered = sum(1 for c in self._conns.values() if not c.spawned)
-        return discovered < self.lease
-
     async def _link(self, uid: str):
+        """Keep a connection to worker `uid` while it is listed, reconnecting
+        after a drop (discovery may list a dead worker for a long time)."""
         delay = 0.05
-        while uid in self._listed and self._state in (_State.STARTING, _State.READY):
-            info, index = self._listed[uid]
-            spawned = self._local is not None and index == 0
-            if not self._admits(index):
-                await self._changed.wait()
-                continue
-            key = self._spawn_key if spawned else _authkey(self.authkey)
-            try:
-                conn = await _Connection.open(
-                    info, key, self.ssl, self._hello, self.max_frame
-                )
-            except AuthenticationError as e:
-                self._refused[uid] = e
+        try:
+            while uid in self._listed and self._state in (
+                _State.STARTING,
+                _State.READY,
+            ):
+                info, index = self._listed[uid]
+                spawned = self._local is not None and index == 0
+                if not spawned and self.lease is not None and uid not in self._leased:
+                    if len(self._leased) >= self.lease:
+                        await self._changed.wait()
+                        continue
+                    self._leased.add(uid)
+                key = self._spawn_key if spawned else _authkey(self.authkey)
+                ssl = None if spawned else self.ssl  # spawned: loopback, fresh key
+                try:
+                    conn = await _Connection.open(
+                        info, key, ssl, self._hello, self.max_frame
+                    )
+                except AuthenticationError as e:
+                    self._refused[uid] = e
+                    self._notify()
+                    log.warning("%s", e)
+                except (
+                    OSError,
+                    asyncio.IncompleteReadError,
+                    ProtocolError,
+                    TimeoutError,
+                ) as e:
+                    log.debug("cannot connect to worker %s: %r", info.address, e)
+                else:
+                    self._refused.pop(uid, None)
+                    self._conns[conn.info] = conn
+                    self._loads[conn.info] = 0
+                    self._notify()
+                    await conn.closed
+                    del self._conns[conn.info], self._loads[conn.info]
+                    self._notify()
+                    delay = 0.05
+                    continue
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        finally:
+            if uid in self._leased:
+                self._leased.discard(uid)
                 self._notify()
-                log.warning("%s", e)
-            except (
-                OSError,
-                asyncio.IncompleteReadError,
-                ProtocolError,
-                TimeoutError,
-            ) as e:
-                log.debug("cannot connect to worker %s: %r", info.address, e)
-            else:
-                self._refused.pop(uid, None)
-                conn.spawned = spawned
-                self._conns[conn.info] = conn
-                self._loads[conn.info] = 0
-                self._notify()
-                await conn.closed
-                del self._conns[conn.info], self._loads[conn.info]
-                self._notify()
-                delay = 0.05
-                continue
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
 
     # Dispatch.
 
@@ -1019,11 +1029,19 @@ class Worker:
                 "WOOL_AUTHKEY or authkey=), or TLS, or pass --insecure"
             )
         self._server = await asyncio.start_server(
-            self._serve, self.host, self.port, ssl=self.ssl, limit=2**20, backlog=1024
+            self._serve,
+            self.host,
+            self.port,
+            ssl=self.ssl,
+            limit=2**20,
+            backlog=1024,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.ssl else None,
         )
         port = self._server.sockets[0].getsockname()[1]
         host = self.advertise or (
-            self.host if self.host not in ("", "0.0.0.0", "::") else _primary_address()
+            self.host
+            if self.host not in ("", "0.0.0.0", "::")
+            else _interface_address()
         )
         self.info = WorkerInfo(
             self.uid,
@@ -1211,14 +1229,13 @@ def _is_loopback(host: str) -> bool:
     return host in ("localhost",) or host.startswith("127.") or host == "::1"
 
 
-def _primary_address() -> str:
-    """This machine's address on its default route (no packet is sent)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("10.255.255.255", 1))
-            return s.getsockname()[0]
-        except OSError:
-            return "127.0.0.1"
+def _interface_address() -> str:
+    """An address of this machine other callers can reach (for a worker that
+    listens on every interface)."""
+    try:
+        return _interface_addresses()[0]
+    except ImportError:  # ifaddr comes with zeroconf
+        return "127.0.0.1"
 
 
 def _peer_address(writer) -> str:
@@ -1252,7 +1269,6 @@ class _Connection:
         self.loop = asyncio.get_running_loop()
         self.pending: dict[int, _Call] = {}
         self.rids = itertools.count(1)
-        self.spawned = False
         self.lost: str | None = None
         self.closed = self.loop.create_future()
         self.reader_task = asyncio.ensure_future(self._read())
@@ -1500,19 +1516,136 @@ async def _serve_spawned(config):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The `wool` command: `wool demo`, `wool worker`, `wool ls`."""
+    """The `wool` command: `wool worker`, `wool ls`, `wool demo`."""
     parser = argparse.ArgumentParser(prog="wool", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"wool {__version__}")
+    parser.add_argument("--log-level", default="WARNING", help="default WARNING")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    worker = commands.add_parser("worker", help="serve tasks until SIGTERM or SIGINT")
+    worker.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
+    worker.add_argument("--port", type=int, default=0, help="default: any free port")
+    worker.add_argument("--advertise", help="address callers use (default: --host)")
+    worker.add_argument("--tag", action="append", default=[], help="repeatable")
+    worker.add_argument("--authkey-file", help="the key (else WOOL_AUTHKEY)")
+    worker.add_argument("--tls-cert", help="this worker's certificate (PEM)")
+    worker.add_argument("--tls-key", help="its private key (PEM)")
+    worker.add_argument("--tls-ca", help="CA that callers' certificates must chain to")
+    worker.add_argument(
+        "--insecure", action="store_true", help="allow no key off loopback"
+    )
+    worker.add_argument("--grace", type=float, default=GRACE, help="seconds to drain")
+    worker.add_argument("--max-frame", type=int, default=MAX_FRAME, help="bytes")
+
+    ls = commands.add_parser("ls", help="list the workers a discovery service sees")
+    ls.add_argument("--wait", type=float, help="seconds to listen (lan 2, local 0.1)")
+    for command in (worker, ls):
+        command.add_argument(
+            "--discovery",
+            default="local",
+            help="lan, local or local:NAME (default local)",
+        )
+        command.add_argument(
+            "--interface", action="append", help="mDNS interface address (repeatable)"
+        )
+
     demo = commands.add_parser("demo", help="run the quick start on a local pool")
     demo.add_argument(
         "--size", type=int, default=2, help="worker processes (default 2)"
     )
+
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="wool: %(message)s")
-    if args.command == "demo":
+    logging.basicConfig(level=args.log_level.upper(), format="wool: %(message)s")
+    try:
+        if args.command == "worker":
+            return asyncio.run(_serve_cli(args))
+        if args.command == "ls":
+            return asyncio.run(_ls(args))
         return asyncio.run(_demo(args.size))
-    return 2
+    except (ValueError, OSError) as e:
+        print(f"wool {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+def _discovery(spec: str, interfaces: list[str] | None):
+    if spec == "lan":
+        return LanDiscoveryService(interfaces=interfaces)
+    if spec == "local" or spec.startswith("local:"):
+        return LocalDiscoveryService(spec.partition(":")[2] or None)
+    raise ValueError(f"--discovery {spec!r}: use lan, local or local:NAME")
+
+
+def _tls(cert, key, ca, purpose):
+    """An SSLContext from PEM files, or None; verifies the peer when `ca`."""
+    if not (cert or ca):
+        return None
+    import ssl
+
+    context = ssl.create_default_context(purpose, cafile=ca)
+    if cert:
+        context.load_cert_chain(cert, key)
+    if ca and purpose is ssl.Purpose.CLIENT_AUTH:
+        context.verify_mode = ssl.CERT_REQUIRED  # mutual TLS
+    return context
+
+
+async def _serve_cli(args) -> int:
+    import ssl
+
+    authkey = None
+    if args.authkey_file:
+        with open(args.authkey_file, "rb") as f:
+            authkey = f.read().rstrip(b"\r\n")
+    worker = Worker(
+        *args.tag,
+        host=args.host,
+        port=args.port,
+        advertise=args.advertise,
+        authkey=authkey,
+        ssl=_tls(args.tls_cert, args.tls_key, args.tls_ca, ssl.Purpose.CLIENT_AUTH),
+        client_ssl=_tls(
+            args.tls_cert, args.tls_key, args.tls_ca, ssl.Purpose.SERVER_AUTH
+        ),
+        discovery=_discovery(args.discovery, args.interface),
+        insecure=args.insecure,
+        grace=args.grace,
+        max_frame=args.max_frame,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.stop()))
+    await worker.start()
+    info = worker.info
+    print(
+        f"wool worker {info.uid} listening on {info.address} pid {info.pid}", flush=True
+    )
+    await worker.stopped()
+    print(f"wool worker {info.uid} stopped", flush=True)
+    return 0
+
+
+async def _ls(args) -> int:
+    service = _discovery(args.discovery, args.interface)
+    wait = (
+        args.wait if args.wait is not None else 2.0 if args.discovery == "lan" else 0.1
+    )
+    workers: dict[str, WorkerInfo] = {}
+
+    async def listen():
+        async for event in service.subscribe():
+            if event.type == "worker-dropped":
+                workers.pop(event.info.uid, None)
+            else:
+                workers[event.info.uid] = event.info
+
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(wait):
+            await listen()
+    for w in sorted(workers.values(), key=lambda w: (w.host, w.port)):
+        tags = ",".join(sorted(w.tags)) or "-"
+        tls = " tls" if w.secure else ""
+        print(f"{w.uid}  {w.address}  pid {w.pid}  tags {tags}  v{w.version}{tls}")
+    return 0
 
 
 @work

@@ -1,0 +1,437 @@
+"""Durable workers: LAN and named local discovery, the `wool` CLI, hybrid pools,
+keys and TLS. zeroconf binds 127.0.0.1 only; test_netns.py spans "hosts".
+
+Each test run tags its workers `run-<pid>` and filters on that tag, so
+concurrent runs on one machine never share workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import wool
+from test_wool import HERE, add, alive
+
+RUN = f"run-{os.getpid()}"
+LOOPBACK = ["127.0.0.1"]
+
+
+def mine(w: wool.WorkerInfo) -> bool:
+    return RUN in w.tags
+
+
+def production(w: wool.WorkerInfo) -> bool:
+    return RUN in w.tags and "production" in w.tags
+
+
+@wool.work
+async def where() -> tuple[int, frozenset[str]]:
+    me = wool.current_worker()
+    return me.pid, me.tags
+
+
+@contextlib.contextmanager
+def cli_worker(*args: str, env=None):
+    """`python -m wool worker ARGS`; yields (process, uid) once it listens."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wool", "worker", *args],
+        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert "listening on" in line, line + proc.stderr.read()
+        yield proc, line.split()[2]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def ls(*args: str) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "wool", "ls", *args],
+        cwd=HERE, capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    return result.stdout.splitlines()
+
+
+@pytest.fixture
+def keyfile(tmp_path):
+    path = tmp_path / "key"
+    path.write_bytes(b"s3cret\n")  # the trailing newline is not part of the key
+    return str(path)
+
+
+@pytest.fixture
+def namespace():
+    name = f"t{uuid.uuid4().hex[:10]}"
+    yield name
+    Path(f"/dev/shm/wool-{name}").unlink(missing_ok=True)
+
+
+# -- LAN discovery ------------------------------------------------------------------
+
+
+async def test_lan_discovery_sees_added_updated_dropped():
+    uid = uuid.uuid4().hex
+    info = wool.WorkerInfo(uid, "127.0.0.1", 4242, os.getpid(), "0.1.0", {RUN, "a"})
+    publisher = wool.LanDiscoveryService(interfaces=LOOPBACK)
+    events = wool.LanDiscoveryService(
+        lambda w: w.uid == uid, interfaces=LOOPBACK
+    ).subscribe()
+    try:
+        await publisher.publish(wool.DiscoveryEvent("worker-added", info))
+        assert await anext(events) == wool.DiscoveryEvent("worker-added", info)
+        updated = wool.WorkerInfo(
+            uid, "127.0.0.1", 4242, os.getpid(), "0.1.0", {RUN, "b"}, True
+        )
+        await publisher.publish(wool.DiscoveryEvent("worker-updated", updated))
+        assert await anext(events) == wool.DiscoveryEvent("worker-updated", updated)
+        await publisher.publish(wool.DiscoveryEvent("worker-dropped", updated))
+        assert await anext(events) == wool.DiscoveryEvent("worker-dropped", updated)
+    finally:
+        await events.aclose()
+        await publisher.close()
+
+
+def test_discovery_services_are_picklable_descriptions():
+    import cloudpickle
+
+    lan = wool.LanDiscoveryService(lambda w: "x" in w.tags, interfaces=LOOPBACK)
+    copy = cloudpickle.loads(cloudpickle.dumps(lan))
+    assert copy.interfaces == LOOPBACK and copy.filter(
+        wool.WorkerInfo("u", "h", 1, 1, "v", {"x"})
+    )
+    local = cloudpickle.loads(cloudpickle.dumps(wool.LocalDiscoveryService("ns")))
+    assert local.namespace == "ns"
+
+
+def test_import_wool_does_not_need_zeroconf():
+    code = "import sys; sys.modules['zeroconf'] = None; import wool; print(wool.work)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# -- Durable workers from the CLI -------------------------------------------------
+
+
+async def test_lan_pool_sends_tasks_only_to_production_workers(keyfile):
+    lan = ["--discovery", "lan", "--interface", "127.0.0.1", "--authkey-file", keyfile]
+    with (
+        cli_worker("--tag", RUN, "--tag", "production", *lan) as (prod, prod_uid),
+        cli_worker("--tag", RUN, "--tag", "staging", *lan) as (_, staging_uid),
+    ):
+        discovery = wool.LanDiscoveryService(production, interfaces=LOOPBACK)
+        async with wool.WorkerPool(discovery=discovery, authkey=b"s3cret"):
+            results = await asyncio.gather(*(where() for _ in range(20)))
+        assert {pid for pid, _ in results} == {prod.pid}
+        assert all("production" in tags for _, tags in results)
+
+        listed = ls("--discovery", "lan", "--interface", "127.0.0.1")
+        assert any(
+            line.startswith(prod_uid) and "production" in line for line in listed
+        )
+        assert any(line.startswith(staging_uid) for line in listed)
+
+
+async def test_local_named_pool_sends_tasks_only_to_production_workers(namespace):
+    local = ["--discovery", f"local:{namespace}"]
+    with (
+        cli_worker("--tag", RUN, "--tag", "production", *local) as (prod, prod_uid),
+        cli_worker("--tag", RUN, *local),
+    ):
+        discovery = wool.LocalDiscoveryService(namespace, filter=production)
+        async with wool.WorkerPool(discovery=discovery):
+            results = await asyncio.gather(*(where() for _ in range(20)))
+        assert {pid for pid, _ in results} == {prod.pid}
+        listed = ls("--discovery", f"local:{namespace}")
+        assert len(listed) == 2
+        line = next(line for line in listed if line.startswith(prod_uid))
+        assert f"pid {prod.pid}" in line and "production" in line and "v0.1.0" in line
+
+
+def test_sigterm_withdraws_drains_and_exits_zero(namespace):
+    with cli_worker("--tag", RUN, "--discovery", f"local:{namespace}") as (proc, uid):
+        assert ls("--discovery", f"local:{namespace}")[0].startswith(uid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert "stopped" in proc.stdout.read()
+        assert ls("--discovery", f"local:{namespace}") == []
+
+
+async def test_sigterm_lets_an_in_flight_task_finish(namespace):
+    with cli_worker("--tag", RUN, "--discovery", f"local:{namespace}") as (proc, _):
+        async with wool.WorkerPool(discovery=wool.LocalDiscoveryService(namespace)):
+            assert await add(1) == 1  # connected
+            call = asyncio.ensure_future(slow_add(2, 3))
+            await asyncio.sleep(0)  # one step: the TASK frame is sent
+            assert await add(0) == 0  # ... and the worker has it
+            proc.send_signal(signal.SIGTERM)
+            assert await call == 5
+        assert proc.wait(timeout=10) == 0
+
+
+@wool.work
+async def slow_add(a, b):
+    await asyncio.sleep(0.5)  # the work itself; nothing waits on this timing
+    return a + b
+
+
+def test_cli_refuses_a_public_address_without_a_key():
+    result = subprocess.run(
+        [sys.executable, "-m", "wool", "worker", "--host", "0.0.0.0"],
+        cwd=HERE, capture_output=True, text=True, timeout=30,
+        env={k: v for k, v in os.environ.items() if k != "WOOL_AUTHKEY"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "refusing to listen on 0.0.0.0 without a key" in result.stderr
+    assert "--authkey-file" in result.stderr
+
+
+def test_cli_rejects_an_unknown_discovery():
+    result = subprocess.run(
+        [sys.executable, "-m", "wool", "ls", "--discovery", "dns"],
+        cwd=HERE, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2 and "use lan, local or local:NAME" in result.stderr
+
+
+# -- Pools over discovery ---------------------------------------------------------
+
+
+async def test_pool_without_workers_names_what_it_waited_on(namespace):
+    discovery = wool.LocalDiscoveryService(namespace, filter=production)
+    async with wool.WorkerPool(discovery=discovery, wait=0.2):
+        with pytest.raises(
+            wool.NoWorkersAvailable,
+            match=rf"no worker took add\(\) within 0.2 s; waited on "
+            rf"LocalDiscoveryService\('{namespace}', filter=production\)",
+        ):
+            await add(1)
+
+
+async def test_durable_pool_waits_for_a_worker_that_comes_later(namespace):
+    discovery = wool.LocalDiscoveryService(namespace)
+    async with wool.WorkerPool(discovery=discovery):
+        call = asyncio.ensure_future(add(40, 2))
+        await asyncio.sleep(0)
+        assert not call.done()
+        async with wool.Worker(discovery=wool.LocalDiscoveryService(namespace)):
+            assert await call == 42
+
+
+async def test_hybrid_pool_with_lease(namespace):
+    workers = [
+        wool.Worker(RUN, discovery=wool.LocalDiscoveryService(namespace))
+        for _ in range(3)
+    ]
+    async with contextlib.AsyncExitStack() as stack:
+        for w in workers:
+            await stack.enter_async_context(w)
+        discovery = wool.LocalDiscoveryService(namespace)
+        async with wool.WorkerPool(
+            "spawned", size=1, discovery=discovery, lease=2
+        ) as pool:
+            while len(pool.workers) < 3:
+                await pool._changed.wait()
+            pids = {w.pid for w in pool.workers}
+            spawned = [w for w in pool.workers if "spawned" in w.tags]
+            assert len(spawned) == 1 and spawned[0].pid != os.getpid()
+            assert pids == {spawned[0].pid, os.getpid()}  # 2 of 3 discovered workers
+            assert sum(w.uid in {x.uid for x in workers} for w in pool.workers) == 2
+            results = await asyncio.gather(*(where() for _ in range(9)))
+            assert {pid for pid, _ in results} == pids
+
+
+async def test_missing_and_wrong_keys_are_refused(namespace):
+    async with wool.Worker(
+        authkey=b"right", discovery=wool.LocalDiscoveryService(namespace)
+    ):
+        for key in (None, b"wrong"):
+            discovery = wool.LocalDiscoveryService(namespace)
+            async with wool.WorkerPool(discovery=discovery, authkey=key, wait=5):
+                with pytest.raises(wool.AuthenticationError, match="refused the key"):
+                    await add(1)
+        async with wool.WorkerPool(
+            discovery=wool.LocalDiscoveryService(namespace), authkey=b"right"
+        ):
+            assert await add(1, 1) == 2
+
+
+async def test_key_from_environment(namespace, monkeypatch):
+    monkeypatch.setenv("WOOL_AUTHKEY", "from-env")
+    async with wool.Worker(discovery=wool.LocalDiscoveryService(namespace)) as worker:
+        assert worker.authkey == b"from-env"
+        async with wool.WorkerPool(discovery=wool.LocalDiscoveryService(namespace)):
+            assert await add(2, 2) == 4
+
+
+async def test_killed_worker_is_dropped_and_a_new_one_admitted(namespace):
+    async with wool.WorkerPool(discovery=wool.LocalDiscoveryService(namespace)) as pool:
+        for _ in range(2):
+            with cli_worker("--discovery", f"local:{namespace}") as (proc, uid):
+                pid, _ = await where()
+                assert pid == proc.pid
+                proc.kill()
+                proc.wait()
+            while any(w.uid == uid for w in pool.workers):  # the connection says so
+                await pool._changed.wait()
+
+
+# -- TLS ---------------------------------------------------------------------------
+
+
+def make_certs(tmp_path: Path) -> dict[str, str]:
+    """A CA, a server certificate for 127.0.0.1, and a client certificate."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    paths = {}
+
+    def issue(name, key, issuer_name, issuer_key, ca=False, server=False):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(issuer_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(
+                x509.BasicConstraints(ca=ca, path_length=None), critical=True
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                critical=False,
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                    issuer_key.public_key()
+                ),
+                critical=False,
+            )
+        )
+        if ca:
+            builder = builder.add_extension(
+                x509.KeyUsage(
+                    False, False, False, False, False, True, True, False, False
+                ),
+                critical=True,
+            )
+        else:
+            usage = (
+                ExtendedKeyUsageOID.SERVER_AUTH
+                if server
+                else ExtendedKeyUsageOID.CLIENT_AUTH
+            )
+            builder = builder.add_extension(
+                x509.ExtendedKeyUsage([usage]), critical=False
+            )
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    def save(stem, cert, key=None):
+        paths[f"{stem}.crt"] = str(tmp_path / f"{stem}.crt")
+        Path(paths[f"{stem}.crt"]).write_bytes(
+            cert.public_bytes(serialization.Encoding.PEM)
+        )
+        if key is not None:
+            paths[f"{stem}.key"] = str(tmp_path / f"{stem}.key")
+            Path(paths[f"{stem}.key"]).write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "wool test CA")])
+    save("ca", issue("wool test CA", ca_key, ca_name, ca_key, ca=True))
+    for stem, server in (("server", True), ("client", False)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        save(stem, issue(stem, key, ca_name, ca_key, server=server), key)
+    return paths
+
+
+async def test_mutual_tls_accepts_the_right_certificates_and_refuses_others(
+    tmp_path, namespace
+):
+    certs = make_certs(tmp_path)
+    args = [
+        "--tls-cert",
+        certs["server.crt"],
+        "--tls-key",
+        certs["server.key"],
+        "--tls-ca",
+        certs["ca.crt"],
+    ]
+    with cli_worker("--tag", RUN, "--discovery", f"local:{namespace}", *args) as (
+        proc,
+        uid,
+    ):
+        assert "tls" in ls("--discovery", f"local:{namespace}")[0]
+        client = ssl.create_default_context(cafile=certs["ca.crt"])
+        client.load_cert_chain(certs["client.crt"], certs["client.key"])
+        async with wool.WorkerPool(
+            discovery=wool.LocalDiscoveryService(namespace), ssl=client
+        ):
+            pid, _ = await where()
+            assert pid == proc.pid
+
+        no_cert = ssl.create_default_context(cafile=certs["ca.crt"])
+        info = next(iter(await _listed(namespace)))
+        with pytest.raises(
+            (
+                ssl.SSLError,
+                ConnectionError,
+                wool.AuthenticationError,
+                asyncio.IncompleteReadError,
+            )
+        ):
+            await wool._Connection.open(info, b"", no_cert, b"", wool.MAX_FRAME)
+        reader, writer = await asyncio.open_connection(
+            info.host, info.port
+        )  # plain TCP
+        writer.write(wool.MAGIC + bytes(64))
+        assert not (await reader.read()).startswith(wool.MAGIC)  # a TLS alert, or EOF
+        writer.close()
+        assert proc.poll() is None  # and the worker keeps serving
+        async with wool.WorkerPool(
+            discovery=wool.LocalDiscoveryService(namespace), ssl=client
+        ):
+            assert await add(1, 2) == 3
+
+
+async def _listed(namespace):
+    events = wool.LocalDiscoveryService(namespace).subscribe()
+    try:
+        return [(await anext(events)).info]
+    finally:
+        await events.aclose()

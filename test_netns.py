@@ -1,0 +1,176 @@
+"""Several "hosts" on one machine: network namespaces joined by a bridge that
+lives in a namespace of its own, so the machine's real network never sees
+the test's mDNS. Needs root and iproute2 (CI runs as root).
+
+    caller 10.77.0.10 --.
+    h1     10.77.0.11 ---+-- br0 (in its own namespace); a link is cut by
+    h2     10.77.0.12 ---|   setting its bridge-side veth down
+    h3     10.77.0.13 --'
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import pytest
+
+from test_wool import HERE
+
+RUN = f"run-{os.getpid()}"
+pytestmark = [
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not shutil.which("ip"), reason="needs root and ip"
+    ),
+    pytest.mark.timeout(120),
+]
+ADDRESSES = {
+    "c": "10.77.0.10",
+    "h1": "10.77.0.11",
+    "h2": "10.77.0.12",
+    "h3": "10.77.0.13",
+}
+
+
+def ip(*args: str):
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+class Lan:
+    """Namespaces `<prefix>-br` (the bridge) and one per host."""
+
+    def __init__(self):
+        self.prefix = f"w{uuid.uuid4().hex[:6]}"
+        self.made: list[str] = []
+
+    def ns(self, host: str) -> str:
+        return f"{self.prefix}-{host}"
+
+    def build(self):
+        bridge = self.ns("br")
+        ip("netns", "add", bridge)
+        self.made.append(bridge)
+        ip("-n", bridge, "link", "add", "br0", "type", "bridge")
+        ip("-n", bridge, "link", "set", "br0", "up")
+        for host, address in ADDRESSES.items():
+            ns = self.ns(host)
+            ip("netns", "add", ns)
+            self.made.append(ns)
+            ip(
+                "-n",
+                bridge,
+                "link",
+                "add",
+                f"v-{host}",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns,
+            )
+            ip("-n", bridge, "link", "set", f"v-{host}", "master", "br0", "up")
+            ip("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
+            ip("-n", ns, "link", "set", "eth0", "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+
+    def link(self, host: str, state: str):
+        ip("-n", self.ns("br"), "link", "set", f"v-{host}", state)
+
+    def run(self, host: str, *argv: str, **kw) -> subprocess.Popen:
+        return subprocess.Popen(
+            ["ip", "netns", "exec", self.ns(host), *argv],
+            cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **kw,
+        )  # fmt: skip
+
+    def destroy(self):
+        for ns in reversed(self.made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def lan():
+    lan = Lan()
+    try:
+        lan.build()
+    except subprocess.CalledProcessError as e:
+        lan.destroy()
+        pytest.skip(f"cannot make network namespaces here: {e.stderr.decode().strip()}")
+    yield lan
+    lan.destroy()
+
+
+CALLER = """
+import asyncio, sys, wool
+from test_durable import where
+
+async def main():
+    lan = wool.LanDiscoveryService(lambda w: {run!r} in w.tags, interfaces=[{address!r}])
+    async with wool.WorkerPool(discovery=lan, authkey=b"s3cret") as pool:
+        loop = asyncio.get_running_loop()
+        stdin = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+        while command := (await stdin.readline()).split():
+            verb, n = command[0].decode(), int(command[1])
+            if verb == "workers":  # wait until exactly n workers are connected
+                while len(pool.workers) != n:
+                    await pool._changed.wait()
+                hosts = [w.host for w in pool.workers]
+            else:  # run n tasks; the hosts they ran on
+                hosts = [t for _, tags in await asyncio.gather(*(where() for _ in range(n)))
+                         for t in tags if t.startswith("h")]
+            print(" ".join(sorted(set(hosts))), flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_discovery_dispatch_cut_and_heal_across_hosts(lan, tmp_path):
+    key = tmp_path / "key"
+    key.write_bytes(b"s3cret")
+    workers = []
+
+    def start_worker(host: str):
+        address = ADDRESSES[host]
+        proc = lan.run(
+            host, sys.executable, "-m", "wool", "worker", "--host", address,
+            "--tag", RUN, "--tag", host, "--discovery", "lan", "--interface", address,
+            "--authkey-file", str(key),
+        )  # fmt: skip
+        workers.append(proc)
+        assert "listening on" in proc.stdout.readline()
+
+    caller = lan.run(
+        "c", sys.executable, "-c", CALLER.format(run=RUN, address=ADDRESSES["c"])
+    )
+
+    def ask(line: str) -> str:
+        caller.stdin.write(line + "\n")
+        caller.stdin.flush()
+        return caller.stdout.readline().strip()
+
+    try:
+        start_worker("h1")
+        start_worker("h2")
+        assert ask("workers 2") == "10.77.0.11 10.77.0.12"
+        assert ask("run 20") == "h1 h2"
+
+        lan.link("h1", "down")  # silent: no FIN, no RST; keepalive finds it
+        assert ask("workers 1") == "10.77.0.12"
+        assert ask("run 20") == "h2"
+
+        lan.link("h3", "down")
+        start_worker("h3")  # announces itself into the void
+        lan.link("h1", "up")  # h1 is listed still: the pool reconnects
+        lan.link("h3", "up")  # h3 re-announces itself
+        assert ask("workers 3") == "10.77.0.11 10.77.0.12 10.77.0.13"
+        assert ask("run 30") == "h1 h2 h3"
+    finally:
+        for proc in [caller, *workers]:
+            proc.kill()
+            proc.wait()
