@@ -435,3 +435,31 @@ async def _listed(namespace):
         return [(await anext(events)).info]
     finally:
         await events.aclose()
+
+
+class FixedWorkers:  # as in README.md
+    """Workers at known host:port addresses."""
+
+    def __init__(self, *addresses):
+        self.addresses = addresses
+
+    async def subscribe(self):
+        for address in self.addresses:
+            host, port = address.rsplit(":", 1)
+            info = wool.WorkerInfo(address, host, int(port), pid=0, version="")
+            yield wool.DiscoveryEvent("worker-added", info)
+
+
+@wool.work
+async def nested_add(a, b):
+    return await add(a, b)
+
+
+async def test_custom_discovery_from_the_readme():
+    async with wool.Worker(authkey=b"k") as w1, wool.Worker(authkey=b"k") as w2:
+        fixed = FixedWorkers(w1.info.address, w2.info.address)
+        async with wool.WorkerPool(discovery=fixed, authkey=b"k") as pool:
+            assert await nested_add(2, 3) == 5  # nested: the worker opens `fixed` too
+            while len(pool.workers) < 2:
+                await pool._changed.wait()
+            assert {w.port for w in pool.workers} == {w1.info.port, w2.info.port}

@@ -1519,7 +1519,6 @@ def main(argv: list[str] | None = None) -> int:
     """The `wool` command: `wool worker`, `wool ls`, `wool demo`."""
     parser = argparse.ArgumentParser(prog="wool", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"wool {__version__}")
-    parser.add_argument("--log-level", default="WARNING", help="default WARNING")
     commands = parser.add_subparsers(dest="command", required=True)
 
     worker = commands.add_parser("worker", help="serve tasks until SIGTERM or SIGINT")
@@ -1553,6 +1552,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument(
         "--size", type=int, default=2, help="worker processes (default 2)"
     )
+    for command in (worker, ls, demo):
+        command.add_argument("--log-level", default="WARNING", help="default WARNING")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="wool: %(message)s")
