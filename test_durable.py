@@ -190,6 +190,11 @@ async def test_sigterm_lets_an_in_flight_task_finish(namespace):
 
 
 @wool.work
+async def forever():
+    await asyncio.Event().wait()
+
+
+@wool.work
 async def slow_add(a, b):
     await asyncio.sleep(0.5)  # the work itself; nothing waits on this timing
     return a + b

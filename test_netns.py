@@ -107,7 +107,7 @@ def lan():
 
 CALLER = """
 import asyncio, sys, wool
-from test_durable import where
+from test_durable import where, forever
 
 async def main():
     lan = wool.LanDiscoveryService(lambda w: {run!r} in w.tags, interfaces=[{address!r}])
@@ -121,6 +121,16 @@ async def main():
                 while len(pool.workers) != n:
                     await pool._changed.wait()
                 hosts = [w.host for w in pool.workers]
+            elif verb == "hang":  # n calls that never return, one per worker
+                hanging = [asyncio.ensure_future(forever()) for _ in range(n)]
+                await asyncio.sleep(0)
+                hosts = [w.host for w in pool.workers]
+            elif verb == "lost":  # wait for n hanging calls to fail; how, how fast
+                start = loop.time()
+                while sum(c.done() for c in hanging) < n:
+                    await asyncio.wait(hanging, return_when=asyncio.FIRST_COMPLETED)
+                failed = [type(c.exception()).__name__ for c in hanging if c.done()]
+                hosts = [*failed, "fast" if loop.time() - start < 6 else "slow"]
             else:  # run n tasks; the hosts they ran on
                 hosts = [t for _, tags in await asyncio.gather(*(where() for _ in range(n)))
                          for t in tags if t.startswith("h")]
@@ -160,7 +170,9 @@ def test_discovery_dispatch_cut_and_heal_across_hosts(lan, tmp_path):
         assert ask("workers 2") == "10.77.0.11 10.77.0.12"
         assert ask("run 20") == "h1 h2"
 
+        assert ask("hang 2") == "10.77.0.11 10.77.0.12"  # one call on each
         lan.link("h1", "down")  # silent: no FIN, no RST; keepalive finds it
+        assert ask("lost 1") == "WorkerLost fast"
         assert ask("workers 1") == "10.77.0.12"
         assert ask("run 20") == "h2"
 

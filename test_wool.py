@@ -569,10 +569,16 @@ def test_caller_killed_mid_task_has_its_task_cancelled(tmp_path):
             assert worker.poll() is None
             time.sleep(0.005)
         assert marker.read_text() == "cancelled"
+        assert asyncio.run(add_in(namespace)) == 3  # and it serves other callers
     finally:
         worker.kill()
         worker.wait()
         Path(f"/dev/shm/wool-{namespace}").unlink(missing_ok=True)
+
+
+async def add_in(namespace: str) -> int:
+    async with wool.WorkerPool(discovery=wool.LocalDiscoveryService(namespace)):
+        return await add(1, 2)
 
 
 # -- Local discovery -------------------------------------------------------------

@@ -916,10 +916,10 @@ class _Outbox:
     """Frames sent in one event-loop turn leave in one write (fewer syscalls
     under load). Sending never blocks; readers apply backpressure."""
 
-    __slots__ = ("loop", "parts", "transport")
+    __slots__ = ("loop", "parts", "size", "transport")
 
     def __init__(self, transport: asyncio.Transport):
-        self.transport, self.parts = transport, []
+        self.transport, self.parts, self.size = transport, [], 0
         self.loop = asyncio.get_running_loop()
 
     def send(self, kind: int, rid: int, body: bytes = b""):
@@ -928,11 +928,16 @@ class _Outbox:
         self.parts.append(HEADER.pack(len(body), kind, rid))
         if body:
             self.parts.append(body)
+            self.size += len(body)
 
     def flush(self):
-        parts, self.parts = self.parts, []
-        if not self.transport.is_closing():
+        parts, self.parts, self.size = self.parts, [], 0
+        if parts and not self.transport.is_closing():
             self.transport.writelines(parts)
+
+    def backlog(self) -> int:
+        """Bytes sent but not yet on the wire."""
+        return self.size + self.transport.get_write_buffer_size()
 
 
 def _tune(writer: asyncio.StreamWriter):
@@ -991,6 +996,7 @@ class Worker:
         grace: float = GRACE,
         max_frame: int = MAX_FRAME,
         max_connections: int = MAX_CONNECTIONS,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ):
         self.tags = frozenset(tags)
         self.host, self.port = host, port
@@ -1002,6 +1008,9 @@ class Worker:
         self.grace = grace
         self.max_frame = max_frame
         self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self._connections = 0
+        self._serving: dict[asyncio.Task, asyncio.StreamWriter] = {}
         self.uid = uuid.uuid4().hex
         self.info: WorkerInfo | None = None
         self.stopping = False
@@ -1079,6 +1088,14 @@ class Worker:
                 await asyncio.wait(tasks, timeout=grace)
             for peer in list(self._peers):
                 peer.close()
+            for writer in self._serving.values():  # handshakes in progress
+                writer.close()
+            if self._serving:
+                _, stuck = await asyncio.wait(self._serving, timeout=1.0)
+                for task in stuck:  # a caller that does not read its replies
+                    self._serving[task].transport.abort()
+                if stuck:
+                    await asyncio.wait(stuck, timeout=1.0)
             for pool in self._nested.values():
                 await pool._stop()
             if self._server is not None:
@@ -1096,36 +1113,43 @@ class Worker:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         address = _peer_address(writer)
-        if len(self._peers) >= self.max_connections:
+        if self._connections >= self.max_connections:
             log.warning(
-                "closed connection from %s: over %d connections",
+                "refused connection from %s: %d already open",
                 address,
-                self.max_connections,
+                self._connections,
             )
             writer.close()
             return
+        self._connections += 1
+        self._serving[asyncio.current_task()] = writer
         peer = None
         try:
-            async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-                await _authenticate_caller(reader, writer, self.authkey)
-                frame = await read_frame(reader, self.max_frame)
+            try:
+                async with asyncio.timeout(self.handshake_timeout):
+                    await _authenticate_caller(reader, writer, self.authkey)
+                    frame = await read_frame(reader, self.max_frame)
+            except TimeoutError:
+                raise ProtocolError(
+                    f"no handshake within {self.handshake_timeout:g} s"
+                ) from None
+            except asyncio.IncompleteReadError:
+                raise ProtocolError(
+                    "it closed the connection during the handshake"
+                ) from None
             if frame is None or frame[0] != HELLO:
-                raise ProtocolError("the caller did not start with HELLO")
+                raise ProtocolError("it did not start with HELLO")
             _tune(writer)
             peer = _Peer(self, reader, writer, frame[2])
             self._peers.add(peer)
             await peer.serve()
-        except TimeoutError:
-            log.warning(
-                "closed connection from %s: no handshake within %g s",
-                address,
-                HANDSHAKE_TIMEOUT,
-            )
         except (AuthenticationError, ProtocolError) as e:
             log.warning("closed connection from %s: %s", address, e)
-        except (ConnectionError, asyncio.IncompleteReadError, OSError) as e:
+        except (ConnectionError, OSError) as e:
             log.info("connection from %s ended: %r", address, e)
         finally:
+            self._connections -= 1
+            self._serving.pop(asyncio.current_task(), None)
             if peer is not None:
                 self._peers.discard(peer)
                 peer.close()
@@ -1148,7 +1172,7 @@ class _Peer:
         # caller's pool, and current_worker() answers.
         _current_pool.set(_NestedPool(self.worker, self.hello))
         _current_worker.set(self.worker.info)
-        worker, out, tasks = self.worker, self.out, self.tasks
+        worker, out, tasks, burst = self.worker, self.out, self.tasks, 0
         while (frame := await read_frame(self.reader, worker.max_frame)) is not None:
             kind, rid, body = frame
             if kind == TASK:
@@ -1169,8 +1193,15 @@ class _Peer:
                     )
             else:
                 raise ProtocolError(f"unknown frame kind {kind} from a caller")
-            if self.writer.transport.get_write_buffer_size() > HIGH_WATER:
-                await self.writer.drain()  # a caller that does not read stalls itself
+            # Backpressure: let the tasks just accepted run now and then, and
+            # stop reading while replies pile up, so a caller that does not read
+            # its replies stalls itself and costs a bounded amount of memory.
+            burst += 1
+            if burst % 16 == 0:
+                await asyncio.sleep(0)
+            if out.backlog() > HIGH_WATER:
+                out.flush()
+                await self.writer.drain()
 
     def close(self):
         for task in self.tasks.values():
