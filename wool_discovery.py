@@ -73,6 +73,9 @@ class WorkerInfo:
     def __post_init__(self):
         object.__setattr__(self, "tags", frozenset(self.tags))
 
+    def __hash__(self):  # pools look workers up per task: keep it cheap
+        return hash(self.uid)
+
     @property
     def address(self) -> str:
         return (

@@ -1,0 +1,323 @@
+"""Benchmark wool against the raw asyncio floor and the tools a user would pick
+instead, in one run on this machine, and print ratios.
+
+    python bench/bench.py [--rounds 5] [--json out.json] [--quick] [--uvloop]
+
+Measures, each the median of --rounds rounds, with 2 worker processes:
+  latency     one no-op call, awaited alone (µs)
+  throughput  20,000 concurrent no-op calls (calls/s)
+  payload     a 10 MB bytes echo (MB/s, counting both directions' bytes once)
+  fanout      fib(15) where every call is a task (1,973 tasks; s)
+  startup     WorkerPool(size=2) to the first result, and exit (s)
+  memory      caller RSS growth over 100,000 tasks after warm-up (MiB)
+
+Peers: a raw asyncio RPC (length-prefixed pickle frames over TCP, the floor
+wool's design stands on), concurrent.futures.ProcessPoolExecutor, and, when
+installed, Ray and Dask distributed (skipped with a note when absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import importlib.util
+import json
+import os
+import pickle
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import wool  # noqa: E402
+
+CALLS = 20_000
+PAYLOAD = 10 * 10**6
+
+
+@wool.work
+async def noop(x=None):
+    return x
+
+
+@wool.work
+async def fib(n: int) -> int:
+    if n <= 1:
+        return n
+    return await fib(n - 1) + await fib(n - 2)
+
+
+def rss() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf(
+        "SC_PAGE_SIZE"
+    )
+
+
+async def measure(call, latency_n=2000):
+    """(latency µs, throughput calls/s, payload MB/s) for an async `call(x)`."""
+    for _ in range(200):
+        await call(None)
+    times = []
+    for _ in range(latency_n):
+        t = time.perf_counter()
+        await call(None)
+        times.append(time.perf_counter() - t)
+    latency = statistics.median(times) * 1e6
+    t = time.perf_counter()
+    await asyncio.gather(*(call(i) for i in range(CALLS)))
+    throughput = CALLS / (time.perf_counter() - t)
+    data = os.urandom(PAYLOAD)
+    await call(data)
+    t = time.perf_counter()
+    for _ in range(5):
+        assert len(await call(data)) == PAYLOAD
+    payload = 5 * PAYLOAD / (time.perf_counter() - t) / 1e6
+    return latency, throughput, payload
+
+
+# -- wool ------------------------------------------------------------------------
+
+
+async def bench_wool():
+    async with wool.WorkerPool(size=2):
+        latency, throughput, payload = await measure(noop)
+        await fib(10)
+        t = time.perf_counter()
+        assert await fib(15) == 610
+        fanout = time.perf_counter() - t
+        for start in range(0, 20_000, 2000):
+            await asyncio.gather(*(noop(i) for i in range(start, start + 2000)))
+        before = rss()
+        for start in range(0, 100_000, 2000):
+            await asyncio.gather(*(noop(i) for i in range(start, start + 2000)))
+        memory = (rss() - before) / 2**20
+    t = time.perf_counter()
+    pool = wool.WorkerPool(size=2)
+    await pool.__aenter__()
+    await noop(1)
+    startup = time.perf_counter() - t
+    t = time.perf_counter()
+    await pool.__aexit__(None, None, None)
+    shutdown = time.perf_counter() - t
+    return {
+        "latency_us": latency,
+        "throughput": throughput,
+        "payload_mbs": payload,
+        "fanout_s": fanout,
+        "startup_s": startup,
+        "exit_s": shutdown,
+        "memory_mib": memory,
+    }
+
+
+# -- The floor: a raw asyncio RPC, length-prefixed pickle over TCP -----------------
+
+SERVER = """
+import asyncio, pickle, struct, sys
+H = struct.Struct("!IQ")
+async def serve(reader, writer):
+    while True:
+        try:
+            n, rid = H.unpack(await reader.readexactly(H.size))
+            body = await reader.readexactly(n)
+        except asyncio.IncompleteReadError:
+            return
+        fn, args = pickle.loads(body)
+        out = pickle.dumps(args[0], 5)
+        writer.write(H.pack(len(out), rid) + out)
+async def main():
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+class RawClient:
+    H = struct.Struct("!IQ")
+
+    def __init__(self, port):
+        self.port, self.pending, self.next = port, {}, 0
+
+    async def start(self):
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.task = asyncio.ensure_future(self.read())
+
+    async def read(self):
+        while True:
+            n, rid = self.H.unpack(await self.reader.readexactly(self.H.size))
+            self.pending.pop(rid).set_result(
+                pickle.loads(await self.reader.readexactly(n))
+            )
+
+    async def call(self, x):
+        self.next += 1
+        future = self.pending[self.next] = asyncio.get_running_loop().create_future()
+        body = pickle.dumps(("noop", (x,)), 5)
+        self.writer.write(self.H.pack(len(body), self.next) + body)
+        return await future
+
+
+async def bench_raw():
+    servers = [
+        subprocess.Popen(
+            [sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    try:
+        clients = [RawClient(int(s.stdout.readline())) for s in servers]
+        for c in clients:
+            await c.start()
+        turn = iter(range(10**9))
+
+        async def call(x):  # round-robin over the two server processes
+            return await clients[next(turn) % 2].call(x)
+
+        latency, throughput, payload = await measure(call)
+        for c in clients:
+            c.task.cancel()
+        return {"latency_us": latency, "throughput": throughput, "payload_mbs": payload}
+    finally:
+        for s in servers:
+            s.kill()
+            s.wait()
+
+
+# -- ProcessPoolExecutor --------------------------------------------------------------
+
+
+def plain_noop(x):
+    return x
+
+
+async def bench_executor():
+    loop = asyncio.get_running_loop()
+    with concurrent.futures.ProcessPoolExecutor(2) as executor:
+
+        async def call(x):
+            return await loop.run_in_executor(executor, plain_noop, x)
+
+        latency, throughput, payload = await measure(call, latency_n=500)
+    return {"latency_us": latency, "throughput": throughput, "payload_mbs": payload}
+
+
+# -- Optional peers ----------------------------------------------------------------------
+
+
+async def bench_dask():
+    from dask.distributed import Client, LocalCluster
+
+    async with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, asynchronous=True, dashboard_address=None) as cluster:  # fmt: skip
+        async with Client(cluster, asynchronous=True) as client:
+
+            async def call(x):
+                return await client.submit(plain_noop, x, pure=False)
+
+            global CALLS
+            saved, CALLS = CALLS, 2000
+            try:
+                latency, throughput, payload = await measure(call, latency_n=100)
+            finally:
+                CALLS = saved
+    return {"latency_us": latency, "throughput": throughput, "payload_mbs": payload}
+
+
+async def bench_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = ray.remote(plain_noop)
+
+        async def call(x):
+            return await remote.remote(x)
+
+        latency, throughput, payload = await measure(call, latency_n=300)
+    finally:
+        ray.shutdown()
+    return {"latency_us": latency, "throughput": throughput, "payload_mbs": payload}
+
+
+# -- Report -----------------------------------------------------------------------------
+
+TARGETS = [
+    # (metric, label, check against results, text)
+    ("latency", lambda r: r["wool"]["latency_us"] <= 1.3 * r["raw"]["latency_us"], "<= 1.3x raw"),
+    ("throughput", lambda r: r["wool"]["throughput"] >= 0.5 * r["raw"]["throughput"], ">= 0.5x raw"),
+    ("throughput vs executor", lambda r: r["wool"]["throughput"] >= 2 * r["executor"]["throughput"], ">= 2x executor"),
+    ("payload", lambda r: r["wool"]["payload_mbs"] >= r["executor"]["payload_mbs"], ">= executor"),
+    ("fanout", lambda r: r["wool"]["fanout_s"] < 1.0, "fib(15) < 1 s"),
+    ("startup", lambda r: r["wool"]["startup_s"] < 0.5, "< 0.5 s"),
+    ("exit", lambda r: r["wool"]["exit_s"] < 0.3, "< 0.3 s"),
+    ("memory", lambda r: r["wool"]["memory_mib"] < 5, "< 5 MiB over 100k tasks"),
+]  # fmt: skip
+
+
+def median_of(rounds: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--uvloop", action="store_true", help="run everything on uvloop"
+    )
+    args = parser.parse_args()
+    if args.uvloop:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    systems = {"wool": bench_wool, "raw": bench_raw, "executor": bench_executor}
+    notes = []
+    for name, module, fn in [
+        ("dask", "distributed", bench_dask),
+        ("ray", "ray", bench_ray),
+    ]:
+        if importlib.util.find_spec(module):
+            systems[name] = fn
+        else:
+            notes.append(f"{name}: not installed, skipped (pip install {module})")
+    results = {}
+    for name, fn in systems.items():
+        rounds = args.rounds if name in ("wool", "raw", "executor") else 1
+        results[name] = median_of([asyncio.run(fn()) for _ in range(rounds)])
+        print(f"measured {name}", file=sys.stderr)
+
+    floor = results["raw"]
+    print(
+        f"\n{'system':<10} {'1 call µs':>10} {'x raw':>6} {'calls/s':>9} {'x raw':>6} {'MB/s':>7}"
+    )
+    for name, r in results.items():
+        print(
+            f"{name:<10} {r['latency_us']:>10.0f} {r['latency_us'] / floor['latency_us']:>6.2f} "
+            f"{r['throughput']:>9.0f} {r['throughput'] / floor['throughput']:>6.2f} "
+            f"{r['payload_mbs']:>7.0f}"
+        )
+    w = results["wool"]
+    print(
+        f"\nwool fib(15), 1,973 tasks: {w['fanout_s']:.2f} s; start-up to first result "
+        f"{w['startup_s']:.2f} s, exit {w['exit_s']:.2f} s; caller RSS growth over "
+        f"100,000 tasks {w['memory_mib']:.1f} MiB"
+    )
+    print("\ntargets:")
+    for name, check, text in TARGETS:
+        print(f"  {'met ' if check(results) else 'MISS'}  {name:<24} {text}")
+    for note in notes:
+        print(f"note: {note}")
+    print(
+        f"(median of {args.rounds} rounds; Python {sys.version.split()[0]}, {os.cpu_count()} CPUs)"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
