@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import wool
-from test_wool import add, alive, exists, wait_cancelled
+from test_wool import add, alive, decode, exists, wait_cancelled
 
 KEY = b"fault-key"
 
@@ -213,25 +213,12 @@ async def echo_big(n: int) -> bytes:
 # -- The frame decoder and the handshake, fuzzed ----------------------------------
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.binary(max_size=64), max_size=8))
 def test_frame_decoder_raises_nothing_but_protocol_error(chunks):
-    async def decode():
-        reader = asyncio.StreamReader()
-        for chunk in chunks:
-            reader.feed_data(chunk)
-        reader.feed_eof()
-        while True:
-            try:
-                frame = await wool.read_frame(reader, 1024)
-            except wool.ProtocolError:
-                return
-            if frame is None:
-                return
-            kind, rid, body = frame
-            assert len(body) <= 1024
-
-    asyncio.run(decode())
+    frames, error, _ = decode(chunks, max_frame=1024)
+    assert error is None or isinstance(error, wool.ProtocolError)
+    assert all(len(body) <= 1024 for _, _, body in frames)
 
 
 @settings(max_examples=200, deadline=None)

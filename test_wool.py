@@ -441,38 +441,88 @@ def test_killed_caller_leaves_no_worker_behind():
 # -- Frames ------------------------------------------------------------------------
 
 
-def feed(data: bytes, chunk: int = 1) -> asyncio.StreamReader:
-    reader = asyncio.StreamReader()
-    for i in range(0, len(data), chunk):
-        reader.feed_data(data[i : i + chunk])
-    reader.feed_eof()
-    return reader
+class Transport:
+    """What _Frames needs of a transport; records what it was told."""
+
+    paused = aborted = False
+
+    def pause_reading(self):
+        self.paused = True
+
+    def resume_reading(self):
+        self.paused = False
+
+    def abort(self):
+        self.aborted = True
 
 
-async def test_frame_split_across_reads_decodes_once():
-    body = pickle.dumps({"x": list(range(100))})
-    reader = feed(
-        wool.encode(wool.TASK, 7, body) + wool.encode(wool.CANCEL, 8), chunk=1
+def decode(chunks, max_frame=wool.MAX_FRAME, frames=None):
+    """Feed byte chunks to a _Frames, then EOF: (frames, error, transport)."""
+    frames = frames if frames is not None else []
+    lost, transport = [], Transport()
+    protocol = wool._Frames(
+        transport, max_frame, lambda *f: frames.append(f), lost.append
     )
-    assert await wool.read_frame(reader, wool.MAX_FRAME) == (wool.TASK, 7, body)
-    assert await wool.read_frame(reader, wool.MAX_FRAME) == (wool.CANCEL, 8, b"")
-    assert await wool.read_frame(reader, wool.MAX_FRAME) is None
+    for chunk in chunks:
+        while chunk and not lost:
+            buffer = protocol.get_buffer(-1)
+            n = min(len(buffer), len(chunk))
+            buffer[:n], chunk = chunk[:n], chunk[n:]
+            protocol.buffer_updated(n)
+    if not lost:
+        protocol.eof_received()
+        protocol.connection_lost(None)
+    return frames, lost[0], transport
 
 
-async def test_eof_inside_header_or_body_is_a_protocol_error():
+def bytewise(data: bytes) -> list[bytes]:
+    return [data[i : i + 1] for i in range(len(data))]
+
+
+def test_frame_split_across_reads_decodes_once():
+    body = pickle.dumps({"x": list(range(100))})
+    data = wool.encode(wool.TASK, 7, body) + wool.encode(wool.CANCEL, 8)
+    frames, error, _ = decode(bytewise(data))
+    assert frames == [(wool.TASK, 7, body), (wool.CANCEL, 8, b"")] and error is None
+
+
+def test_large_body_is_received_into_its_own_buffer():
+    body = os.urandom(wool.LARGE * 3 + 5)
+    data = wool.encode(wool.RESULT, 1, body) + wool.encode(wool.STOP, 2)
+    for size in (1000, 4096, len(data)):
+        chunks = [data[i : i + size] for i in range(0, len(data), size)]
+        frames, error, _ = decode(chunks)
+        assert frames == [(wool.RESULT, 1, body), (wool.STOP, 2, b"")] and error is None
+        assert type(frames[0][2]) is bytearray  # the buffer the kernel filled
+
+
+def test_eof_inside_header_or_body_is_a_protocol_error():
     frame = wool.encode(wool.RESULT, 1, b"x" * 10)
-    with pytest.raises(wool.ProtocolError, match="inside a frame header"):
-        await wool.read_frame(feed(frame[:5]), wool.MAX_FRAME)
-    with pytest.raises(wool.ProtocolError, match="inside a frame of 10 bytes"):
-        await wool.read_frame(feed(frame[:-3]), wool.MAX_FRAME)
+    _, error, _ = decode([frame[:5]])
+    assert isinstance(error, wool.ProtocolError) and "inside a frame header" in str(
+        error
+    )
+    _, error, _ = decode([frame[:-3]])
+    assert "inside a frame of 10 bytes" in str(error)
 
 
-async def test_oversized_frame_is_refused_before_its_body_is_read():
+def test_oversized_frame_is_refused_before_its_body_is_read():
     header = wool.HEADER.pack(80 * 2**20, wool.TASK, 1)
-    with pytest.raises(
-        wool.ProtocolError, match=r"frame of 80 MiB is over max_frame \(64 MiB\)"
-    ):
-        await wool.read_frame(feed(header), 64 * 2**20)
+    frames, error, transport = decode([header], max_frame=64 * 2**20)
+    assert str(error) == "frame of 80 MiB is over max_frame (64 MiB)"
+    assert frames == [] and transport.aborted
+
+
+def test_held_frames_wait_for_release():
+    frames, lost, transport = [], [], Transport()
+    protocol = wool._Frames(transport, 1024, lambda *f: frames.append(f), lost.append)
+    data = wool.encode(wool.CANCEL, 1) + wool.encode(wool.CANCEL, 2)
+    protocol.hold()
+    protocol.get_buffer(-1)[: len(data)] = data
+    protocol.buffer_updated(len(data))
+    assert frames == [] and transport.paused
+    protocol.release()
+    assert [f[1] for f in frames] == [1, 2] and not transport.paused
 
 
 def test_result_over_max_frame_is_a_clear_error():
@@ -649,3 +699,14 @@ def test_wool_demo_runs_the_quick_start():
     assert "fibonacci(12) = 144" in result.stdout
     assert "countdown yielded 1" in result.stdout
     assert "caught ValueError" in result.stdout
+
+
+def test_works_on_uvloop():
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main():
+        async with wool.WorkerPool(size=2):
+            return await add(1, 2), [x async for x in count(3)], await fibonacci(8)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(main()) == (3, [0, 1, 2], 21)

@@ -447,9 +447,10 @@ class WorkerPool:
             await asyncio.gather(*self._background, return_exceptions=True)
             for conn in list(self._conns.values()):
                 conn.close()
-            await asyncio.gather(
-                *(c.reader_task for c in self._conns.values()), return_exceptions=True
-            )
+            if self._conns:
+                await asyncio.wait(
+                    [c.closed for c in self._conns.values()], timeout=1.0
+                )
         finally:
             if self._local is not None:
                 self._local._unlink()
@@ -718,9 +719,10 @@ def encode(kind: int, rid: int, body: bytes = b"") -> bytes:
     return HEADER.pack(len(body), kind, rid) + body
 
 
-def decode_header(header: bytes, max_frame: int) -> tuple[int, int, int]:
-    """(body length, kind, request id); checks the length before any body is read."""
-    size, kind, rid = HEADER.unpack(header)
+def decode_header(data, max_frame: int, at: int = 0) -> tuple[int, int, int]:
+    """(body length, kind, request id) of the header at data[at:]; checks the
+    length before any body is read."""
+    size, kind, rid = HEADER.unpack_from(data, at)
     if size > max_frame:
         raise ProtocolError(
             f"frame of {size / 2**20:.0f} MiB is over max_frame "
@@ -738,9 +740,9 @@ def _plain(obj) -> bool:
     if kind in _PLAIN:
         return True
     if kind is tuple or kind is list:
-        return all(type(x) in _PLAIN for x in obj)
+        return _PLAIN.issuperset(map(type, obj))
     if kind is dict:
-        return all(type(v) in _PLAIN for v in obj.values())
+        return _PLAIN.issuperset(map(type, obj.values()))
     return False
 
 
@@ -792,10 +794,11 @@ def _lookup(module: str, qualname: str):
 
 
 @functools.lru_cache(maxsize=1024)
-def _resolve(ref) -> Callable:
-    """The function a worker runs for a reference made by _ref."""
-    fn = pickle.loads(ref) if isinstance(ref, bytes) else _lookup(*ref)
-    return fn.__wool_work__
+def _resolve(ref) -> tuple[Callable, bool]:
+    """The function a worker runs for a reference made by _ref, and whether
+    it is an async generator function."""
+    fn = (pickle.loads(ref) if isinstance(ref, bytes) else _lookup(*ref)).__wool_work__
+    return fn, inspect.isasyncgenfunction(fn)
 
 
 def _dump_task(fn, args, kwargs, max_frame: int) -> bytes:
@@ -914,24 +917,117 @@ async def _authenticate_worker(reader, writer, key: bytes, address: str) -> None
         raise AuthenticationError(f"worker {address} does not hold the pool's key")
 
 
-async def read_frame(reader: asyncio.StreamReader, max_frame: int):
-    """The next (kind, request id, body), or None at a clean end of stream.
+LARGE = 64 * 2**10  # bytes; a larger body is received into its own buffer
+BUFFER = 256 * 2**10  # bytes of a connection's reusable receive buffer
 
-    Raises ProtocolError when the stream ends inside a frame or announces a
-    frame over `max_frame`.
+
+class _Frames(asyncio.BufferedProtocol):
+    """A connection past its handshake: bytes in, frames out.
+
+    Small frames are cut from one reusable buffer; the kernel writes a body
+    larger than LARGE straight into its own bytearray, which is what gets
+    unpickled (no copy). Each frame goes to `on_frame(kind, rid, body)`, which
+    may raise ProtocolError to close the connection; `on_lost(error)` is called
+    once, with None for a clean close. `hold()` stops delivery and reading
+    until `release()`: a worker's backpressure.
     """
-    try:
-        header = await reader.readexactly(HEADER.size)
-    except asyncio.IncompleteReadError as e:
-        if not e.partial:
-            return None
-        raise ProtocolError("stream ended inside a frame header") from None
-    size, kind, rid = decode_header(header, max_frame)
-    try:
-        body = await reader.readexactly(size) if size else b""
-    except asyncio.IncompleteReadError:
-        raise ProtocolError(f"stream ended inside a frame of {size} bytes") from None
-    return kind, rid, body
+
+    def __init__(self, transport, max_frame: int, on_frame, on_lost, on_writable=None):
+        self.transport, self.max_frame = transport, max_frame
+        self.on_frame, self.on_lost, self.on_writable = on_frame, on_lost, on_writable
+        self.buf = bytearray(BUFFER)
+        self.start = self.end = 0  # buf[start:end]: received, not yet delivered
+        self.large: bytearray | None = None  # a large body being received,
+        self.filled, self.head = 0, (0, 0)  # its bytes so far, its kind and rid
+        self.held = self.lost = False
+
+    def get_buffer(self, sizehint: int):
+        if self.large is not None:
+            return memoryview(self.large)[self.filled :]
+        if self.end == len(self.buf):  # move the undelivered tail to the front
+            tail = self.end - self.start
+            self.buf[:tail] = self.buf[self.start : self.end]
+            self.start, self.end = 0, tail
+        return memoryview(self.buf)[self.end :]
+
+    def buffer_updated(self, nbytes: int):
+        try:
+            if self.large is None:
+                self.end += nbytes
+            else:
+                self.filled += nbytes
+                if self.filled == len(self.large):
+                    body, self.large = self.large, None
+                    self.on_frame(*self.head, body)
+            self.deliver()
+        except ProtocolError as e:
+            self.fail(e)
+
+    def deliver(self):
+        buf = self.buf
+        while (
+            not self.held
+            and self.large is None
+            and self.end - self.start >= HEADER.size
+        ):
+            size, kind, rid = decode_header(buf, self.max_frame, self.start)
+            at = self.start + HEADER.size
+            if size > LARGE:
+                got = min(size, self.end - at)
+                self.large = bytearray(size)
+                self.large[:got] = buf[at : at + got]
+                self.start, self.filled, self.head = at + got, got, (kind, rid)
+                if got == size:
+                    body, self.large = self.large, None
+                    self.on_frame(kind, rid, body)
+            elif self.end - at < size:
+                break
+            else:
+                self.start = at + size
+                self.on_frame(kind, rid, bytes(buf[at : self.start]))
+        if self.start == self.end:
+            self.start = self.end = 0
+
+    def hold(self):
+        self.held = True
+        self.transport.pause_reading()
+
+    def release(self):
+        self.held = False
+        self.transport.resume_reading()
+        try:
+            self.deliver()
+        except ProtocolError as e:
+            self.fail(e)
+
+    def fail(self, error: Exception):
+        self.transport.abort()
+        self.lose(error)
+
+    def lose(self, error: Exception | None):
+        if not self.lost:
+            self.lost = True
+            self.on_lost(error)
+
+    def eof_received(self):
+        if self.large is not None:
+            size = len(self.large)
+        elif self.end - self.start >= HEADER.size:
+            size = HEADER.unpack_from(self.buf, self.start)[0]
+        elif self.end > self.start:
+            self.lose(ProtocolError("stream ended inside a frame header"))
+            return False
+        else:
+            return False  # a clean end: the transport closes
+        self.lose(ProtocolError(f"stream ended inside a frame of {size} bytes"))
+        return False
+
+    def connection_lost(self, exc: Exception | None):
+        self.lose(exc)
+
+    def resume_writing(self):
+        if self.on_writable is not None:
+            self.on_writable()
 
 
 class _Outbox:
@@ -1042,7 +1138,7 @@ class Worker:
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
         self._connections = 0
-        self._serving: dict[asyncio.Task, asyncio.StreamWriter] = {}
+        self._shaking: set[asyncio.StreamWriter] = set()  # not yet authenticated
         self.uid = uuid.uuid4().hex
         self.info: WorkerInfo | None = None
         self.stopping = False
@@ -1118,16 +1214,15 @@ class Worker:
             tasks = [t for p in self._peers for t in p.tasks.values()]
             if tasks:
                 await asyncio.wait(tasks, timeout=grace)
-            for peer in list(self._peers):
-                peer.close()
-            for writer in self._serving.values():  # handshakes in progress
+            for writer in self._shaking:
                 writer.close()
-            if self._serving:
-                _, stuck = await asyncio.wait(self._serving, timeout=1.0)
-                for task in stuck:  # a caller that does not read its replies
-                    self._serving[task].transport.abort()
-                if stuck:
-                    await asyncio.wait(stuck, timeout=1.0)
+            peers = list(self._peers)
+            for peer in peers:
+                peer.close()
+            if peers:
+                await asyncio.wait([p.closed for p in peers], timeout=1.0)
+                for peer in peers:  # a caller that does not read its replies
+                    peer.writer.transport.abort()
             for pool in self._nested.values():
                 await pool._stop()
             if self._server is not None:
@@ -1144,6 +1239,7 @@ class Worker:
         await self._stopped.wait()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        """Authenticate a new connection, then hand it to a _Peer."""
         address = _peer_address(writer)
         if self._connections >= self.max_connections:
             log.warning(
@@ -1154,86 +1250,106 @@ class Worker:
             writer.close()
             return
         self._connections += 1
-        self._serving[asyncio.current_task()] = writer
-        peer = None
+        self._shaking.add(writer)
         try:
-            try:
-                async with asyncio.timeout(self.handshake_timeout):
-                    await _authenticate_caller(reader, writer, self.authkey)
-                    frame = await read_frame(reader, self.max_frame)
-            except TimeoutError:
-                raise ProtocolError(
-                    f"no handshake within {self.handshake_timeout:g} s"
-                ) from None
-            except asyncio.IncompleteReadError:
-                raise ProtocolError(
-                    "it closed the connection during the handshake"
-                ) from None
-            if frame is None or frame[0] != HELLO:
-                raise ProtocolError("it did not start with HELLO")
-            _tune(writer)
-            peer = _Peer(self, reader, writer, frame[2])
-            self._peers.add(peer)
-            await peer.serve()
-        except (AuthenticationError, ProtocolError) as e:
-            log.warning("closed connection from %s: %s", address, e)
-        except (ConnectionError, OSError) as e:
-            log.info("connection from %s ended: %r", address, e)
-        finally:
+            async with asyncio.timeout(self.handshake_timeout):
+                await _authenticate_caller(reader, writer, self.authkey)
+        except (TimeoutError, asyncio.IncompleteReadError, WoolError, OSError) as e:
             self._connections -= 1
-            self._serving.pop(asyncio.current_task(), None)
-            if peer is not None:
-                self._peers.discard(peer)
-                peer.close()
             writer.close()
+            if isinstance(e, TimeoutError):
+                e = f"no handshake within {self.handshake_timeout:g} s"
+            elif isinstance(e, asyncio.IncompleteReadError):
+                e = "it closed the connection during the handshake"
+            log.warning("closed connection from %s: %s", address, e)
+            return
+        finally:
+            self._shaking.discard(writer)
+        _tune(writer)
+        self._peers.add(_Peer(self, writer, address))
 
 
 class _Peer:
-    """A worker's side of one caller's connection: the tasks it sent."""
+    """A worker's side of one authenticated caller's connection: the tasks it
+    sent, run as asyncio tasks in the context HELLO set up."""
 
-    def __init__(self, worker: Worker, reader, writer, hello: bytes):
-        self.worker, self.reader, self.writer = worker, reader, writer
-        self.out = _Outbox(writer.transport)
-        self.hello = hello
+    def __init__(self, worker: Worker, writer: asyncio.StreamWriter, address: str):
+        self.worker, self.writer, self.address = worker, writer, address
+        self.loop = asyncio.get_running_loop()
+        transport = writer.transport
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+        self.out = _Outbox(transport)
+        self.frames = _Frames(
+            transport, worker.max_frame, self.on_frame, self.on_lost, self.on_writable
+        )
+        transport.set_protocol(self.frames)
+        self.context: contextvars.Context | None = None  # set up by HELLO
         self.tasks: dict[int, asyncio.Task] = {}
         self.inboxes: dict[int, asyncio.Queue] = {}
-        writer.transport.set_write_buffer_limits(high=HIGH_WATER)
+        self.burst = 0  # tasks accepted since they last got to run
+        self.closed = self.loop.create_future()
+        no_hello = ProtocolError(f"no HELLO within {worker.handshake_timeout:g} s")
+        self.deadline = self.loop.call_later(
+            worker.handshake_timeout, self.frames.fail, no_hello
+        )
 
-    async def serve(self):
-        # Tasks created below copy this context: nested calls go to the
-        # caller's pool, and current_worker() answers.
-        _current_pool.set(_NestedPool(self.worker, self.hello))
-        _current_worker.set(self.worker.info)
-        worker, out, tasks, burst = self.worker, self.out, self.tasks, 0
-        while (frame := await read_frame(self.reader, worker.max_frame)) is not None:
-            kind, rid, body = frame
-            if kind == TASK:
-                if rid in tasks:
-                    raise ProtocolError(f"request id {rid} is already running")
-                if worker.stopping:
-                    out.send(REFUSED, rid)
-                    continue
-                out.send(ACCEPTED, rid)
-                tasks[rid] = asyncio.ensure_future(self._run(rid, body))
-            elif kind == CANCEL:
-                if (task := tasks.get(rid)) is not None:
-                    task.cancel()
-            elif kind in (NEXT, THROW, CLOSE):
-                if rid in tasks:  # the task may not have started yet
-                    self.inboxes.setdefault(rid, asyncio.Queue()).put_nowait(
-                        (kind, body)
-                    )
-            else:
-                raise ProtocolError(f"unknown frame kind {kind} from a caller")
+    def on_frame(self, kind: int, rid: int, body: bytes):
+        if self.context is None:
+            if kind != HELLO:
+                raise ProtocolError("it did not start with HELLO")
+            self.deadline.cancel()
+            # Tasks run in copies of this context: nested calls go to the
+            # caller's pool, and current_worker() answers.
+            self.context = contextvars.copy_context()
+            self.context.run(_current_pool.set, _NestedPool(self.worker, body))
+            self.context.run(_current_worker.set, self.worker.info)
+        elif kind == TASK:
+            if rid in self.tasks:
+                raise ProtocolError(f"request id {rid} is already running")
+            if self.worker.stopping:
+                self.out.send(REFUSED, rid)
+                return
+            self.out.send(ACCEPTED, rid)  # on the wire before the task runs
+            coro = self._run(rid, body)
+            self.tasks[rid] = self.loop.create_task(coro, context=self.context.copy())
             # Backpressure: let the tasks just accepted run now and then, and
             # stop reading while replies pile up, so a caller that does not read
-            # its replies stalls itself and costs a bounded amount of memory.
-            burst += 1
-            if burst % 16 == 0:
-                await asyncio.sleep(0)
-            if out.backlog() > HIGH_WATER:
-                out.flush()
-                await self.writer.drain()
+            # its replies stalls only itself, at a bounded cost in memory.
+            self.burst += 1
+            if self.burst >= 16 or self.out.backlog() > HIGH_WATER:
+                self.frames.hold()
+                self.loop.call_soon(self._breathe)
+        elif kind == CANCEL:
+            if (task := self.tasks.get(rid)) is not None:
+                task.cancel()
+        elif kind in (NEXT, THROW, CLOSE):
+            if rid in self.tasks:  # the task may not have started yet
+                self.inboxes.setdefault(rid, asyncio.Queue()).put_nowait((kind, body))
+        else:
+            raise ProtocolError(f"unknown frame kind {kind} from a caller")
+
+    def _breathe(self):
+        self.burst = 0
+        self.out.flush()
+        if self.out.backlog() <= HIGH_WATER:
+            self.frames.release()
+        # else the transport paused writing, and on_writable releases us
+
+    def on_writable(self):
+        if self.frames.held:
+            self.frames.release()
+
+    def on_lost(self, error: Exception | None):
+        self.deadline.cancel()
+        self.worker._connections -= 1
+        self.worker._peers.discard(self)
+        if isinstance(error, WoolError):
+            log.warning("closed connection from %s: %s", self.address, error)
+        elif error is not None:
+            log.info("connection from %s ended: %r", self.address, error)
+        for task in self.tasks.values():
+            task.cancel()
+        self.closed.set_result(None)
 
     def close(self):
         for task in self.tasks.values():
@@ -1245,8 +1361,8 @@ class _Peer:
         out, max_frame = self.out, self.worker.max_frame
         try:
             ref, args, kwargs = pickle.loads(body)
-            fn = _resolve(ref)
-            if inspect.isasyncgenfunction(fn):
+            fn, generator = _resolve(ref)
+            if generator:
                 return await self._drive(rid, fn, fn(*args, **kwargs))
             value = await fn(*args, **kwargs)
             out.send(RESULT, rid, _dump_value(value, fn, max_frame))
@@ -1325,22 +1441,23 @@ class _Call:
 class _Connection:
     """A caller's connection to one worker, multiplexing many tasks."""
 
-    def __init__(self, info: WorkerInfo, reader, writer, max_frame: int):
-        self.info, self.reader, self.writer = info, reader, writer
-        self.max_frame = max_frame
+    def __init__(self, info: WorkerInfo, writer: asyncio.StreamWriter, max_frame: int):
+        # Keep the writer: when a StreamWriter is collected, it closes its transport.
+        self.info, self.writer = info, writer
         self.out = _Outbox(writer.transport)
         self.loop = asyncio.get_running_loop()
         self.pending: dict[int, _Call] = {}
         self.rids = itertools.count(1)
         self.lost: str | None = None
         self.closed = self.loop.create_future()
-        self.reader_task = asyncio.ensure_future(self._read())
+        frames = _Frames(writer.transport, max_frame, self._on_frame, self._lose)
+        writer.transport.set_protocol(frames)
 
     @classmethod
     async def open(cls, info, key, ssl, hello: bytes, max_frame: int) -> _Connection:
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):
             reader, writer = await asyncio.open_connection(
-                info.host, info.port, ssl=ssl, limit=2**20
+                info.host, info.port, ssl=ssl
             )
             try:
                 await _authenticate_worker(reader, writer, key, info.address)
@@ -1348,46 +1465,36 @@ class _Connection:
                 writer.close()
                 raise
         _tune(writer)
-        conn = cls(info, reader, writer, max_frame)
+        conn = cls(info, writer, max_frame)
         conn.out.send(HELLO, 0, hello)
         return conn
 
-    async def _read(self):
-        pending, reason = self.pending, "closed by the worker"
-        try:
-            while (frame := await read_frame(self.reader, self.max_frame)) is not None:
-                kind, rid, body = frame
-                if kind not in _TO_CALLER:
-                    raise ProtocolError(f"unknown frame kind {kind} from a worker")
-                call = pending.get(rid)
-                if call is None:
-                    continue  # a reply to a call that was cancelled
-                call.accepted = True
-                if kind != ACCEPTED and not call.reply.done():
-                    call.reply.set_result((kind, body))
-        except ProtocolError as e:
-            reason = str(e)
-            log.warning("closed connection to worker %s: %s", self.info.address, e)
-        except (ConnectionError, OSError) as e:
-            reason = repr(e)
-        finally:
-            self._lose(reason)
+    def _on_frame(self, kind: int, rid: int, body: bytes):
+        if kind not in _TO_CALLER:
+            raise ProtocolError(f"unknown frame kind {kind} from a worker")
+        call = self.pending.get(rid)
+        if call is None:
+            return  # a reply to a call that was cancelled
+        call.accepted = True
+        if kind != ACCEPTED and not call.reply.done():
+            call.reply.set_result((kind, body))
 
-    def _lose(self, reason: str):
+    def _lose(self, error: Exception | None):
+        reason = "closed by the worker" if error is None else str(error) or repr(error)
+        if isinstance(error, ProtocolError):
+            log.warning("closed connection to worker %s: %s", self.info.address, error)
         self.lost = reason
         self.writer.close()
         for call in self.pending.values():
-            if not call.reply.done():
-                if call.accepted:
-                    call.reply.set_exception(
-                        WorkerLost(
-                            f"lost worker {self.info.address} ({reason}) with the task on it"
-                        )
-                    )
-                else:
-                    call.reply.set_exception(_NotAccepted())
+            if call.reply.done():
+                continue
+            if call.accepted:
+                lost = f"lost worker {self.info.address} ({reason}) with the task on it"
+                call.reply.set_exception(WorkerLost(lost))
+            else:
+                call.reply.set_exception(_NotAccepted())
         self.pending.clear()
-        if not self.closed.done():
+        if not self.closed.done():  # a pool that stopped cancelled it
             self.closed.set_result(None)
 
     def close(self):
