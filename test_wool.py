@@ -529,7 +529,7 @@ def test_result_over_max_frame_is_a_clear_error():
     with pytest.raises(
         TypeError, match=r"over max_frame \(0 MiB\); pass a file path instead"
     ):
-        wool._dump_value(b"x" * 2**20, add, 1000)
+        wool._dump_value(b"x" * 2**20, None, add, 1000)
 
 
 # -- The worker: handshake and hostile input ------------------------------------

@@ -171,7 +171,7 @@ class _NotAccepted(Exception):
 # -- The public API: work, WorkerPool, load balancers ----------------------------
 
 
-def work(fn: Callable[P, R], /) -> Callable[P, R]:
+def work(fn: Callable[P, R] | None = None, /, *, timeout: float | None = None):
     """Make an async function (or async generator) run as a task on a worker.
 
     Calling the result returns what the function would: a coroutine, which
@@ -180,9 +180,14 @@ def work(fn: Callable[P, R], /) -> Callable[P, R]:
     task goes to the pool of the enclosing `async with WorkerPool()`, or, in
     a worker, to the pool that sent the running task.
 
+    `@work(timeout=s)` bounds each call's run on the worker: past `s`
+    seconds the task is cancelled there and the caller gets TimeoutError
+    (`with wool.timeout(s):` overrides it for the calls made in a block).
     On methods, `@work` is the innermost decorator (`@classmethod` above it).
     Raises TypeError at decoration time for anything but `async def`.
     """
+    if fn is None:
+        return functools.partial(work, timeout=timeout)
     if inspect.isasyncgenfunction(fn):
 
         @functools.wraps(fn)
@@ -204,6 +209,7 @@ def work(fn: Callable[P, R], /) -> Callable[P, R]:
             f"not {fn!r}{hint}"
         )
     wrapper.__wool_work__ = fn  # what the worker runs
+    wrapper.__wool_timeout__ = timeout
     return wrapper
 
 
@@ -222,6 +228,109 @@ async def _dispatch(fn, args, kwargs):
 def current_worker() -> WorkerInfo | None:
     """The WorkerInfo of the worker running the current task; None in a caller."""
     return _current_worker.get()
+
+
+@contextlib.contextmanager
+def timeout(seconds: float | None):
+    """Within the block, each @work call may run `seconds` on its worker
+    (None: no limit), overriding `@work(timeout=)`. Past it the task is
+    cancelled on the worker and the caller gets TimeoutError."""
+    token = _timeout.set(seconds)
+    try:
+        yield
+    finally:
+        _timeout.reset(token)
+
+
+_MISSING: Any = object()
+_timeout: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "wool.timeout", default=_MISSING
+)
+_registry: dict[str, contextvars.ContextVar] = {}  # wool.ContextVar name -> var
+_set_by_task: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar(
+    "wool.changed", default=None
+)  # in a worker task: names of the wool.ContextVars it set
+
+
+class ContextVar:
+    """A context variable whose value travels with @work calls.
+
+        request_id = wool.ContextVar("request_id", default=None)
+
+    Like contextvars.ContextVar (`get`, `set`, `reset` with a token): a value
+    set in the caller is seen by the task on the worker, and by the tasks it
+    dispatches in turn; values the task sets come back to the caller when the
+    call returns or the generator yields. Only values explicitly set travel,
+    and they must pickle (else TypeError at dispatch, naming the variable).
+    Concurrent tasks never see each other's values. The name identifies the
+    variable across processes: one variable per name.
+    """
+
+    def __init__(self, name: str, *, default: Any = _MISSING):
+        self.name, self.default = name, default
+        self._var = _registry.setdefault(name, contextvars.ContextVar(f"wool:{name}"))
+
+    def __repr__(self):
+        return f"<wool.ContextVar {self.name!r}>"
+
+    def __reduce__(self):
+        return ContextVar._make, (self.name, self.default)
+
+    @staticmethod
+    def _make(name, default):
+        return ContextVar(name, default=default)
+
+    def get(self, default: Any = _MISSING) -> Any:
+        value = self._var.get(_MISSING)
+        if value is _MISSING:
+            value = self.default if default is _MISSING else default
+            if value is _MISSING:
+                raise LookupError(f"wool.ContextVar {self.name!r} has no value")
+        return value
+
+    def set(self, value: Any) -> contextvars.Token:
+        if (changed := _set_by_task.get()) is not None:
+            changed.add(self.name)
+        return self._var.set(value)
+
+    def reset(self, token: contextvars.Token) -> None:
+        if (changed := _set_by_task.get()) is not None:
+            changed.add(self.name)
+        self._var.reset(token)
+
+
+def _context_values() -> dict[str, Any] | None:
+    """The wool.ContextVars set in this context: what a call carries."""
+    values = {}
+    for name, var in _registry.items():
+        if (value := var.get(_MISSING)) is not _MISSING:
+            values[name] = value
+    return values or None
+
+
+def _enter_context(values: dict[str, Any] | None) -> set[str]:
+    """In a new worker task: take on the caller's values; track changes."""
+    for name, value in (values or {}).items():
+        _registry.setdefault(name, contextvars.ContextVar(f"wool:{name}")).set(value)
+    changed: set[str] = set()
+    _set_by_task.set(changed)
+    return changed
+
+
+def _context_changes(changed: set[str]) -> dict[str, Any] | None:
+    """The values a worker task set, to send back (and forget)."""
+    if not changed:
+        return None
+    values = {
+        n: v for n in changed if (v := _registry[n].get(_MISSING)) is not _MISSING
+    }
+    changed.clear()
+    return values or None
+
+
+def _apply_changes(values: dict[str, Any]) -> None:
+    for name, value in values.items():
+        ContextVar(name).set(value)
 
 
 class Task:
@@ -326,6 +435,7 @@ class WorkerPool:
         wait: float = WAIT,
         grace: float = GRACE,
         max_frame: int = MAX_FRAME,
+        max_tasks_per_worker: int | None = None,
     ):
         if spawn is not None:
             if size is not None and size != spawn:
@@ -349,7 +459,9 @@ class WorkerPool:
         self.wait = wait
         self.grace = grace
         self.max_frame = max_frame
+        self.max_tasks_per_worker = max_tasks_per_worker
         self._state = _State.NEW
+        self._waiting = 0  # calls waiting for a worker with room
         self._local: LocalDiscoveryService | None = None  # spawned workers' namespace
         self._spawn_key = authkey
         self._procs: set[asyncio.subprocess.Process] = set()
@@ -490,6 +602,7 @@ class WorkerPool:
             "authkey": self._spawn_key,
             "tags": sorted(self.tags),
             "max_frame": self.max_frame,
+            "max_tasks": self.max_tasks_per_worker,
             "grace": self.grace,
             "log_level": logging.getLogger("wool").getEffectiveLevel(),
         }
@@ -598,13 +711,20 @@ class WorkerPool:
 
     # Dispatch.
 
-    async def _connection(self, task: Task, exclude: set[str]) -> _Connection:
-        """A connected worker for `task`, waiting up to `wait` for one."""
-        deadline = None
+    async def _connection(
+        self, task: Task, exclude: set[str], deadline: float
+    ) -> _Connection:
+        """A connected worker with room for `task`, waiting until `deadline`
+        (time.monotonic()) for one."""
+        pause, cap = 0.01, self.max_tasks_per_worker
         while True:
             loads = self._loads
-            if exclude:
-                loads = {i: n for i, n in loads.items() if i.uid not in exclude}
+            if exclude or cap:
+                loads = {
+                    i: n
+                    for i, n in loads.items()
+                    if i.uid not in exclude and (cap is None or n < cap)
+                }
             if loads:
                 info = self.loadbalancer.select(loads, task)
                 conn = self._conns.get(info)
@@ -622,15 +742,34 @@ class WorkerPool:
                     + "; ".join(str(e) for e in self._refused.values())
                 )
             now = time.monotonic()
-            deadline = deadline or now + self.wait
+            if now >= deadline:
+                raise NoWorkersAvailable(self._none_took(task))
+            # Wait for a worker to appear or one of our tasks to end; workers
+            # that refused (full with others' tasks) get asked again after a
+            # pause that doubles each time.
+            self._waiting += 1
             try:
-                async with asyncio.timeout(deadline - now):
-                    await self._changed.wait()
-            except TimeoutError:
-                raise NoWorkersAvailable(
-                    f"no worker took {task.fn.__qualname__}() within {self.wait:g} s; "
-                    f"waited on {self._waited_on()}"
-                ) from None
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(
+                        min(deadline - now, pause) if exclude else deadline - now
+                    ):
+                        await self._changed.wait()
+            finally:
+                self._waiting -= 1
+            if exclude:
+                exclude.clear()
+                pause = min(pause * 2, 1.0)
+
+    def _none_took(self, task: Task) -> str:
+        what = f"no worker took {task.fn.__qualname__}() within {self.wait:g} s"
+        if self._conns:
+            cap = (
+                f" (max_tasks_per_worker={self.max_tasks_per_worker})"
+                if self.max_tasks_per_worker
+                else ""
+            )
+            return f"{what}: all {len(self._conns)} workers were full{cap}"
+        return f"{what}; waited on {self._waited_on()}"
 
     def _waited_on(self) -> str:
         sources = [repr(s) for s in self._sources] or ["no discovery"]
@@ -639,8 +778,9 @@ class WorkerPool:
     async def _run(self, fn, args, kwargs):
         body = _dump_task(fn, args, kwargs, self.max_frame)
         task, exclude = Task(fn, args, kwargs), set()
+        deadline = time.monotonic() + self.wait
         while True:
-            conn = await self._connection(task, exclude)
+            conn = await self._connection(task, exclude, deadline)
             info = conn.info
             self._loads[info] += 1
             try:
@@ -651,6 +791,8 @@ class WorkerPool:
             finally:
                 if info in self._loads:
                     self._loads[info] -= 1
+                if self._waiting:  # a call may be waiting for room
+                    self._notify()
             if kind == REFUSED:
                 exclude.add(info.uid)
                 continue
@@ -801,27 +943,50 @@ def _resolve(ref) -> tuple[Callable, bool]:
     return fn, inspect.isasyncgenfunction(fn)
 
 
+def _pickle(parts: tuple, plain: bool) -> bytes:
+    return pickle.dumps(parts, 5) if plain else cloudpickle.dumps(parts, protocol=5)
+
+
+def _unpicklable_variable(values: dict | None) -> str:
+    """Which wool.ContextVar value could not be pickled, for an error message."""
+    for name, value in (values or {}).items():
+        try:
+            _dumps(value)
+        except Exception:
+            return f" (wool.ContextVar {name!r} holds {type(value).__name__!r})"
+    return ""
+
+
 def _dump_task(fn, args, kwargs, max_frame: int) -> bytes:
+    """A TASK body: (function reference, args, kwargs, context, timeout)."""
+    context = _context_values()
+    seconds = _timeout.get()
+    if seconds is _MISSING:
+        seconds = fn.__wool_timeout__
+    plain = _plain(args) and (not kwargs or _plain(kwargs))
     try:
-        if _plain(args) and (not kwargs or _plain(kwargs)):
-            body = pickle.dumps((_ref(fn), args, kwargs), 5)
-        else:
-            body = cloudpickle.dumps((_ref(fn), args, kwargs), protocol=5)
+        if context is not None:
+            plain = plain and _plain(context)
+        body = _pickle((_ref(fn), args, kwargs, context, seconds), plain)
     except Exception as e:
         raise TypeError(
-            f"cannot send {fn.__qualname__}() and its arguments to a worker: {e}"
+            f"cannot send {fn.__qualname__}() and its arguments to a worker"
+            f"{_unpicklable_variable(context)}: {e}"
         ) from e
     if len(body) > max_frame:
         raise _too_big(f"the call of {fn.__qualname__}()", len(body), max_frame)
     return body
 
 
-def _dump_value(value, fn, max_frame: int) -> bytes:
+def _dump_value(value, changes: dict | None, fn, max_frame: int) -> bytes:
+    """A RESULT body: (value, the wool.ContextVar values the task set)."""
+    plain = _plain(value) and (changes is None or _plain(changes))
     try:
-        body = _dumps(value)
+        body = _pickle((value, changes), plain)
     except Exception as e:
         raise TypeError(
-            f"cannot send the value of {fn.__qualname__}() back to the caller: {e}"
+            f"cannot send the value of {fn.__qualname__}() back to the caller"
+            f"{_unpicklable_variable(changes)}: {e}"
         ) from e
     if len(body) > max_frame:
         raise _too_big(f"the value of {fn.__qualname__}()", len(body), max_frame)
@@ -860,11 +1025,14 @@ def _load_reply(kind: int, data: bytes, fn):
     if kind == ERROR:
         raise _load_error(data)
     try:
-        return pickle.loads(data)
+        value, changes = pickle.loads(data)
     except Exception as e:
         raise TypeError(
             f"cannot load the value of {fn.__qualname__}() in the caller: {e}"
         ) from e
+    if changes:
+        _apply_changes(changes)
+    return value
 
 
 # -- Streams: handshake, reading and writing frames ------------------------------
@@ -1125,6 +1293,7 @@ class Worker:
         max_frame: int = MAX_FRAME,
         max_connections: int = MAX_CONNECTIONS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        max_tasks: int | None = None,
     ):
         self.tags = frozenset(tags)
         self.host, self.port = host, port
@@ -1137,6 +1306,8 @@ class Worker:
         self.max_frame = max_frame
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
+        self.max_tasks = max_tasks  # running at once; more are REFUSED
+        self.running = 0
         self._connections = 0
         self._shaking: set[asyncio.StreamWriter] = set()  # not yet authenticated
         self.uid = uuid.uuid4().hex
@@ -1306,12 +1477,17 @@ class _Peer:
         elif kind == TASK:
             if rid in self.tasks:
                 raise ProtocolError(f"request id {rid} is already running")
-            if self.worker.stopping:
-                self.out.send(REFUSED, rid)
+            worker = self.worker
+            if worker.stopping or worker.running == worker.max_tasks:
+                self.out.send(REFUSED, rid)  # the caller tries another worker
                 return
             self.out.send(ACCEPTED, rid)  # on the wire before the task runs
             coro = self._run(rid, body)
-            self.tasks[rid] = self.loop.create_task(coro, context=self.context.copy())
+            task = self.tasks[rid] = self.loop.create_task(
+                coro, context=self.context.copy()
+            )
+            task.add_done_callback(functools.partial(self._done, rid))
+            worker.running += 1
             # Backpressure: let the tasks just accepted run now and then, and
             # stop reading while replies pile up, so a caller that does not read
             # its replies stalls only itself, at a bounded cost in memory.
@@ -1327,6 +1503,10 @@ class _Peer:
                 self.inboxes.setdefault(rid, asyncio.Queue()).put_nowait((kind, body))
         else:
             raise ProtocolError(f"unknown frame kind {kind} from a caller")
+
+    def _done(self, rid: int, task: asyncio.Task):
+        del self.tasks[rid]
+        self.worker.running -= 1
 
     def _breathe(self):
         self.burst = 0
@@ -1358,20 +1538,24 @@ class _Peer:
         self.writer.close()
 
     async def _run(self, rid: int, body: bytes):
-        out, max_frame = self.out, self.worker.max_frame
+        out, worker = self.out, self.worker
         try:
-            ref, args, kwargs = pickle.loads(body)
+            ref, args, kwargs, context, seconds = pickle.loads(body)
             fn, generator = _resolve(ref)
+            changed = _enter_context(context)
             if generator:
-                return await self._drive(rid, fn, fn(*args, **kwargs))
-            value = await fn(*args, **kwargs)
-            out.send(RESULT, rid, _dump_value(value, fn, max_frame))
+                return await self._drive(rid, fn, fn(*args, **kwargs), changed)
+            async with asyncio.timeout(seconds):
+                value = await fn(*args, **kwargs)
+            out.send(
+                RESULT,
+                rid,
+                _dump_value(value, _context_changes(changed), fn, worker.max_frame),
+            )
         except BaseException as e:  # CancelledError too: the caller may be waiting
             out.send(ERROR, rid, _dump_error(e))
-        finally:
-            self.tasks.pop(rid, None)
 
-    async def _drive(self, rid: int, fn, agen):
+    async def _drive(self, rid: int, fn, agen, changed: set[str]):
         """Run a generator one step per NEXT/THROW; CLOSE or cancel closes it."""
         inbox = self.inboxes.setdefault(rid, asyncio.Queue())
         out, max_frame = self.out, self.worker.max_frame
@@ -1388,17 +1572,14 @@ class _Peer:
                         value = await agen.asend(value)
                     else:
                         value = await agen.athrow(value)
+                    reply = _dump_value(value, _context_changes(changed), fn, max_frame)
                 except StopAsyncIteration:
                     out.send(STOP, rid)
                     return
                 except BaseException as e:
                     out.send(ERROR, rid, _dump_error(e))
                     return
-                try:
-                    out.send(RESULT, rid, _dump_value(value, fn, max_frame))
-                except TypeError as e:
-                    out.send(ERROR, rid, _dump_error(e))
-                    return
+                out.send(RESULT, rid, reply)
         finally:
             self.inboxes.pop(rid, None)
             await agen.aclose()  # runs the generator's `finally` if it is open
@@ -1565,8 +1746,9 @@ class _RemoteGenerator(collections.abc.AsyncGenerator):
         fn, args, kwargs = self._fn, self._args, self._kwargs
         body = _dump_task(fn, args, kwargs, pool.max_frame)
         task, exclude = Task(fn, args, kwargs), set()
+        deadline = time.monotonic() + pool.wait
         while True:
-            conn = await pool._connection(task, exclude)
+            conn = await pool._connection(task, exclude, deadline)
             try:
                 rid, call = conn.start(TASK, body)
                 reply = await conn.step(rid, call, NEXT)
@@ -1678,6 +1860,7 @@ async def _serve_spawned(config):
         discovery=LocalDiscoveryService(config["namespace"]),
         grace=config["grace"],
         max_frame=config["max_frame"],
+        max_tasks=config["max_tasks"],
     )
     loop.add_signal_handler(signal.SIGTERM, lambda: eof.done() or eof.set_result(None))
     await worker.start()

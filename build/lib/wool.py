@@ -59,6 +59,7 @@ import cloudpickle
 
 from wool_discovery import (
     DiscoveryEvent,
+    _interface_addresses,
     LanDiscovery,
     LanDiscoveryService,
     LocalDiscovery,
@@ -357,6 +358,7 @@ class WorkerPool:
         self._conns: dict[WorkerInfo, _Connection] = {}
         self._loads: dict[WorkerInfo, int] = {}  # what the balancer sees
         self._refused: dict[str, AuthenticationError] = {}  # uid -> why
+        self._leased: set[str] = set()  # uids of admitted discovered workers
         self._changed = asyncio.Event()
         self._background: set[asyncio.Task] = set()
         self._token = None
@@ -445,9 +447,10 @@ class WorkerPool:
             await asyncio.gather(*self._background, return_exceptions=True)
             for conn in list(self._conns.values()):
                 conn.close()
-            await asyncio.gather(
-                *(c.reader_task for c in self._conns.values()), return_exceptions=True
-            )
+            if self._conns:
+                await asyncio.wait(
+                    [c.closed for c in self._conns.values()], timeout=1.0
+                )
         finally:
             if self._local is not None:
                 self._local._unlink()
@@ -524,6 +527,8 @@ class WorkerPool:
             info = event.info
             if event.type == "worker-dropped":
                 self._listed.pop(info.uid, None)
+                self._refused.pop(info.uid, None)
+                self._notify()
                 continue
             known = self._listed.get(info.uid)
             self._listed[info.uid] = (info, index)
@@ -541,49 +546,55 @@ class WorkerPool:
         conn.info = info
         self._notify()
 
-    def _admits(self, index: int) -> bool:
-        if self.lease is None or (self._local is not None and index == 0):
-            return True
-        discovered = sum(1 for c in self._conns.values() if not c.spawned)
-        return discovered < self.lease
-
     async def _link(self, uid: str):
+        """Keep a connection to worker `uid` while it is listed, reconnecting
+        after a drop (discovery may list a dead worker for a long time)."""
         delay = 0.05
-        while uid in self._listed and self._state in (_State.STARTING, _State.READY):
-            info, index = self._listed[uid]
-            spawned = self._local is not None and index == 0
-            if not self._admits(index):
-                await self._changed.wait()
-                continue
-            key = self._spawn_key if spawned else _authkey(self.authkey)
-            try:
-                conn = await _Connection.open(
-                    info, key, self.ssl, self._hello, self.max_frame
-                )
-            except AuthenticationError as e:
-                self._refused[uid] = e
+        try:
+            while uid in self._listed and self._state in (
+                _State.STARTING,
+                _State.READY,
+            ):
+                info, index = self._listed[uid]
+                spawned = self._local is not None and index == 0
+                if not spawned and self.lease is not None and uid not in self._leased:
+                    if len(self._leased) >= self.lease:
+                        await self._changed.wait()
+                        continue
+                    self._leased.add(uid)
+                key = self._spawn_key if spawned else _authkey(self.authkey)
+                ssl = None if spawned else self.ssl  # spawned: loopback, fresh key
+                try:
+                    conn = await _Connection.open(
+                        info, key, ssl, self._hello, self.max_frame
+                    )
+                except AuthenticationError as e:
+                    self._refused[uid] = e
+                    self._notify()
+                    log.warning("%s", e)
+                except (
+                    OSError,
+                    asyncio.IncompleteReadError,
+                    ProtocolError,
+                    TimeoutError,
+                ) as e:
+                    log.debug("cannot connect to worker %s: %r", info.address, e)
+                else:
+                    self._refused.pop(uid, None)
+                    self._conns[conn.info] = conn
+                    self._loads[conn.info] = 0
+                    self._notify()
+                    await conn.closed
+                    del self._conns[conn.info], self._loads[conn.info]
+                    self._notify()
+                    delay = 0.05
+                    continue
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        finally:
+            if uid in self._leased:
+                self._leased.discard(uid)
                 self._notify()
-                log.warning("%s", e)
-            except (
-                OSError,
-                asyncio.IncompleteReadError,
-                ProtocolError,
-                TimeoutError,
-            ) as e:
-                log.debug("cannot connect to worker %s: %r", info.address, e)
-            else:
-                self._refused.pop(uid, None)
-                conn.spawned = spawned
-                self._conns[conn.info] = conn
-                self._loads[conn.info] = 0
-                self._notify()
-                await conn.closed
-                del self._conns[conn.info], self._loads[conn.info]
-                self._notify()
-                delay = 0.05
-                continue
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
 
     # Dispatch.
 
@@ -708,9 +719,10 @@ def encode(kind: int, rid: int, body: bytes = b"") -> bytes:
     return HEADER.pack(len(body), kind, rid) + body
 
 
-def decode_header(header: bytes, max_frame: int) -> tuple[int, int, int]:
-    """(body length, kind, request id); checks the length before any body is read."""
-    size, kind, rid = HEADER.unpack(header)
+def decode_header(data, max_frame: int, at: int = 0) -> tuple[int, int, int]:
+    """(body length, kind, request id) of the header at data[at:]; checks the
+    length before any body is read."""
+    size, kind, rid = HEADER.unpack_from(data, at)
     if size > max_frame:
         raise ProtocolError(
             f"frame of {size / 2**20:.0f} MiB is over max_frame "
@@ -719,7 +731,26 @@ def decode_header(header: bytes, max_frame: int) -> tuple[int, int, int]:
     return size, kind, rid
 
 
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+
+
+def _plain(obj) -> bool:
+    """Whether plain pickle makes the same bytes as cloudpickle (builtin data)."""
+    kind = type(obj)
+    if kind in _PLAIN:
+        return True
+    if kind is tuple or kind is list:
+        return _PLAIN.issuperset(map(type, obj))
+    if kind is dict:
+        return _PLAIN.issuperset(map(type, obj.values()))
+    return False
+
+
 def _dumps(obj) -> bytes:
+    # cloudpickle can pickle functions and classes from __main__ by value, at
+    # about five times the cost of pickle: worth skipping for builtin data.
+    if _plain(obj):
+        return pickle.dumps(obj, 5)
     return cloudpickle.dumps(obj, protocol=5)
 
 
@@ -763,15 +794,19 @@ def _lookup(module: str, qualname: str):
 
 
 @functools.lru_cache(maxsize=1024)
-def _resolve(ref) -> Callable:
-    """The function a worker runs for a reference made by _ref."""
-    fn = pickle.loads(ref) if isinstance(ref, bytes) else _lookup(*ref)
-    return fn.__wool_work__
+def _resolve(ref) -> tuple[Callable, bool]:
+    """The function a worker runs for a reference made by _ref, and whether
+    it is an async generator function."""
+    fn = (pickle.loads(ref) if isinstance(ref, bytes) else _lookup(*ref)).__wool_work__
+    return fn, inspect.isasyncgenfunction(fn)
 
 
 def _dump_task(fn, args, kwargs, max_frame: int) -> bytes:
     try:
-        body = _dumps((_ref(fn), args, kwargs))
+        if _plain(args) and (not kwargs or _plain(kwargs)):
+            body = pickle.dumps((_ref(fn), args, kwargs), 5)
+        else:
+            body = cloudpickle.dumps((_ref(fn), args, kwargs), protocol=5)
     except Exception as e:
         raise TypeError(
             f"cannot send {fn.__qualname__}() and its arguments to a worker: {e}"
@@ -882,47 +917,155 @@ async def _authenticate_worker(reader, writer, key: bytes, address: str) -> None
         raise AuthenticationError(f"worker {address} does not hold the pool's key")
 
 
-async def read_frame(reader: asyncio.StreamReader, max_frame: int):
-    """The next (kind, request id, body), or None at a clean end of stream.
+LARGE = 64 * 2**10  # bytes; a larger body is received into its own buffer
+BUFFER = 256 * 2**10  # bytes of a connection's reusable receive buffer
 
-    Raises ProtocolError when the stream ends inside a frame or announces a
-    frame over `max_frame`.
+
+class _Frames(asyncio.BufferedProtocol):
+    """A connection past its handshake: bytes in, frames out.
+
+    Small frames are cut from one reusable buffer; the kernel writes a body
+    larger than LARGE straight into its own bytearray, which is what gets
+    unpickled (no copy). Each frame goes to `on_frame(kind, rid, body)`, which
+    may raise ProtocolError to close the connection; `on_lost(error)` is called
+    once, with None for a clean close. `hold()` stops delivery and reading
+    until `release()`: a worker's backpressure.
     """
-    try:
-        header = await reader.readexactly(HEADER.size)
-    except asyncio.IncompleteReadError as e:
-        if not e.partial:
-            return None
-        raise ProtocolError("stream ended inside a frame header") from None
-    size, kind, rid = decode_header(header, max_frame)
-    try:
-        body = await reader.readexactly(size) if size else b""
-    except asyncio.IncompleteReadError:
-        raise ProtocolError(f"stream ended inside a frame of {size} bytes") from None
-    return kind, rid, body
+
+    def __init__(self, transport, max_frame: int, on_frame, on_lost, on_writable=None):
+        self.transport, self.max_frame = transport, max_frame
+        self.on_frame, self.on_lost, self.on_writable = on_frame, on_lost, on_writable
+        self.buf = bytearray(BUFFER)
+        self.start = self.end = 0  # buf[start:end]: received, not yet delivered
+        self.large: bytearray | None = None  # a large body being received,
+        self.filled, self.head = 0, (0, 0)  # its bytes so far, its kind and rid
+        self.held = self.lost = False
+
+    def get_buffer(self, sizehint: int):
+        if self.large is not None:
+            return memoryview(self.large)[self.filled :]
+        if self.end == len(self.buf):  # move the undelivered tail to the front
+            tail = self.end - self.start
+            self.buf[:tail] = self.buf[self.start : self.end]
+            self.start, self.end = 0, tail
+        return memoryview(self.buf)[self.end :]
+
+    def buffer_updated(self, nbytes: int):
+        try:
+            if self.large is None:
+                self.end += nbytes
+            else:
+                self.filled += nbytes
+                if self.filled == len(self.large):
+                    body, self.large = self.large, None
+                    self.on_frame(*self.head, body)
+            self.deliver()
+        except ProtocolError as e:
+            self.fail(e)
+
+    def deliver(self):
+        buf = self.buf
+        while (
+            not self.held
+            and self.large is None
+            and self.end - self.start >= HEADER.size
+        ):
+            size, kind, rid = decode_header(buf, self.max_frame, self.start)
+            at = self.start + HEADER.size
+            if size > LARGE:
+                got = min(size, self.end - at)
+                self.large = bytearray(size)
+                self.large[:got] = buf[at : at + got]
+                self.start, self.filled, self.head = at + got, got, (kind, rid)
+                if got == size:
+                    body, self.large = self.large, None
+                    self.on_frame(kind, rid, body)
+            elif self.end - at < size:
+                break
+            else:
+                self.start = at + size
+                self.on_frame(kind, rid, bytes(buf[at : self.start]))
+        if self.start == self.end:
+            self.start = self.end = 0
+
+    def hold(self):
+        self.held = True
+        self.transport.pause_reading()
+
+    def release(self):
+        self.held = False
+        self.transport.resume_reading()
+        try:
+            self.deliver()
+        except ProtocolError as e:
+            self.fail(e)
+
+    def fail(self, error: Exception):
+        self.transport.abort()
+        self.lose(error)
+
+    def lose(self, error: Exception | None):
+        if not self.lost:
+            self.lost = True
+            self.on_lost(error)
+
+    def eof_received(self):
+        if self.large is not None:
+            size = len(self.large)
+        elif self.end - self.start >= HEADER.size:
+            size = HEADER.unpack_from(self.buf, self.start)[0]
+        elif self.end > self.start:
+            self.lose(ProtocolError("stream ended inside a frame header"))
+            return False
+        else:
+            return False  # a clean end: the transport closes
+        self.lose(ProtocolError(f"stream ended inside a frame of {size} bytes"))
+        return False
+
+    def connection_lost(self, exc: Exception | None):
+        self.lose(exc)
+
+    def resume_writing(self):
+        if self.on_writable is not None:
+            self.on_writable()
 
 
 class _Outbox:
-    """Frames sent in one event-loop turn leave in one write (fewer syscalls
-    under load). Sending never blocks; readers apply backpressure."""
+    """Writes frames with few syscalls and no added latency: the first frame of
+    an event-loop turn goes out at once; the rest of the turn's frames wait
+    and leave together in one write at the end of the turn. Sending never
+    blocks; readers apply backpressure (see backlog)."""
 
-    __slots__ = ("loop", "parts", "transport")
+    __slots__ = ("loop", "parts", "size", "transport", "corked")
 
     def __init__(self, transport: asyncio.Transport):
-        self.transport, self.parts = transport, []
+        self.transport, self.parts, self.size = transport, [], 0
         self.loop = asyncio.get_running_loop()
+        self.corked = False
 
     def send(self, kind: int, rid: int, body: bytes = b""):
-        if not self.parts:
+        header = HEADER.pack(len(body), kind, rid)
+        if not self.corked:
+            self.corked = True
             self.loop.call_soon(self.flush)
-        self.parts.append(HEADER.pack(len(body), kind, rid))
+            if not self.transport.is_closing():
+                self.transport.write(header + body if len(body) < 65536 else header)
+                if len(body) >= 65536:
+                    self.transport.write(body)
+            return
+        self.parts.append(header)
         if body:
             self.parts.append(body)
+            self.size += len(body)
 
     def flush(self):
-        parts, self.parts = self.parts, []
-        if not self.transport.is_closing():
+        parts, self.parts, self.size, self.corked = self.parts, [], 0, False
+        if parts and not self.transport.is_closing():
             self.transport.writelines(parts)
+
+    def backlog(self) -> int:
+        """Bytes sent but not yet on the wire."""
+        return self.size + self.transport.get_write_buffer_size()
 
 
 def _tune(writer: asyncio.StreamWriter):
@@ -981,6 +1124,7 @@ class Worker:
         grace: float = GRACE,
         max_frame: int = MAX_FRAME,
         max_connections: int = MAX_CONNECTIONS,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ):
         self.tags = frozenset(tags)
         self.host, self.port = host, port
@@ -992,6 +1136,9 @@ class Worker:
         self.grace = grace
         self.max_frame = max_frame
         self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self._connections = 0
+        self._shaking: set[asyncio.StreamWriter] = set()  # not yet authenticated
         self.uid = uuid.uuid4().hex
         self.info: WorkerInfo | None = None
         self.stopping = False
@@ -1019,11 +1166,19 @@ class Worker:
                 "WOOL_AUTHKEY or authkey=), or TLS, or pass --insecure"
             )
         self._server = await asyncio.start_server(
-            self._serve, self.host, self.port, ssl=self.ssl, limit=2**20, backlog=1024
+            self._serve,
+            self.host,
+            self.port,
+            ssl=self.ssl,
+            limit=2**20,
+            backlog=1024,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.ssl else None,
         )
         port = self._server.sockets[0].getsockname()[1]
         host = self.advertise or (
-            self.host if self.host not in ("", "0.0.0.0", "::") else _primary_address()
+            self.host
+            if self.host not in ("", "0.0.0.0", "::")
+            else _interface_address()
         )
         self.info = WorkerInfo(
             self.uid,
@@ -1059,8 +1214,15 @@ class Worker:
             tasks = [t for p in self._peers for t in p.tasks.values()]
             if tasks:
                 await asyncio.wait(tasks, timeout=grace)
-            for peer in list(self._peers):
+            for writer in self._shaking:
+                writer.close()
+            peers = list(self._peers)
+            for peer in peers:
                 peer.close()
+            if peers:
+                await asyncio.wait([p.closed for p in peers], timeout=1.0)
+                for peer in peers:  # a caller that does not read its replies
+                    peer.writer.transport.abort()
             for pool in self._nested.values():
                 await pool._stop()
             if self._server is not None:
@@ -1077,82 +1239,117 @@ class Worker:
         await self._stopped.wait()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        """Authenticate a new connection, then hand it to a _Peer."""
         address = _peer_address(writer)
-        if len(self._peers) >= self.max_connections:
+        if self._connections >= self.max_connections:
             log.warning(
-                "closed connection from %s: over %d connections",
+                "refused connection from %s: %d already open",
                 address,
-                self.max_connections,
+                self._connections,
             )
             writer.close()
             return
-        peer = None
+        self._connections += 1
+        self._shaking.add(writer)
         try:
-            async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+            async with asyncio.timeout(self.handshake_timeout):
                 await _authenticate_caller(reader, writer, self.authkey)
-                frame = await read_frame(reader, self.max_frame)
-            if frame is None or frame[0] != HELLO:
-                raise ProtocolError("the caller did not start with HELLO")
-            _tune(writer)
-            peer = _Peer(self, reader, writer, frame[2])
-            self._peers.add(peer)
-            await peer.serve()
-        except TimeoutError:
-            log.warning(
-                "closed connection from %s: no handshake within %g s",
-                address,
-                HANDSHAKE_TIMEOUT,
-            )
-        except (AuthenticationError, ProtocolError) as e:
-            log.warning("closed connection from %s: %s", address, e)
-        except (ConnectionError, asyncio.IncompleteReadError, OSError) as e:
-            log.info("connection from %s ended: %r", address, e)
-        finally:
-            if peer is not None:
-                self._peers.discard(peer)
-                peer.close()
+        except (TimeoutError, asyncio.IncompleteReadError, WoolError, OSError) as e:
+            self._connections -= 1
             writer.close()
+            if isinstance(e, TimeoutError):
+                e = f"no handshake within {self.handshake_timeout:g} s"
+            elif isinstance(e, asyncio.IncompleteReadError):
+                e = "it closed the connection during the handshake"
+            log.warning("closed connection from %s: %s", address, e)
+            return
+        finally:
+            self._shaking.discard(writer)
+        _tune(writer)
+        self._peers.add(_Peer(self, writer, address))
 
 
 class _Peer:
-    """A worker's side of one caller's connection: the tasks it sent."""
+    """A worker's side of one authenticated caller's connection: the tasks it
+    sent, run as asyncio tasks in the context HELLO set up."""
 
-    def __init__(self, worker: Worker, reader, writer, hello: bytes):
-        self.worker, self.reader, self.writer = worker, reader, writer
-        self.out = _Outbox(writer.transport)
-        self.hello = hello
+    def __init__(self, worker: Worker, writer: asyncio.StreamWriter, address: str):
+        self.worker, self.writer, self.address = worker, writer, address
+        self.loop = asyncio.get_running_loop()
+        transport = writer.transport
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+        self.out = _Outbox(transport)
+        self.frames = _Frames(
+            transport, worker.max_frame, self.on_frame, self.on_lost, self.on_writable
+        )
+        transport.set_protocol(self.frames)
+        self.context: contextvars.Context | None = None  # set up by HELLO
         self.tasks: dict[int, asyncio.Task] = {}
         self.inboxes: dict[int, asyncio.Queue] = {}
-        writer.transport.set_write_buffer_limits(high=HIGH_WATER)
+        self.burst = 0  # tasks accepted since they last got to run
+        self.closed = self.loop.create_future()
+        no_hello = ProtocolError(f"no HELLO within {worker.handshake_timeout:g} s")
+        self.deadline = self.loop.call_later(
+            worker.handshake_timeout, self.frames.fail, no_hello
+        )
 
-    async def serve(self):
-        # Tasks created below copy this context: nested calls go to the
-        # caller's pool, and current_worker() answers.
-        _current_pool.set(_NestedPool(self.worker, self.hello))
-        _current_worker.set(self.worker.info)
-        worker, out, tasks = self.worker, self.out, self.tasks
-        while (frame := await read_frame(self.reader, worker.max_frame)) is not None:
-            kind, rid, body = frame
-            if kind == TASK:
-                if rid in tasks:
-                    raise ProtocolError(f"request id {rid} is already running")
-                if worker.stopping:
-                    out.send(REFUSED, rid)
-                    continue
-                out.send(ACCEPTED, rid)
-                tasks[rid] = asyncio.ensure_future(self._run(rid, body))
-            elif kind == CANCEL:
-                if (task := tasks.get(rid)) is not None:
-                    task.cancel()
-            elif kind in (NEXT, THROW, CLOSE):
-                if rid in tasks:  # the task may not have started yet
-                    self.inboxes.setdefault(rid, asyncio.Queue()).put_nowait(
-                        (kind, body)
-                    )
-            else:
-                raise ProtocolError(f"unknown frame kind {kind} from a caller")
-            if self.writer.transport.get_write_buffer_size() > HIGH_WATER:
-                await self.writer.drain()  # a caller that does not read stalls itself
+    def on_frame(self, kind: int, rid: int, body: bytes):
+        if self.context is None:
+            if kind != HELLO:
+                raise ProtocolError("it did not start with HELLO")
+            self.deadline.cancel()
+            # Tasks run in copies of this context: nested calls go to the
+            # caller's pool, and current_worker() answers.
+            self.context = contextvars.copy_context()
+            self.context.run(_current_pool.set, _NestedPool(self.worker, body))
+            self.context.run(_current_worker.set, self.worker.info)
+        elif kind == TASK:
+            if rid in self.tasks:
+                raise ProtocolError(f"request id {rid} is already running")
+            if self.worker.stopping:
+                self.out.send(REFUSED, rid)
+                return
+            self.out.send(ACCEPTED, rid)  # on the wire before the task runs
+            coro = self._run(rid, body)
+            self.tasks[rid] = self.loop.create_task(coro, context=self.context.copy())
+            # Backpressure: let the tasks just accepted run now and then, and
+            # stop reading while replies pile up, so a caller that does not read
+            # its replies stalls only itself, at a bounded cost in memory.
+            self.burst += 1
+            if self.burst >= 16 or self.out.backlog() > HIGH_WATER:
+                self.frames.hold()
+                self.loop.call_soon(self._breathe)
+        elif kind == CANCEL:
+            if (task := self.tasks.get(rid)) is not None:
+                task.cancel()
+        elif kind in (NEXT, THROW, CLOSE):
+            if rid in self.tasks:  # the task may not have started yet
+                self.inboxes.setdefault(rid, asyncio.Queue()).put_nowait((kind, body))
+        else:
+            raise ProtocolError(f"unknown frame kind {kind} from a caller")
+
+    def _breathe(self):
+        self.burst = 0
+        self.out.flush()
+        if self.out.backlog() <= HIGH_WATER:
+            self.frames.release()
+        # else the transport paused writing, and on_writable releases us
+
+    def on_writable(self):
+        if self.frames.held:
+            self.frames.release()
+
+    def on_lost(self, error: Exception | None):
+        self.deadline.cancel()
+        self.worker._connections -= 1
+        self.worker._peers.discard(self)
+        if isinstance(error, WoolError):
+            log.warning("closed connection from %s: %s", self.address, error)
+        elif error is not None:
+            log.info("connection from %s ended: %r", self.address, error)
+        for task in self.tasks.values():
+            task.cancel()
+        self.closed.set_result(None)
 
     def close(self):
         for task in self.tasks.values():
@@ -1164,8 +1361,8 @@ class _Peer:
         out, max_frame = self.out, self.worker.max_frame
         try:
             ref, args, kwargs = pickle.loads(body)
-            fn = _resolve(ref)
-            if inspect.isasyncgenfunction(fn):
+            fn, generator = _resolve(ref)
+            if generator:
                 return await self._drive(rid, fn, fn(*args, **kwargs))
             value = await fn(*args, **kwargs)
             out.send(RESULT, rid, _dump_value(value, fn, max_frame))
@@ -1211,14 +1408,13 @@ def _is_loopback(host: str) -> bool:
     return host in ("localhost",) or host.startswith("127.") or host == "::1"
 
 
-def _primary_address() -> str:
-    """This machine's address on its default route (no packet is sent)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("10.255.255.255", 1))
-            return s.getsockname()[0]
-        except OSError:
-            return "127.0.0.1"
+def _interface_address() -> str:
+    """An address of this machine other callers can reach (for a worker that
+    listens on every interface)."""
+    try:
+        return _interface_addresses()[0]
+    except ImportError:  # ifaddr comes with zeroconf
+        return "127.0.0.1"
 
 
 def _peer_address(writer) -> str:
@@ -1245,23 +1441,23 @@ class _Call:
 class _Connection:
     """A caller's connection to one worker, multiplexing many tasks."""
 
-    def __init__(self, info: WorkerInfo, reader, writer, max_frame: int):
-        self.info, self.reader, self.writer = info, reader, writer
-        self.max_frame = max_frame
+    def __init__(self, info: WorkerInfo, writer: asyncio.StreamWriter, max_frame: int):
+        # Keep the writer: when a StreamWriter is collected, it closes its transport.
+        self.info, self.writer = info, writer
         self.out = _Outbox(writer.transport)
         self.loop = asyncio.get_running_loop()
         self.pending: dict[int, _Call] = {}
         self.rids = itertools.count(1)
-        self.spawned = False
         self.lost: str | None = None
         self.closed = self.loop.create_future()
-        self.reader_task = asyncio.ensure_future(self._read())
+        frames = _Frames(writer.transport, max_frame, self._on_frame, self._lose)
+        writer.transport.set_protocol(frames)
 
     @classmethod
     async def open(cls, info, key, ssl, hello: bytes, max_frame: int) -> _Connection:
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):
             reader, writer = await asyncio.open_connection(
-                info.host, info.port, ssl=ssl, limit=2**20
+                info.host, info.port, ssl=ssl
             )
             try:
                 await _authenticate_worker(reader, writer, key, info.address)
@@ -1269,46 +1465,36 @@ class _Connection:
                 writer.close()
                 raise
         _tune(writer)
-        conn = cls(info, reader, writer, max_frame)
+        conn = cls(info, writer, max_frame)
         conn.out.send(HELLO, 0, hello)
         return conn
 
-    async def _read(self):
-        pending, reason = self.pending, "closed by the worker"
-        try:
-            while (frame := await read_frame(self.reader, self.max_frame)) is not None:
-                kind, rid, body = frame
-                if kind not in _TO_CALLER:
-                    raise ProtocolError(f"unknown frame kind {kind} from a worker")
-                call = pending.get(rid)
-                if call is None:
-                    continue  # a reply to a call that was cancelled
-                call.accepted = True
-                if kind != ACCEPTED and not call.reply.done():
-                    call.reply.set_result((kind, body))
-        except ProtocolError as e:
-            reason = str(e)
-            log.warning("closed connection to worker %s: %s", self.info.address, e)
-        except (ConnectionError, OSError) as e:
-            reason = repr(e)
-        finally:
-            self._lose(reason)
+    def _on_frame(self, kind: int, rid: int, body: bytes):
+        if kind not in _TO_CALLER:
+            raise ProtocolError(f"unknown frame kind {kind} from a worker")
+        call = self.pending.get(rid)
+        if call is None:
+            return  # a reply to a call that was cancelled
+        call.accepted = True
+        if kind != ACCEPTED and not call.reply.done():
+            call.reply.set_result((kind, body))
 
-    def _lose(self, reason: str):
+    def _lose(self, error: Exception | None):
+        reason = "closed by the worker" if error is None else str(error) or repr(error)
+        if isinstance(error, ProtocolError):
+            log.warning("closed connection to worker %s: %s", self.info.address, error)
         self.lost = reason
         self.writer.close()
         for call in self.pending.values():
-            if not call.reply.done():
-                if call.accepted:
-                    call.reply.set_exception(
-                        WorkerLost(
-                            f"lost worker {self.info.address} ({reason}) with the task on it"
-                        )
-                    )
-                else:
-                    call.reply.set_exception(_NotAccepted())
+            if call.reply.done():
+                continue
+            if call.accepted:
+                lost = f"lost worker {self.info.address} ({reason}) with the task on it"
+                call.reply.set_exception(WorkerLost(lost))
+            else:
+                call.reply.set_exception(_NotAccepted())
         self.pending.clear()
-        if not self.closed.done():
+        if not self.closed.done():  # a pool that stopped cancelled it
             self.closed.set_result(None)
 
     def close(self):
@@ -1500,19 +1686,137 @@ async def _serve_spawned(config):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The `wool` command: `wool demo`, `wool worker`, `wool ls`."""
+    """The `wool` command: `wool worker`, `wool ls`, `wool demo`."""
     parser = argparse.ArgumentParser(prog="wool", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"wool {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    worker = commands.add_parser("worker", help="serve tasks until SIGTERM or SIGINT")
+    worker.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
+    worker.add_argument("--port", type=int, default=0, help="default: any free port")
+    worker.add_argument("--advertise", help="address callers use (default: --host)")
+    worker.add_argument("--tag", action="append", default=[], help="repeatable")
+    worker.add_argument("--authkey-file", help="the key (else WOOL_AUTHKEY)")
+    worker.add_argument("--tls-cert", help="this worker's certificate (PEM)")
+    worker.add_argument("--tls-key", help="its private key (PEM)")
+    worker.add_argument("--tls-ca", help="CA that callers' certificates must chain to")
+    worker.add_argument(
+        "--insecure", action="store_true", help="allow no key off loopback"
+    )
+    worker.add_argument("--grace", type=float, default=GRACE, help="seconds to drain")
+    worker.add_argument("--max-frame", type=int, default=MAX_FRAME, help="bytes")
+
+    ls = commands.add_parser("ls", help="list the workers a discovery service sees")
+    ls.add_argument("--wait", type=float, help="seconds to listen (lan 2, local 0.1)")
+    for command in (worker, ls):
+        command.add_argument(
+            "--discovery",
+            default="local",
+            help="lan, local or local:NAME (default local)",
+        )
+        command.add_argument(
+            "--interface", action="append", help="mDNS interface address (repeatable)"
+        )
+
     demo = commands.add_parser("demo", help="run the quick start on a local pool")
     demo.add_argument(
         "--size", type=int, default=2, help="worker processes (default 2)"
     )
+    for command in (worker, ls, demo):
+        command.add_argument("--log-level", default="WARNING", help="default WARNING")
+
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="wool: %(message)s")
-    if args.command == "demo":
+    logging.basicConfig(level=args.log_level.upper(), format="wool: %(message)s")
+    try:
+        if args.command == "worker":
+            return asyncio.run(_serve_cli(args))
+        if args.command == "ls":
+            return asyncio.run(_ls(args))
         return asyncio.run(_demo(args.size))
-    return 2
+    except (ValueError, OSError) as e:
+        print(f"wool {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+def _discovery(spec: str, interfaces: list[str] | None):
+    if spec == "lan":
+        return LanDiscoveryService(interfaces=interfaces)
+    if spec == "local" or spec.startswith("local:"):
+        return LocalDiscoveryService(spec.partition(":")[2] or None)
+    raise ValueError(f"--discovery {spec!r}: use lan, local or local:NAME")
+
+
+def _tls(cert, key, ca, purpose):
+    """An SSLContext from PEM files, or None; verifies the peer when `ca`."""
+    if not (cert or ca):
+        return None
+    import ssl
+
+    context = ssl.create_default_context(purpose, cafile=ca)
+    if cert:
+        context.load_cert_chain(cert, key)
+    if ca and purpose is ssl.Purpose.CLIENT_AUTH:
+        context.verify_mode = ssl.CERT_REQUIRED  # mutual TLS
+    return context
+
+
+async def _serve_cli(args) -> int:
+    import ssl
+
+    authkey = None
+    if args.authkey_file:
+        with open(args.authkey_file, "rb") as f:
+            authkey = f.read().rstrip(b"\r\n")
+    worker = Worker(
+        *args.tag,
+        host=args.host,
+        port=args.port,
+        advertise=args.advertise,
+        authkey=authkey,
+        ssl=_tls(args.tls_cert, args.tls_key, args.tls_ca, ssl.Purpose.CLIENT_AUTH),
+        client_ssl=_tls(
+            args.tls_cert, args.tls_key, args.tls_ca, ssl.Purpose.SERVER_AUTH
+        ),
+        discovery=_discovery(args.discovery, args.interface),
+        insecure=args.insecure,
+        grace=args.grace,
+        max_frame=args.max_frame,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.stop()))
+    await worker.start()
+    info = worker.info
+    print(
+        f"wool worker {info.uid} listening on {info.address} pid {info.pid}", flush=True
+    )
+    await worker.stopped()
+    print(f"wool worker {info.uid} stopped", flush=True)
+    return 0
+
+
+async def _ls(args) -> int:
+    service = _discovery(args.discovery, args.interface)
+    wait = (
+        args.wait if args.wait is not None else 2.0 if args.discovery == "lan" else 0.1
+    )
+    workers: dict[str, WorkerInfo] = {}
+
+    async def listen():
+        async for event in service.subscribe():
+            if event.type == "worker-dropped":
+                workers.pop(event.info.uid, None)
+            else:
+                workers[event.info.uid] = event.info
+
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(wait):
+            await listen()
+    for w in sorted(workers.values(), key=lambda w: (w.host, w.port)):
+        tags = ",".join(sorted(w.tags)) or "-"
+        tls = " tls" if w.secure else ""
+        print(f"{w.uid}  {w.address}  pid {w.pid}  tags {tags}  v{w.version}{tls}")
+    return 0
 
 
 @work

@@ -52,8 +52,7 @@ SLOT_SIZE = 512  # bytes of JSON per worker record; long tag lists must fit
 POLL_MIN = 0.002  # seconds between shared-memory polls right after a change,
 POLL_MAX = 0.05  # ... backing off to this when nothing changes
 LIVENESS_EVERY = 0.5  # seconds between checks that listed local pids still run
-REANNOUNCE_EVERY = 10.0  # seconds between mDNS re-announcements of a worker
-REQUERY_EVERY = 10.0  # seconds between fresh mDNS queries of a browser
+REANNOUNCE_EVERY = 5.0  # seconds between mDNS re-announcements of a worker
 
 
 # -- Worker records -------------------------------------------------------------
@@ -73,6 +72,9 @@ class WorkerInfo:
 
     def __post_init__(self):
         object.__setattr__(self, "tags", frozenset(self.tags))
+
+    def __hash__(self):  # pools look workers up per task: keep it cheap
+        return hash(self.uid)
 
     @property
     def address(self) -> str:
@@ -372,10 +374,9 @@ def _interface_addresses() -> list[str]:
     for adapter in ifaddr.get_adapters():
         for ip in adapter.ips:
             address = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
-            if not (
-                address.startswith(("127.", "fe80")) or address == "::1"
-            ):
+            if not (address.startswith(("127.", "fe80")) or address == "::1"):
                 found.append(address)
+    found.sort(key=lambda a: ":" in a)  # IPv4 first
     return found or ["127.0.0.1"]
 
 
@@ -469,8 +470,7 @@ class LanDiscoveryService:
             if service is not None:
                 await (await self._zc.async_unregister_service(service))
             return
-        wildcard = info.host in ("0.0.0.0", "::", "")
-        service = _to_service(info, _interface_addresses() if wildcard else [info.host])
+        service = _to_service(info, [info.host])
         if info.uid in self._services:
             self._services[info.uid] = service
             await (await self._zc.async_update_service(service))

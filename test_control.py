@@ -1,0 +1,247 @@
+"""Control for real workloads: wool.ContextVar, timeouts, worker capacity,
+least-loaded balancing, current_worker()."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import os
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+import wool
+from test_wool import add, exists, wait_cancelled
+
+request_id = wool.ContextVar("test.request_id", default="none")
+trail = wool.ContextVar("test.trail")  # no default
+
+
+@wool.work
+async def read_and_set(value):
+    seen = request_id.get()
+    request_id.set(value)
+    return seen
+
+
+@wool.work
+async def hop(depth: int) -> list:
+    """Three calls deep: each level appends to the trail and passes it on."""
+    trail.set(trail.get() + [f"{depth}:{request_id.get()}"])
+    if depth < 3:
+        await hop(depth + 1)
+    return trail.get()
+
+
+@wool.work
+async def isolated(value, gate: str):
+    request_id.set(value)
+    await exists(gate)  # a nested call: the other task runs meanwhile
+    return request_id.get()
+
+
+@wool.work
+async def stream_ids(n: int):
+    for i in range(n):
+        request_id.set(f"step {i}")
+        yield i
+
+
+@wool.work
+async def has_trail() -> bool:
+    try:
+        trail.get()
+    except LookupError:
+        return False
+    return True
+
+
+# -- wool.ContextVar ---------------------------------------------------------------
+
+
+async def test_context_var_travels_to_the_worker_and_back():
+    async with wool.WorkerPool(size=1):
+        token = request_id.set("r-1")
+        assert await read_and_set("r-2") == "r-1"
+        assert request_id.get() == "r-2"  # the task's change came back
+        request_id.reset(token)
+        assert request_id.get() == "none"
+        assert await read_and_set("r-3") == "none"  # defaults do not travel
+
+
+async def test_only_values_explicitly_set_travel():
+    async with wool.WorkerPool(size=1):
+        assert await has_trail() is False
+        trail.set([])
+        assert await has_trail() is True
+
+
+async def test_context_var_through_a_chain_three_calls_deep():
+    async with wool.WorkerPool(size=2):
+        request_id.set("chain")
+        trail.set(["caller"])
+        assert await hop(1) == ["caller", "1:chain", "2:chain", "3:chain"]
+        assert trail.get() == ["caller", "1:chain", "2:chain", "3:chain"]
+
+
+async def test_concurrent_tasks_on_one_worker_never_see_each_others_values():
+    async with wool.WorkerPool(size=1):
+        results = await asyncio.gather(*(isolated(f"v{i}", "/") for i in range(20)))
+        assert results == [f"v{i}" for i in range(20)]
+
+
+async def test_generator_yields_bring_changes_back():
+    async with wool.WorkerPool(size=1):
+        async for i in stream_ids(3):
+            assert request_id.get() == f"step {i}"
+
+
+async def test_unpicklable_value_raises_type_error_naming_the_variable():
+    async with wool.WorkerPool(size=1):
+        request_id.set(threading.Lock())
+        with pytest.raises(
+            TypeError, match="wool.ContextVar 'test.request_id' holds 'lock'"
+        ):
+            await add(1)
+
+
+def test_context_var_mirrors_contextvars():
+    var = wool.ContextVar(f"test.{uuid.uuid4().hex}")
+    with pytest.raises(LookupError, match="has no value"):
+        var.get()
+    assert var.get("fallback") == "fallback"
+    token = var.set(1)
+    assert var.get() == 1
+    var.reset(token)
+    assert var.get(None) is None
+    assert repr(var).startswith("<wool.ContextVar 'test.")
+
+
+# -- Timeouts -----------------------------------------------------------------------
+
+
+@wool.work(timeout=0.2)
+async def bounded(marker: str):
+    return await wait_cancelled.__wool_work__(marker)
+
+
+async def test_work_timeout_cancels_on_the_worker_and_raises_timeout_error(tmp_path):
+    marker = tmp_path / "marker"
+    async with wool.WorkerPool(size=1):
+        with pytest.raises(TimeoutError) as caught:
+            await bounded(str(marker))
+        assert "Traceback" in str(caught.value.__cause__)  # raised on the worker
+        assert await exists(str(marker))
+    assert marker.read_text() == "cancelled"
+
+
+async def test_timeout_block_overrides_the_decorator(tmp_path):
+    marker = tmp_path / "marker"
+    async with wool.WorkerPool(size=1):
+        with wool.timeout(0.2):
+            with pytest.raises(TimeoutError):
+                await wait_cancelled(str(marker))  # no timeout of its own
+            assert await add(1, 1) == 2  # quick calls are unaffected
+        assert await exists(str(marker))
+
+
+# -- Capacity ------------------------------------------------------------------------
+
+_running = _peak = 0
+
+
+@wool.work
+async def occupy(seconds: float) -> tuple[int, int]:
+    """Hold a slot for `seconds` (the work itself); the peak concurrency seen."""
+    global _running, _peak
+    _running += 1
+    _peak = max(_peak, _running)
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        _running -= 1
+    return _peak, os.getpid()
+
+
+async def test_max_tasks_per_worker_bounds_concurrency():
+    async with wool.WorkerPool(size=2, max_tasks_per_worker=1) as pool:
+        results = await asyncio.gather(*(occupy(0.05) for _ in range(8)))
+        assert {peak for peak, _ in results} == {1}
+        assert {pid for _, pid in results} == {w.pid for w in pool.workers}
+
+
+async def test_overload_beyond_the_wait_raises_no_workers_available(tmp_path):
+    async with wool.WorkerPool(size=2, max_tasks_per_worker=1, wait=0.3):
+        busy = [
+            asyncio.ensure_future(wait_cancelled(str(tmp_path / f"m{i}")))
+            for i in range(2)
+        ]
+        await asyncio.sleep(0)
+        with pytest.raises(
+            wool.NoWorkersAvailable,
+            match=r"within 0.3 s: all 2 workers were full \(max_tasks_per_worker=1\)",
+        ):
+            await add(1)
+        for call in busy:
+            call.cancel()
+        assert await add(1, 1) == 2  # room again
+
+
+def in_pool(pool, coro) -> asyncio.Task:
+    """Run `coro` as a task whose @work calls go to `pool`."""
+    context = contextvars.copy_context()
+    context.run(wool._current_pool.set, pool)
+    return asyncio.get_running_loop().create_task(coro, context=context)
+
+
+async def test_a_full_worker_refuses_before_accepting(tmp_path):
+    namespace = f"t{uuid.uuid4().hex[:10]}"
+    local = wool.LocalDiscoveryService
+    try:
+        async with wool.Worker(max_tasks=1, discovery=local(namespace)) as worker:
+            first = wool.WorkerPool(discovery=local(namespace))
+            second = wool.WorkerPool(discovery=local(namespace), wait=0.3)
+            async with first, second:
+                for pool in (first, second):
+                    while not pool.workers:
+                        await pool._changed.wait()
+                busy = in_pool(first, wait_cancelled(str(tmp_path / "m")))
+                while worker.running < 1:  # the in-process worker took it
+                    await asyncio.sleep(0.01)
+                with pytest.raises(
+                    wool.NoWorkersAvailable, match="all 1 workers were full"
+                ):
+                    await in_pool(second, add(1))
+                busy.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await busy
+                assert await in_pool(second, add(2, 2)) == 4
+    finally:
+        Path(f"/dev/shm/wool-{namespace}").unlink(missing_ok=True)
+
+
+# -- Balancing and current_worker() --------------------------------------------
+
+
+@wool.work
+async def whoami() -> wool.WorkerInfo:
+    return wool.current_worker()
+
+
+async def test_least_loaded_sends_work_away_from_a_busy_worker(tmp_path):
+    async with wool.WorkerPool(size=2, loadbalancer=wool.LeastLoadedLoadBalancer()):
+        started = tmp_path / "started"
+        busy = asyncio.ensure_future(wait_cancelled(str(tmp_path / "m"), str(started)))
+        await asyncio.sleep(0)
+        busy_worker = next(w for w, n in wool._current_pool.get()._loads.items() if n)
+        others = {(await whoami()).uid for _ in range(10)}
+        assert others and busy_worker.uid not in others
+        busy.cancel()
+
+
+async def test_current_worker_is_none_in_the_caller_and_the_worker_in_a_task():
+    assert wool.current_worker() is None
+    async with wool.WorkerPool(size=1) as pool:
+        assert await whoami() == pool.workers[0]
