@@ -710,3 +710,19 @@ def test_works_on_uvloop():
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert runner.run(main()) == (3, [0, 1, 2], 21)
+
+
+def test_readme_examples_run():
+    """Every complete example in README.md (one that ends in asyncio.run(main())
+    and needs no LAN workers) runs and exits 0."""
+    readme = (HERE / "README.md").read_text()
+    blocks = [part.split("```")[0] for part in readme.split("```python\n")[1:]]
+    examples = [
+        b
+        for b in blocks
+        if "asyncio.run(main())" in b and "LanDiscoveryService" not in b
+    ]
+    assert len(examples) >= 3
+    for example in examples:
+        result = run_script(example, timeout=60)
+        assert result.returncode == 0, example + result.stderr

@@ -1887,6 +1887,9 @@ def main(argv: list[str] | None = None) -> int:
         "--insecure", action="store_true", help="allow no key off loopback"
     )
     worker.add_argument("--grace", type=float, default=GRACE, help="seconds to drain")
+    worker.add_argument(
+        "--max-tasks", type=int, help="tasks run at once (default: no limit)"
+    )
     worker.add_argument("--max-frame", type=int, default=MAX_FRAME, help="bytes")
 
     ls = commands.add_parser("ls", help="list the workers a discovery service sees")
@@ -1964,6 +1967,7 @@ async def _serve_cli(args) -> int:
         insecure=args.insecure,
         grace=args.grace,
         max_frame=args.max_frame,
+        max_tasks=args.max_tasks,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
