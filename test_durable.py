@@ -16,14 +16,13 @@ import signal
 import ssl
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 import wool
-from test_wool import HERE, add, alive
+from test_wool import HERE, add
 
 RUN = f"run-{os.getpid()}"
 LOOPBACK = ["127.0.0.1"]

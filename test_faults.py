@@ -334,3 +334,13 @@ async def test_memory_is_flat_over_100_000_tasks():
         after = [rss(), *(rss(w.pid) for w in pool.workers)]
     growth = [(a - b) / 2**20 for a, b in zip(after, before)]
     assert all(g < 8 for g in growth), f"MiB grown (caller, workers): {growth}"
+
+
+async def test_a_worker_that_cannot_start_fails_the_pool_at_once():
+    before = set(os.listdir("/dev/shm"))
+    with pytest.raises(
+        RuntimeError, match="a spawned worker exited with code 1 as it started"
+    ):
+        async with wool.WorkerPool("x" * 600, size=1):  # its record does not fit
+            pass
+    assert set(os.listdir("/dev/shm")) - before == set()

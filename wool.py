@@ -19,10 +19,10 @@ Each frame is a fixed header (body length, kind, request id) and a pickle
 body. A connection opens with an HMAC challenge-response on a shared key:
 nothing is unpickled before the peer proved it holds the key.
 
-Sections, top-down: errors; the public API (`work`, `WorkerPool`, load
-balancers); frames (pure); streams (handshake, reading, writing); the worker;
-pool internals (connections, calls, generators); entry points (spawned worker,
-CLI, demo).
+Sections, top-down: errors; the public API (`work`, `timeout`, `ContextVar`,
+`WorkerPool`, load balancers); frames (pure); streams (handshake, receiving,
+sending); the worker; pool internals (connections, calls, generators); entry
+points (spawned worker, CLI, demo).
 
 Version 0.1.0. Licensed Apache-2.0. https://github.com/wool-labs/wool
 """
@@ -53,7 +53,8 @@ import traceback
 import uuid
 import weakref
 from collections.abc import Callable, Mapping
-from typing import ParamSpec, Self, TypeVar
+from ssl import CERT_REQUIRED
+from typing import Any, ParamSpec, Self, TypeVar
 
 import cloudpickle
 
@@ -69,6 +70,7 @@ from wool_discovery import (
 
 __all__ = [
     "AuthenticationError",
+    "ContextVar",
     "DiscoveryEvent",
     "LanDiscovery",
     "LanDiscoveryService",
@@ -87,6 +89,7 @@ __all__ = [
     "WorkerPool",
     "current_worker",
     "routine",
+    "timeout",
     "work",
 ]
 
@@ -248,7 +251,7 @@ _timeout: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 )
 _registry: dict[str, contextvars.ContextVar] = {}  # wool.ContextVar name -> var
 _set_by_task: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar(
-    "wool.changed", default=None
+    "wool.set_by_task", default=None
 )  # in a worker task: names of the wool.ContextVars it set
 
 
@@ -409,8 +412,8 @@ class WorkerPool:
     them. `loadbalancer` picks a worker per task (default round-robin).
     A call waits up to `wait` seconds for a worker to appear.
 
-    Resource handling: spawned workers get a fresh random key (or `authkey`),
-    never published; leaving the block stops them gracefully (in-flight tasks
+    Resource handling: spawned workers get `authkey` (else WOOL_AUTHKEY, else
+    a fresh random key), never published; leaving the block stops them gracefully (in-flight tasks
     get `grace` seconds), kills stragglers, and removes the pool's shared
     memory, also when the block raised or was cancelled. A spawned worker
     that dies is replaced, at most RESPAWNS_PER_MINUTE times a minute.
@@ -466,6 +469,9 @@ class WorkerPool:
         self._spawn_key = authkey
         self._procs: set[asyncio.subprocess.Process] = set()
         self._respawns: list[float] = []
+        self._failed_start: int | None = (
+            None  # exit code of a worker that could not start
+        )
         self._listed: dict[str, tuple[WorkerInfo, int]] = {}  # uid -> info, source
         self._conns: dict[WorkerInfo, _Connection] = {}
         self._loads: dict[WorkerInfo, int] = {}  # what the balancer sees
@@ -506,27 +512,31 @@ class WorkerPool:
         if self.size:
             self._local = LocalDiscoveryService(f"p{uuid.uuid4().hex[:12]}")
             self._local._create()
-            self._spawn_key = self.authkey or secrets.token_bytes(32)
+            self._spawn_key = _authkey(self.authkey) or secrets.token_bytes(32)
             self._sources.append(self._local)
         if self.discovery is not None:
             self._sources.append(self.discovery)
         self._hello = _dumps(self._sources)
-        for i, source in enumerate(self._sources):
-            self._spawn_task(self._follow(source, i))
+        self._discover()
         if self.size:
             await asyncio.gather(*(self._spawn() for _ in range(self.size)))
             await self._wait_spawned()
 
     async def _wait_spawned(self):
-        # Ready when every spawned worker is connected; a worker that exits
-        # early (bad sys.path, crash at import) fails the start at once.
-        async with asyncio.timeout(self.wait):
-            while sum(1 for i in self._conns if i.pid in self._pids()) < self.size:
-                if any(p.returncode is not None for p in self._procs):
-                    codes = [p.returncode for p in self._procs]
-                    raise RuntimeError(f"a spawned worker exited at start: {codes}")
-                changed = self._changed
-                await changed.wait()
+        """Ready when every spawned worker is connected."""
+        try:
+            async with asyncio.timeout(self.wait):
+                while sum(1 for i in self._conns if i.pid in self._pids()) < self.size:
+                    if self._failed_start is not None:
+                        raise RuntimeError(
+                            f"a spawned worker exited with code {self._failed_start} "
+                            "as it started; its error is on stderr"
+                        )
+                    await self._changed.wait()
+        except TimeoutError:
+            raise RuntimeError(
+                f"spawned workers did not start within {self.wait:g} s"
+            ) from None
 
     def _pids(self) -> set[int]:
         return {p.pid for p in self._procs}
@@ -615,7 +625,10 @@ class WorkerPool:
         code = await proc.wait()
         self._procs.discard(proc)
         self._notify()
-        if self._state not in (_State.READY, _State.STARTING):
+        if self._state is _State.STARTING:  # a bad set-up: replacing it won't help
+            self._failed_start = code
+            return
+        if self._state is not _State.READY:
             return
         now = time.monotonic()
         self._respawns = [t for t in self._respawns if now - t < 60] + [now]
@@ -635,12 +648,19 @@ class WorkerPool:
     # to it while it is listed, reconnecting after a drop. Liveness comes from
     # the connection, never from discovery records.
 
+    def _discover(self):
+        for index, source in enumerate(self._sources):
+            self._spawn_task(self._follow(source, index))
+
     async def _follow(self, source, index: int):
         async for event in source.subscribe():
             info = event.info
             if event.type == "worker-dropped":
                 self._listed.pop(info.uid, None)
                 self._refused.pop(info.uid, None)
+                if (conn := self._find(info.uid)) is not None:
+                    self._loads.pop(conn.info, None)  # no new tasks go there
+                    self._spawn_task(conn.retire())
                 self._notify()
                 continue
             known = self._listed.get(info.uid)
@@ -698,7 +718,8 @@ class WorkerPool:
                     self._loads[conn.info] = 0
                     self._notify()
                     await conn.closed
-                    del self._conns[conn.info], self._loads[conn.info]
+                    self._conns.pop(conn.info, None)
+                    self._loads.pop(conn.info, None)
                     self._notify()
                     delay = 0.05
                     continue
@@ -821,8 +842,7 @@ class _NestedPool:
             )
             pool._sources, pool._hello = pickle.loads(self.hello), self.hello
             pool._state = _State.READY
-            for i, source in enumerate(pool._sources):
-                pool._spawn_task(pool._follow(source, i))
+            pool._discover()
             self.worker._nested[self.hello] = pool
         return pool
 
@@ -1272,6 +1292,8 @@ class Worker:
     `discovery` when started; `stop()` withdraws it first, lets in-flight tasks
     finish within `grace` seconds, then cancels the rest. Every task runs as
     an asyncio task in this process; nested calls go to the caller's pool.
+    With `max_tasks`, a task arriving while that many run (`running`) is
+    refused before it is accepted, and its caller tries another worker.
 
     Raises ValueError when asked to listen on a non-loopback address with
     neither a key nor TLS, unless `insecure`: anyone who can reach the port
@@ -1330,18 +1352,19 @@ class Worker:
         await self.stop()
 
     async def start(self):
-        if not (self.authkey or self.ssl or self.insecure or _is_loopback(self.host)):
+        verifies = getattr(self.ssl, "verify_mode", None) == CERT_REQUIRED
+        if not (self.authkey or verifies or self.insecure or _is_loopback(self.host)):
             raise ValueError(
                 f"refusing to listen on {self.host} without a key: anyone who can "
                 "reach the port could run code here. Set a key (--authkey-file, "
-                "WOOL_AUTHKEY or authkey=), or TLS, or pass --insecure"
+                "WOOL_AUTHKEY or authkey=), or TLS with client certificates "
+                "(--tls-ca), or pass --insecure"
             )
         self._server = await asyncio.start_server(
             self._serve,
             self.host,
             self.port,
             ssl=self.ssl,
-            limit=2**20,
             backlog=1024,
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.ssl else None,
         )
@@ -1681,6 +1704,13 @@ class _Connection:
     def close(self):
         self.writer.close()
 
+    async def retire(self):
+        """Close once the calls in flight got their replies (a worker that
+        withdrew is draining them)."""
+        while self.pending:
+            await asyncio.wait([call.reply for call in self.pending.values()])
+        self.close()
+
     def start(self, kind: int, body: bytes) -> tuple[int, _Call]:
         if self.lost is not None:
             raise _NotAccepted()
@@ -1732,6 +1762,7 @@ class _RemoteGenerator(collections.abc.AsyncGenerator):
         self._fn, self._args, self._kwargs = fn, args, kwargs
         self._conn: _Connection | None = None
         self._rid, self._call = 0, None
+        self._loads: dict[WorkerInfo, int] = {}  # the pool's in-flight counts
         self._done = False
 
     def __repr__(self):
@@ -1760,6 +1791,9 @@ class _RemoteGenerator(collections.abc.AsyncGenerator):
                 exclude.add(conn.info.uid)
                 continue
             self._conn, self._rid, self._call = conn, rid, call
+            self._loads = pool._loads
+            if conn.info in self._loads:  # the balancer counts it in flight
+                self._loads[conn.info] += 1
             return reply
 
     async def _step(self, kind: int, body: bytes = b""):
@@ -1781,9 +1815,11 @@ class _RemoteGenerator(collections.abc.AsyncGenerator):
         raise _load_error(data)
 
     def _finish(self):
-        self._done = True
-        if self._conn is not None:
+        if self._conn is not None and not self._done:
             self._conn.pending.pop(self._rid, None)
+            if self._conn.info in self._loads:
+                self._loads[self._conn.info] -= 1
+        self._done = True
 
     async def asend(self, value):
         if self._done:
@@ -1817,14 +1853,19 @@ class _RemoteGenerator(collections.abc.AsyncGenerator):
             pass
 
     def __del__(self):
-        if not self._done and self._conn is not None:
-            conn, rid = self._conn, self._rid
-            try:
-                if asyncio.get_running_loop() is conn.loop:
-                    conn.cancel(rid)  # runs the generator's `finally` there
-                    return
-            except RuntimeError:
-                pass
+        if self._done or self._conn is None:
+            return
+        conn, rid = self._conn, self._rid
+        self._done = True
+        if conn.info in self._loads:
+            self._loads[conn.info] -= 1
+        try:
+            if asyncio.get_running_loop() is conn.loop:
+                conn.cancel(rid)  # runs the generator's `finally` there
+                return
+        except RuntimeError:  # collected outside the loop's thread
+            pass
+        if not conn.loop.is_closed():
             conn.loop.call_soon_threadsafe(conn.cancel, rid)
 
 
