@@ -872,7 +872,6 @@ RESULT = 18  # body: return value, or a generator's yielded value
 ERROR = 19  # body: (type name, message, traceback text, pickled exception)
 STOP = 20  # no body: the generator finished
 
-_TO_WORKER = frozenset({HELLO, TASK, NEXT, THROW, CLOSE, CANCEL})
 _TO_CALLER = frozenset({ACCEPTED, REFUSED, RESULT, ERROR, STOP})
 
 
