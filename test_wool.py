@@ -279,9 +279,24 @@ async def test_methods_classmethods_staticmethods(pool):
     assert await Calculator.double(21) == 42
 
 
-async def test_closures_travel_by_value(pool):
+async def test_closures_travel_by_value_defined_once_per_connection():
     triple = make_multiplier(3)
-    assert await triple(14) == 42
+    async with wool.WorkerPool(size=1) as pool:
+        assert await asyncio.gather(*(triple(i) for i in range(3))) == [0, 3, 6]
+        (conn,) = pool._conns.values()
+        assert len(conn.defined) == 1  # one DEFINE frame, then its number
+
+
+async def test_a_task_naming_an_undefined_function_fails_alone(worker):
+    conn = await wool._Connection.open(
+        worker.info, b"secret", None, b"", wool.MAX_FRAME
+    )
+    body = pickle.dumps((12345, (), {}, None, None))
+    kind, data = await conn.request(body, None)
+    assert kind == wool.ERROR
+    with pytest.raises(wool.ProtocolError, match="function 12345 was never defined"):
+        raise wool._load_error(data)
+    conn.close()
 
 
 def test_functions_in_main_travel_by_value():
@@ -293,15 +308,19 @@ def test_functions_in_main_travel_by_value():
         async def where(x):
             return x * 2, os.getpid()
 
+        @wool.work
+        async def fib(n):
+            return n if n <= 1 else await fib(n - 1) + await fib(n - 2)
+
         async def main():
-            async with wool.WorkerPool(size=1):
+            async with wool.WorkerPool(size=2):
                 value, pid = await where(21)
-                print(value, pid != os.getpid())
+                print(value, pid != os.getpid(), await fib(10))
 
         asyncio.run(main())
         """
     )
-    assert result.stdout.split() == ["42", "True"], result.stderr
+    assert result.stdout.split() == ["42", "True", "55"], result.stderr
 
 
 async def test_nested_dispatch_fibonacci_on_two_workers():

@@ -11,7 +11,7 @@
 
 How a call travels (one TCP connection per pool and worker, many tasks on it):
 
-    caller --------- HELLO, TASK, NEXT/THROW/CLOSE, CANCEL ---------> worker
+    caller ------ HELLO, DEFINE, TASK, NEXT/THROW/CLOSE, CANCEL ------> worker
       ^  <----------- ACCEPTED | REFUSED, RESULT | ERROR | STOP ------'  |
       '-- WorkerPool <- discovery (shared memory, mDNS) <- publish ------'
 
@@ -797,7 +797,7 @@ class WorkerPool:
         return ", ".join(sources)
 
     async def _run(self, fn, args, kwargs):
-        body = _dump_task(fn, args, kwargs, self.max_frame)
+        body, definition = _dump_task(fn, args, kwargs, self.max_frame)
         task, exclude = Task(fn, args, kwargs), set()
         deadline = time.monotonic() + self.wait
         while True:
@@ -805,7 +805,7 @@ class WorkerPool:
             info = conn.info
             self._loads[info] += 1
             try:
-                kind, data = await conn.request(TASK, body)
+                kind, data = await conn.request(body, definition)
             except _NotAccepted:
                 exclude.add(info.uid)
                 continue
@@ -865,6 +865,7 @@ NEXT = 3  # body: value sent into a generator (empty: None)
 THROW = 4  # body: exception thrown into a generator
 CLOSE = 5  # no body: close the generator
 CANCEL = 6  # no body: cancel the task
+DEFINE = 7  # body: a function pickled by value; rid: the number TASKs name it by
 # worker -> caller
 ACCEPTED = 16  # no body: the task runs here; it will not run anywhere else
 REFUSED = 17  # no body: not accepted (stopping or full); try another worker
@@ -923,11 +924,14 @@ def _too_big(what: str, size: int, max_frame: int) -> TypeError:
 
 
 _refs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_function_ids = itertools.count(1)
 
 
-def _ref(fn) -> tuple[str, str] | bytes:
-    """How a @work function travels: (module, qualname) when the worker can
-    import it, else its pickle by value (functions in __main__, closures)."""
+def _ref(fn) -> tuple[tuple[str, str] | int, bytes | None]:
+    """How a @work function travels: (reference, definition). The reference
+    is (module, qualname) when the worker can import it, with no definition;
+    else a number, and the definition is the function pickled by value
+    (functions in __main__, closures), sent once per connection in DEFINE."""
     try:
         return _refs[fn]
     except KeyError:
@@ -942,7 +946,7 @@ def _ref(fn) -> tuple[str, str] | bytes:
             by_value = _lookup(module, name) is not fn
         except Exception:
             by_value = True
-    ref = _dumps(fn) if by_value else (module, name)
+    ref = (next(_function_ids), _dumps(fn)) if by_value else ((module, name), None)
     _refs[fn] = ref
     return ref
 
@@ -955,9 +959,9 @@ def _lookup(module: str, qualname: str):
 
 
 @functools.lru_cache(maxsize=1024)
-def _resolve(ref) -> tuple[Callable, bool]:
-    """The function a worker runs for a reference made by _ref, and whether
-    it is an async generator function."""
+def _resolve(ref: tuple[str, str] | bytes) -> tuple[Callable, bool]:
+    """The function a worker runs for a (module, qualname) or a definition,
+    and whether it is an async generator function."""
     fn = (pickle.loads(ref) if isinstance(ref, bytes) else _lookup(*ref)).__wool_work__
     return fn, inspect.isasyncgenfunction(fn)
 
@@ -976,8 +980,9 @@ def _unpicklable_variable(values: dict | None) -> str:
     return ""
 
 
-def _dump_task(fn, args, kwargs, max_frame: int) -> bytes:
-    """A TASK body: (function reference, args, kwargs, context, timeout)."""
+def _dump_task(fn, args, kwargs, max_frame: int) -> tuple[bytes, tuple | None]:
+    """A TASK body: (function reference, args, kwargs, context, timeout), and
+    the function's (id, definition) when it travels by value."""
     context = _context_values()
     seconds = _timeout.get()
     if seconds is _MISSING:
@@ -986,7 +991,8 @@ def _dump_task(fn, args, kwargs, max_frame: int) -> bytes:
     try:
         if context is not None:
             plain = plain and _plain(context)
-        body = _pickle((_ref(fn), args, kwargs, context, seconds), plain)
+        ref, definition = _ref(fn)
+        body = _pickle((ref, args, kwargs, context, seconds), plain)
     except Exception as e:
         raise TypeError(
             f"cannot send {fn.__qualname__}() and its arguments to a worker"
@@ -994,7 +1000,7 @@ def _dump_task(fn, args, kwargs, max_frame: int) -> bytes:
         ) from e
     if len(body) > max_frame:
         raise _too_big(f"the call of {fn.__qualname__}()", len(body), max_frame)
-    return body
+    return body, definition and (ref, definition)
 
 
 def _dump_value(value, changes: dict | None, fn, max_frame: int) -> bytes:
@@ -1479,6 +1485,7 @@ class _Peer:
         self.context: contextvars.Context | None = None  # set up by HELLO
         self.tasks: dict[int, asyncio.Task] = {}
         self.inboxes: dict[int, asyncio.Queue] = {}
+        self.functions: dict[int, bytes | tuple] = {}  # DEFINE'd, then resolved
         self.burst = 0  # tasks accepted since they last got to run
         self.closed = self.loop.create_future()
         no_hello = ProtocolError(f"no HELLO within {worker.handshake_timeout:g} s")
@@ -1517,6 +1524,8 @@ class _Peer:
             if self.burst >= 16 or self.out.backlog() > HIGH_WATER:
                 self.frames.hold()
                 self.loop.call_soon(self._breathe)
+        elif kind == DEFINE:
+            self.functions[rid] = body  # unpickled by the first task that needs it
         elif kind == CANCEL:
             if (task := self.tasks.get(rid)) is not None:
                 task.cancel()
@@ -1525,6 +1534,15 @@ class _Peer:
                 self.inboxes.setdefault(rid, asyncio.Queue()).put_nowait((kind, body))
         else:
             raise ProtocolError(f"unknown frame kind {kind} from a caller")
+
+    def _resolve(self, ref) -> tuple[Callable, bool]:
+        if type(ref) is not int:
+            return _resolve(ref)
+        if (found := self.functions.get(ref)) is None:
+            raise ProtocolError(f"function {ref} was never defined on this connection")
+        if type(found) is bytes:
+            found = self.functions[ref] = _resolve(found)
+        return found
 
     def _done(self, rid: int, task: asyncio.Task):
         del self.tasks[rid]
@@ -1563,7 +1581,7 @@ class _Peer:
         out, worker = self.out, self.worker
         try:
             ref, args, kwargs, context, seconds = pickle.loads(body)
-            fn, generator = _resolve(ref)
+            fn, generator = self._resolve(ref)
             changed = _enter_context(context)
             if generator:
                 return await self._drive(rid, fn, fn(*args, **kwargs), changed)
@@ -1651,6 +1669,7 @@ class _Connection:
         self.loop = asyncio.get_running_loop()
         self.pending: dict[int, _Call] = {}
         self.rids = itertools.count(1)
+        self.defined: set[int] = set()  # functions sent by value on this connection
         self.lost: str | None = None
         self.closed = self.loop.create_future()
         frames = _Frames(writer.transport, max_frame, self._on_frame, self._lose)
@@ -1710,17 +1729,21 @@ class _Connection:
             await asyncio.wait([call.reply for call in self.pending.values()])
         self.close()
 
-    def start(self, kind: int, body: bytes) -> tuple[int, _Call]:
+    def start(self, body: bytes, definition: tuple | None) -> tuple[int, _Call]:
+        """Send a TASK (and, the first time, its function's DEFINE)."""
         if self.lost is not None:
             raise _NotAccepted()
+        if definition is not None and definition[0] not in self.defined:
+            self.defined.add(definition[0])
+            self.out.send(DEFINE, *definition)
         rid = next(self.rids)
         call = self.pending[rid] = _Call(self.loop.create_future())
-        self.out.send(kind, rid, body)
+        self.out.send(TASK, rid, body)
         return rid, call
 
-    async def request(self, kind: int, body: bytes) -> tuple[int, bytes]:
+    async def request(self, body: bytes, definition: tuple | None) -> tuple[int, bytes]:
         """Send a TASK; its reply (kind, body). Cancelling cancels it remotely."""
-        rid, call = self.start(kind, body)
+        rid, call = self.start(body, definition)
         try:
             return await call.reply
         except asyncio.CancelledError:
@@ -1774,13 +1797,13 @@ class _RemoteGenerator(collections.abc.AsyncGenerator):
         if isinstance(pool, _NestedPool):
             pool = pool._pool()
         fn, args, kwargs = self._fn, self._args, self._kwargs
-        body = _dump_task(fn, args, kwargs, pool.max_frame)
+        body, definition = _dump_task(fn, args, kwargs, pool.max_frame)
         task, exclude = Task(fn, args, kwargs), set()
         deadline = time.monotonic() + pool.wait
         while True:
             conn = await pool._connection(task, exclude, deadline)
             try:
-                rid, call = conn.start(TASK, body)
+                rid, call = conn.start(body, definition)
                 reply = await conn.step(rid, call, NEXT)
             except _NotAccepted:
                 exclude.add(conn.info.uid)
