@@ -189,6 +189,15 @@ async def test_overload_beyond_the_wait_raises_no_workers_available(tmp_path):
         assert await add(1, 1) == 2  # room again
 
 
+held: asyncio.Event  # set by hold(), which runs in this process here
+
+
+@wool.work
+async def hold():
+    held.set()
+    await asyncio.Event().wait()
+
+
 def in_pool(pool, coro) -> asyncio.Task:
     """Run `coro` as a task whose @work calls go to `pool`."""
     context = contextvars.copy_context()
@@ -196,20 +205,21 @@ def in_pool(pool, coro) -> asyncio.Task:
     return asyncio.get_running_loop().create_task(coro, context=context)
 
 
-async def test_a_full_worker_refuses_before_accepting(tmp_path):
+async def test_a_full_worker_refuses_before_accepting():
     namespace = f"t{uuid.uuid4().hex[:10]}"
     local = wool.LocalDiscoveryService
     try:
-        async with wool.Worker(max_tasks=1, discovery=local(namespace)) as worker:
+        async with wool.Worker(max_tasks=1, discovery=local(namespace)):
             first = wool.WorkerPool(discovery=local(namespace))
             second = wool.WorkerPool(discovery=local(namespace), wait=0.3)
             async with first, second:
                 for pool in (first, second):
                     while not pool.workers:
                         await pool._changed.wait()
-                busy = in_pool(first, wait_cancelled(str(tmp_path / "m")))
-                while worker.running < 1:  # the in-process worker took it
-                    await asyncio.sleep(0.01)
+                global held
+                held = asyncio.Event()
+                busy = in_pool(first, hold())
+                await held.wait()  # the in-process worker runs it
                 with pytest.raises(
                     wool.NoWorkersAvailable, match="all 1 workers were full"
                 ):

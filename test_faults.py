@@ -296,16 +296,16 @@ async def test_pool_exit_past_grace_ends_in_flight_calls(tmp_path):
 
 async def test_pool_body_cancelled_still_cleans_up():
     before = set(os.listdir("/dev/shm"))
-    pids = []
+    pids, inside = [], asyncio.Event()
 
     async def body():
         async with wool.WorkerPool(size=2) as pool:
             pids.extend(w.pid for w in pool.workers)
+            inside.set()
             await asyncio.Event().wait()
 
     task = asyncio.ensure_future(body())
-    while len(pids) < 2:
-        await asyncio.sleep(0.01)
+    await inside.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

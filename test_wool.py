@@ -2,7 +2,8 @@
 frames, streams and handshake, the worker, pools, entry points.
 
 Real worker processes, real sockets on 127.0.0.1, real shared memory. Every
-test has a timeout (pyproject.toml); none sleeps to synchronise.
+test has a timeout (pyproject.toml); none sleeps to synchronise (one polls for 2 s
+to show that something does not happen).
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import asyncio
 import inspect
 import os
 import pickle
+import select
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,18 @@ def alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):  # reaped, or being reaped
         return False
     return status != "Z"
+
+
+def wait_exit(pid: int, timeout: float = 30):
+    """Wait for any process (not only a child) to exit: its pidfd turns readable."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        assert select.select([fd], [], [], timeout)[0], f"pid {pid} still runs"
+    finally:
+        os.close(fd)
 
 
 def run_script(code: str, *args, timeout=30) -> subprocess.CompletedProcess:
@@ -453,8 +466,7 @@ def test_killed_caller_leaves_no_worker_behind():
     pids = [int(p) for p in result.stdout.split()]
     assert len(pids) == 2
     for p in pids:  # they see their stdin close and stop
-        while alive(p):
-            time.sleep(0.005)
+        wait_exit(p)
 
 
 # -- Frames ------------------------------------------------------------------------
@@ -603,9 +615,19 @@ async def test_worker_refuses_public_address_without_key():
         await wool.Worker(host="0.0.0.0").start()
 
 
-def test_caller_killed_mid_task_has_its_task_cancelled(tmp_path):
+@wool.work
+async def say_until_cancelled():
+    print("started", flush=True)
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        print("cancelled", flush=True)
+        raise
+
+
+def test_caller_killed_mid_task_has_its_task_cancelled():
     """A durable worker in a subprocess; a caller that is SIGKILLed mid-task."""
-    namespace, marker, started = f"t{os.getpid()}c", tmp_path / "m", tmp_path / "s"
+    namespace = f"t{os.getpid()}c"
     worker = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import asyncio, wool
@@ -624,20 +646,15 @@ def test_caller_killed_mid_task_has_its_task_cancelled(tmp_path):
                 import asyncio, wool, test_wool
                 async def main():
                     async with wool.WorkerPool(discovery=wool.LocalDiscoveryService({namespace!r})):
-                        await test_wool.wait_cancelled({str(marker)!r}, {str(started)!r})
+                        await test_wool.say_until_cancelled()
                 asyncio.run(main())
             """)],
             cwd=HERE,
         )  # fmt: skip
-        while not started.exists():
-            assert caller.poll() is None
-            time.sleep(0.005)
+        assert worker.stdout.readline() == "started\n"  # printed by the task
         caller.kill()
         caller.wait()
-        while not marker.exists():  # the worker sees the connection drop
-            assert worker.poll() is None
-            time.sleep(0.005)
-        assert marker.read_text() == "cancelled"
+        assert worker.stdout.readline() == "cancelled\n"  # the connection dropped
         assert asyncio.run(add_in(namespace)) == 3  # and it serves other callers
     finally:
         worker.kill()

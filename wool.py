@@ -54,7 +54,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Mapping
 from ssl import CERT_REQUIRED
-from typing import Any, ParamSpec, Self, TypeVar
+from typing import Any, ParamSpec, Self, TypeVar, overload
 
 import cloudpickle
 
@@ -174,6 +174,12 @@ class _NotAccepted(Exception):
 # -- The public API: work, WorkerPool, load balancers ----------------------------
 
 
+@overload
+def work(fn: Callable[P, R], /) -> Callable[P, R]: ...
+@overload
+def work(
+    *, timeout: float | None = None
+) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 def work(fn: Callable[P, R] | None = None, /, *, timeout: float | None = None):
     """Make an async function (or async generator) run as a task on a worker.
 
