@@ -866,7 +866,7 @@ HEADER = struct.Struct("!IBQ")  # body length, kind, request id; then a pickle
 
 # caller -> worker
 HELLO = 1  # body: the caller's discovery sources, for nested calls; rid 0
-TASK = 2  # body: (function reference, args, kwargs)
+TASK = 2  # body: (function reference, args, kwargs, context values, timeout)
 NEXT = 3  # body: value sent into a generator (empty: None)
 THROW = 4  # body: exception thrown into a generator
 CLOSE = 5  # no body: close the generator
@@ -875,7 +875,7 @@ DEFINE = 7  # body: a function pickled by value; rid: the number TASKs name it b
 # worker -> caller
 ACCEPTED = 16  # no body: the task runs here; it will not run anywhere else
 REFUSED = 17  # no body: not accepted (stopping or full); try another worker
-RESULT = 18  # body: return value, or a generator's yielded value
+RESULT = 18  # body: (value returned or yielded, context values the task set)
 ERROR = 19  # body: (type name, message, traceback text, pickled exception)
 STOP = 20  # no body: the generator finished
 
@@ -1074,7 +1074,8 @@ def _load_reply(kind: int, data: bytes, fn):
 #   worker -> caller   "+" and HMAC(key, "worker" + caller nonce), or "-" and close
 
 MAGIC = b"wool\x00\x01"  # protocol version 1
-NONCE = 32
+NONCE = 32  # bytes of a random challenge
+DIGEST = 32  # bytes of an HMAC-SHA256
 
 
 def _digest(key: bytes, role: bytes, nonce: bytes) -> bytes:
@@ -1085,10 +1086,10 @@ async def _authenticate_caller(reader, writer, key: bytes) -> None:
     """Worker side: prove the caller holds the key, then prove we do."""
     nonce = secrets.token_bytes(NONCE)
     writer.write(MAGIC + nonce)
-    data = await reader.readexactly(len(MAGIC) + 2 * NONCE)
+    data = await reader.readexactly(len(MAGIC) + DIGEST + NONCE)
     if data[: len(MAGIC)] != MAGIC:
         raise ProtocolError(f"not a wool caller (it sent {data[:8]!r}...)")
-    proof, their_nonce = data[len(MAGIC) : -NONCE], data[-NONCE:]
+    proof, their_nonce = data[len(MAGIC) : -NONCE], data[-NONCE:]  # DIGEST, NONCE
     if not hmac.compare_digest(proof, _digest(key, b"caller", nonce)):
         writer.write(b"-")
         raise AuthenticationError("the caller does not hold this worker's key")
@@ -1111,7 +1112,7 @@ async def _authenticate_worker(reader, writer, key: bytes, address: str) -> None
             f"worker {address} refused the key; give the pool its key "
             "(authkey= or WOOL_AUTHKEY)"
         )
-    proof = await reader.readexactly(len(_digest(b"", b"", b"")))
+    proof = await reader.readexactly(DIGEST)
     if not hmac.compare_digest(proof, _digest(key, b"worker", nonce)):
         raise AuthenticationError(f"worker {address} does not hold the pool's key")
 
