@@ -146,8 +146,9 @@ def test_discovery_dispatch_cut_and_heal_across_hosts(lan, tmp_path):
 
     def start_worker(host: str):
         address = ADDRESSES[host]
+        bind = "0.0.0.0" if host == "h2" else address  # h2 advertises its address
         proc = lan.run(
-            host, sys.executable, "-m", "wool", "worker", "--host", address,
+            host, sys.executable, "-m", "wool", "worker", "--host", bind,
             "--tag", RUN, "--tag", host, "--discovery", "lan", "--interface", address,
             "--authkey-file", str(key),
         )  # fmt: skip
