@@ -46,6 +46,7 @@ import pickle
 import secrets
 import signal
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -53,7 +54,6 @@ import traceback
 import uuid
 import weakref
 from collections.abc import Callable, Mapping
-from ssl import CERT_REQUIRED
 from typing import Any, ParamSpec, Self, TypeVar, overload
 
 import cloudpickle
@@ -1245,18 +1245,21 @@ class _Outbox:
 
     def send(self, kind: int, rid: int, body: bytes = b""):
         header = HEADER.pack(len(body), kind, rid)
-        if not self.corked:
+        if self.corked:
+            self.parts.append(header)
+            if body:
+                self.parts.append(body)
+                self.size += len(body)
+        else:
             self.corked = True
             self.loop.call_soon(self.flush)
-            if not self.transport.is_closing():
-                self.transport.write(header + body if len(body) < 65536 else header)
-                if len(body) >= 65536:
-                    self.transport.write(body)
-            return
-        self.parts.append(header)
-        if body:
-            self.parts.append(body)
-            self.size += len(body)
+            if self.transport.is_closing():
+                return
+            if len(body) < LARGE:
+                self.transport.write(header + body)
+            else:  # no copy of a large body
+                self.transport.write(header)
+                self.transport.write(body)
 
     def flush(self):
         parts, self.parts, self.size, self.corked = self.parts, [], 0, False
@@ -1364,7 +1367,7 @@ class Worker:
         await self.stop()
 
     async def start(self):
-        verifies = getattr(self.ssl, "verify_mode", None) == CERT_REQUIRED
+        verifies = getattr(self.ssl, "verify_mode", None) == ssl.CERT_REQUIRED
         if not (self.authkey or verifies or self.insecure or _is_loopback(self.host)):
             raise ValueError(
                 f"refusing to listen on {self.host} without a key: anyone who can "
@@ -2006,8 +2009,6 @@ def _tls(cert, key, ca, purpose):
     """An SSLContext from PEM files, or None; verifies the peer when `ca`."""
     if not (cert or ca):
         return None
-    import ssl
-
     context = ssl.create_default_context(purpose, cafile=ca)
     if cert:
         context.load_cert_chain(cert, key)
@@ -2017,8 +2018,6 @@ def _tls(cert, key, ca, purpose):
 
 
 async def _serve_cli(args) -> int:
-    import ssl
-
     authkey = None
     if args.authkey_file:
         with open(args.authkey_file, "rb") as f:
