@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 import wool
+import wool_discovery
 from test_wool import HERE, add
 
 RUN = f"run-{os.getpid()}"
@@ -104,6 +105,23 @@ async def test_lan_discovery_sees_added_updated_dropped():
         assert await anext(events) == wool.DiscoveryEvent("worker-updated", updated)
         await publisher.publish(wool.DiscoveryEvent("worker-dropped", updated))
         assert await anext(events) == wool.DiscoveryEvent("worker-dropped", updated)
+    finally:
+        await events.aclose()
+        await publisher.close()
+
+
+async def test_lan_worker_on_every_interface_announces_its_addresses():
+    uid = uuid.uuid4().hex
+    info = wool.WorkerInfo(uid, "0.0.0.0", 4242, os.getpid(), "0.1.0", {RUN})
+    publisher = wool.LanDiscoveryService(interfaces=LOOPBACK)
+    events = wool.LanDiscoveryService(
+        lambda w: w.uid == uid, interfaces=LOOPBACK
+    ).subscribe()
+    try:
+        await publisher.publish(wool.DiscoveryEvent("worker-added", info))
+        event = await anext(events)
+        assert event.info.host == wool_discovery._interface_addresses()[0] != "0.0.0.0"
+        assert event.info.port == 4242
     finally:
         await events.aclose()
         await publisher.close()

@@ -60,7 +60,6 @@ import cloudpickle
 
 from wool_discovery import (
     DiscoveryEvent,
-    _interface_addresses,
     LanDiscovery,
     LanDiscoveryService,
     LocalDiscovery,
@@ -1384,14 +1383,12 @@ class Worker:
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.ssl else None,
         )
         port = self._server.sockets[0].getsockname()[1]
-        host = self.advertise or (
-            self.host
-            if self.host not in ("", "0.0.0.0", "::")
-            else _interface_address()
-        )
+        # A worker on every interface (0.0.0.0) is listed as such: LAN discovery
+        # announces each of the machine's addresses, and on this machine
+        # 0.0.0.0 reaches it too.
         self.info = WorkerInfo(
             self.uid,
-            host,
+            self.advertise or self.host,
             port,
             os.getpid(),
             __version__,
@@ -1637,15 +1634,6 @@ class _Peer:
 
 def _is_loopback(host: str) -> bool:
     return host in ("localhost",) or host.startswith("127.") or host == "::1"
-
-
-def _interface_address() -> str:
-    """An address of this machine other callers can reach (for a worker that
-    listens on every interface)."""
-    try:
-        return _interface_addresses()[0]
-    except ImportError:  # ifaddr comes with zeroconf
-        return "127.0.0.1"
 
 
 def _peer_address(writer) -> str:

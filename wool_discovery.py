@@ -366,8 +366,8 @@ LocalDiscovery = LocalDiscoveryService
 
 
 def _interface_addresses() -> list[str]:
-    """This machine's non-loopback IPv4 and IPv6 addresses (for a worker that
-    listens on every interface)."""
+    """This machine's IPv4 and IPv6 addresses, IPv4 first, without loopback
+    and link-local ones (what a worker on 0.0.0.0 announces)."""
     import ifaddr  # a dependency of zeroconf
 
     found = []
@@ -470,7 +470,8 @@ class LanDiscoveryService:
             if service is not None:
                 await (await self._zc.async_unregister_service(service))
             return
-        service = _to_service(info, [info.host])
+        wildcard = info.host in ("0.0.0.0", "::", "")
+        service = _to_service(info, _interface_addresses() if wildcard else [info.host])
         if info.uid in self._services:
             self._services[info.uid] = service
             await (await self._zc.async_update_service(service))
