@@ -7,6 +7,7 @@ import asyncio
 import contextvars
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -255,3 +256,17 @@ async def test_current_worker_is_none_in_the_caller_and_the_worker_in_a_task():
     assert wool.current_worker() is None
     async with wool.WorkerPool(size=1) as pool:
         assert await whoami() == pool.workers[0]
+
+
+@wool.work(timeout=0.1)
+async def stuck(marker: str):
+    time.sleep(3)  # blocks the worker's event loop: it cannot time the task out
+    Path(marker).touch()
+
+
+async def test_timeout_holds_when_the_worker_is_stuck_in_synchronous_code(tmp_path):
+    marker = tmp_path / "done"
+    async with wool.WorkerPool(size=1):
+        with pytest.raises(TimeoutError):
+            await stuck(str(marker))
+        assert not marker.exists()  # the caller did not wait for the worker

@@ -804,13 +804,16 @@ class WorkerPool:
     async def _run(self, fn, args, kwargs):
         body, definition = _dump_task(fn, args, kwargs, self.max_frame)
         task, exclude = Task(fn, args, kwargs), set()
-        deadline = time.monotonic() + self.wait
+        deadline, seconds = time.monotonic() + self.wait, _time_limit(fn)
         while True:
             conn = await self._connection(task, exclude, deadline)
             info = conn.info
             self._loads[info] += 1
             try:
-                kind, data = await conn.request(body, definition)
+                request = conn.request(body, definition)
+                if seconds is not None:  # the worker times out; this is in case
+                    request = asyncio.wait_for(request, seconds + 1.0)  # it is stuck
+                kind, data = await request
             except _NotAccepted:
                 exclude.add(info.uid)
                 continue
@@ -971,6 +974,12 @@ def _resolve(ref: tuple[str, str] | bytes) -> tuple[Callable, bool]:
     return fn, inspect.isasyncgenfunction(fn)
 
 
+def _time_limit(fn) -> float | None:
+    """Seconds a call of `fn` may run: wool.timeout() if set, else @work's."""
+    seconds = _timeout.get()
+    return fn.__wool_timeout__ if seconds is _MISSING else seconds
+
+
 def _pickle(parts: tuple, plain: bool) -> bytes:
     return pickle.dumps(parts, 5) if plain else cloudpickle.dumps(parts, protocol=5)
 
@@ -988,10 +997,7 @@ def _unpicklable_variable(values: dict | None) -> str:
 def _dump_task(fn, args, kwargs, max_frame: int) -> tuple[bytes, tuple | None]:
     """A TASK body: (function reference, args, kwargs, context, timeout), and
     the function's (id, definition) when it travels by value."""
-    context = _context_values()
-    seconds = _timeout.get()
-    if seconds is _MISSING:
-        seconds = fn.__wool_timeout__
+    context, seconds = _context_values(), _time_limit(fn)
     plain = _plain(args) and (not kwargs or _plain(kwargs))
     try:
         if context is not None:
