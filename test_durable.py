@@ -88,43 +88,40 @@ def namespace():
 # -- LAN discovery ------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def lan_pair(uid: str):
+    """A publisher and a subscriber that sees only worker `uid`, on 127.0.0.1."""
+    publisher = wool.LanDiscoveryService(interfaces=LOOPBACK)
+    events = wool.LanDiscoveryService(lambda w: w.uid == uid, interfaces=LOOPBACK)
+    events = events.subscribe()
+    try:
+        yield publisher, events
+    finally:
+        await events.aclose()
+        await publisher.close()
+
+
 async def test_lan_discovery_sees_added_updated_dropped():
     uid = uuid.uuid4().hex
     info = wool.WorkerInfo(uid, "127.0.0.1", 4242, os.getpid(), "0.1.0", {RUN, "a"})
-    publisher = wool.LanDiscoveryService(interfaces=LOOPBACK)
-    events = wool.LanDiscoveryService(
-        lambda w: w.uid == uid, interfaces=LOOPBACK
-    ).subscribe()
-    try:
+    updated = wool.WorkerInfo(uid, "127.0.0.1", 4242, os.getpid(), "0.1.0", {"b"}, True)
+    async with lan_pair(uid) as (publisher, events):
         await publisher.publish(wool.DiscoveryEvent("worker-added", info))
         assert await anext(events) == wool.DiscoveryEvent("worker-added", info)
-        updated = wool.WorkerInfo(
-            uid, "127.0.0.1", 4242, os.getpid(), "0.1.0", {RUN, "b"}, True
-        )
         await publisher.publish(wool.DiscoveryEvent("worker-updated", updated))
         assert await anext(events) == wool.DiscoveryEvent("worker-updated", updated)
         await publisher.publish(wool.DiscoveryEvent("worker-dropped", updated))
         assert await anext(events) == wool.DiscoveryEvent("worker-dropped", updated)
-    finally:
-        await events.aclose()
-        await publisher.close()
 
 
 async def test_lan_worker_on_every_interface_announces_its_addresses():
     uid = uuid.uuid4().hex
     info = wool.WorkerInfo(uid, "0.0.0.0", 4242, os.getpid(), "0.1.0", {RUN})
-    publisher = wool.LanDiscoveryService(interfaces=LOOPBACK)
-    events = wool.LanDiscoveryService(
-        lambda w: w.uid == uid, interfaces=LOOPBACK
-    ).subscribe()
-    try:
+    async with lan_pair(uid) as (publisher, events):
         await publisher.publish(wool.DiscoveryEvent("worker-added", info))
         event = await anext(events)
         assert event.info.host == wool_discovery._interface_addresses()[0] != "0.0.0.0"
         assert event.info.port == 4242
-    finally:
-        await events.aclose()
-        await publisher.close()
 
 
 def test_discovery_services_are_picklable_descriptions():
