@@ -482,3 +482,13 @@ async def test_custom_discovery_from_the_readme():
             while len(pool.workers) < 2:
                 await pool._changed.wait()
             assert {w.port for w in pool.workers} == {w1.info.port, w2.info.port}
+
+
+async def test_a_filter_that_raises_fails_calls_at_once_with_its_error(namespace):
+    async with wool.Worker(discovery=wool.LocalDiscoveryService(namespace)):
+        broken = wool.LocalDiscoveryService(namespace, filter=lambda w: w.tags["gpu"])
+        async with wool.WorkerPool(discovery=broken):
+            with pytest.raises(
+                wool.NoWorkersAvailable, match="discovery failed: .*TypeError"
+            ):
+                await add(1)

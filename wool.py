@@ -482,6 +482,7 @@ class WorkerPool:
         self._loads: dict[WorkerInfo, int] = {}  # what the balancer sees
         self._refused: dict[str, AuthenticationError] = {}  # uid -> why
         self._leased: set[str] = set()  # uids of admitted discovered workers
+        self._failed: dict[int, Exception] = {}  # source index -> why it failed
         self._changed = asyncio.Event()
         self._background: set[asyncio.Task] = set()
         self._token = None
@@ -658,22 +659,30 @@ class WorkerPool:
             self._spawn_task(self._follow(source, index))
 
     async def _follow(self, source, index: int):
-        async for event in source.subscribe():
-            info = event.info
-            if event.type == "worker-dropped":
-                self._listed.pop(info.uid, None)
-                self._refused.pop(info.uid, None)
-                if (conn := self._find(info.uid)) is not None:
-                    self._loads.pop(conn.info, None)  # no new tasks go there
-                    self._spawn_task(conn.retire())
-                self._notify()
-                continue
-            known = self._listed.get(info.uid)
-            self._listed[info.uid] = (info, index)
-            if known is None:
-                self._spawn_task(self._link(info.uid))
-            elif (conn := self._find(info.uid)) is not None and conn.info != info:
-                self._rekey(conn, info)
+        try:
+            async for event in source.subscribe():
+                self._learn(event, index)
+        except Exception as e:  # a broken filter, a missing zeroconf, ...
+            log.error("discovery %r failed: %r", source, e)
+            self._failed[index] = e
+            self._notify()
+
+    def _learn(self, event: DiscoveryEvent, index: int):
+        info = event.info
+        if event.type == "worker-dropped":
+            self._listed.pop(info.uid, None)
+            self._refused.pop(info.uid, None)
+            if (conn := self._find(info.uid)) is not None:
+                self._loads.pop(conn.info, None)  # no new tasks go there
+                self._spawn_task(conn.retire())
+            self._notify()
+            return
+        known = self._listed.get(info.uid)
+        self._listed[info.uid] = (info, index)
+        if known is None:
+            self._spawn_task(self._link(info.uid))
+        elif (conn := self._find(info.uid)) is not None and conn.info != info:
+            self._rekey(conn, info)
 
     def _find(self, uid: str) -> _Connection | None:
         return next((c for i, c in self._conns.items() if i.uid == uid), None)
@@ -762,6 +771,13 @@ class WorkerPool:
                 return conn
             if self._state not in (_State.READY, _State.STARTING):
                 raise NoWorkersAvailable(f"{self!r} is closed; call inside its block")
+            if self._failed and len(self._failed) == len(self._sources):
+                raise NoWorkersAvailable(
+                    f"no worker for {task.fn.__qualname__}(): discovery failed: "
+                    + "; ".join(
+                        f"{self._sources[i]!r}: {e!r}" for i, e in self._failed.items()
+                    )
+                )
             if self._refused and len(self._refused) >= len(self._listed):
                 raise AuthenticationError(
                     "every worker refused the key: "
