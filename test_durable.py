@@ -225,6 +225,18 @@ def test_cli_refuses_a_public_address_without_a_key():
     assert "--authkey-file" in result.stderr
 
 
+def test_cli_reports_a_missing_key_file():
+    result = subprocess.run(
+        [sys.executable, "-m", "wool", "worker", "--authkey-file", "/nonexistent/key"],
+        cwd=HERE, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        "wool worker: [Errno 2] No such file or directory: '/nonexistent/key'"
+        in result.stderr
+    )
+
+
 def test_cli_rejects_an_unknown_discovery():
     result = subprocess.run(
         [sys.executable, "-m", "wool", "ls", "--discovery", "dns"],

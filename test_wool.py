@@ -199,6 +199,20 @@ def test_pool_arguments_are_checked():
         wool.WorkerPool(size=1, authkey="secret")
     with pytest.raises(TypeError, match="not both"):
         wool.WorkerPool(size=1, spawn=2)
+    with pytest.raises(ValueError, match="max_tasks_per_worker must be >= 1"):
+        wool.WorkerPool(size=1, max_tasks_per_worker=0)
+    with pytest.raises(ValueError, match="timeout must be a number of seconds > 0"):
+        wool.work(timeout=0)
+    with pytest.raises(
+        TypeError, match=r"interfaces is a list of addresses, like \['127.0.0.1'\]"
+    ):
+        wool.LanDiscoveryService(interfaces="127.0.0.1")
+
+
+async def test_a_pool_cannot_be_entered_twice():
+    async with wool.WorkerPool(size=1) as pool:
+        with pytest.raises(RuntimeError, match="cannot be entered twice"):
+            await pool.__aenter__()
 
 
 async def test_result_comes_back(pool):

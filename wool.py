@@ -194,6 +194,8 @@ def work(fn: Callable[P, R] | None = None, /, *, timeout: float | None = None):
     On methods, `@work` is the innermost decorator (`@classmethod` above it).
     Raises TypeError at decoration time for anything but `async def`.
     """
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be a number of seconds > 0, not {timeout!r}")
     if fn is None:
         return functools.partial(work, timeout=timeout)
     if inspect.isasyncgenfunction(fn):
@@ -455,6 +457,10 @@ class WorkerPool:
             raise ValueError(f"size must be a whole number >= 0, not {size!r}")
         if lease is not None and lease < 0:
             raise ValueError(f"lease must be >= 0, not {lease!r}")
+        if max_tasks_per_worker is not None and max_tasks_per_worker < 1:
+            raise ValueError(
+                f"max_tasks_per_worker must be >= 1, not {max_tasks_per_worker!r}"
+            )
         if authkey is not None and not isinstance(authkey, bytes):
             raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}")
         self.tags = frozenset(tags)

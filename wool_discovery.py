@@ -433,6 +433,8 @@ class LanDiscoveryService:
     def __init__(
         self, filter: Callable[[WorkerInfo], bool] | None = None, *, interfaces=None
     ):
+        if isinstance(interfaces, str):
+            raise TypeError(f"interfaces is a list of addresses, like [{interfaces!r}]")
         self.filter = filter
         self.interfaces = interfaces
         self._zc = None  # this process's publishing zeroconf
