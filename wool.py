@@ -160,7 +160,7 @@ class _RemoteTraceback(Exception):
 
     def __init__(self, tb: str):
         super().__init__(tb)
-        self.tb = tb
+        self.tb = tb.rstrip("\n")
 
     def __str__(self):
         return self.tb
