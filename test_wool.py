@@ -319,7 +319,7 @@ async def test_a_task_naming_an_undefined_function_fails_alone(worker):
         worker.info, b"secret", None, b"", wool.MAX_FRAME
     )
     body = pickle.dumps((12345, (), {}, None, None))
-    kind, data = await conn.request(body, None)
+    kind, data = await conn.answer(*conn.start(body, None, False))
     assert kind == wool.ERROR
     with pytest.raises(wool.ProtocolError, match="function 12345 was never defined"):
         raise wool._load_error(data)

@@ -824,30 +824,40 @@ class WorkerPool:
         return ", ".join(sources)
 
     async def _run(self, fn, args, kwargs):
+        conn, rid, _, (kind, data) = await self._place(fn, args, kwargs, False)
+        conn.pending.pop(rid, None)
+        return _load_reply(kind, data, fn)
+
+    async def _place(self, fn, args, kwargs, generator: bool):
+        """Send a call to a worker that accepts it: (connection, request id,
+        call, first reply), the reply being a coroutine's result or a
+        generator's first step. Fails over to another worker while none has
+        accepted (unreachable, or REFUSED), for up to `wait` seconds."""
         body, definition = _dump_task(fn, args, kwargs, self.max_frame)
         task, exclude = Task(fn, args, kwargs), set()
-        deadline, seconds = time.monotonic() + self.wait, _time_limit(fn)
+        deadline = time.monotonic() + self.wait
+        seconds = None if generator else _time_limit(fn)
         while True:
             conn = await self._connection(task, exclude, deadline)
-            info = conn.info
+            info, rid, kind = conn.info, None, REFUSED
             self._loads[info] += 1
             try:
-                request = conn.request(body, definition)
+                rid, call = conn.start(body, definition, generator)
+                reply = conn.answer(rid, call)
                 if seconds is not None:  # the worker times out; this is in case
-                    request = asyncio.wait_for(request, seconds + 1.0)  # it is stuck
-                kind, data = await request
+                    reply = asyncio.wait_for(reply, seconds + 1.0)  # it is stuck
+                kind, data = await reply
             except _NotAccepted:
-                exclude.add(info.uid)
-                continue
+                pass
             finally:
                 if info in self._loads:
                     self._loads[info] -= 1
                 if self._waiting:  # a call may be waiting for room
                     self._notify()
-            if kind == REFUSED:
-                exclude.add(info.uid)
-                continue
-            return _load_reply(kind, data, fn)
+            if kind != REFUSED:
+                return conn, rid, call, (kind, data)
+            conn.pending.pop(rid, None)
+            exclude.add(info.uid)
 
 
 class _NestedPool:
@@ -1755,8 +1765,9 @@ class _Connection:
             await asyncio.wait([call.reply for call in self.pending.values()])
         self.close()
 
-    def start(self, body: bytes, definition: tuple | None) -> tuple[int, _Call]:
-        """Send a TASK (and, the first time, its function's DEFINE)."""
+    def start(self, body: bytes, definition: tuple | None, generator: bool):
+        """Send a TASK (the first time, its function's DEFINE before it; for a
+        generator, its first NEXT behind it): (request id, call)."""
         if self.lost is not None:
             raise _NotAccepted()
         if definition is not None and definition[0] not in self.defined:
@@ -1765,33 +1776,28 @@ class _Connection:
         rid = next(self.rids)
         call = self.pending[rid] = _Call(self.loop.create_future())
         self.out.send(TASK, rid, body)
+        if generator:
+            self.out.send(NEXT, rid)
         return rid, call
 
-    async def request(self, body: bytes, definition: tuple | None) -> tuple[int, bytes]:
-        """Send a TASK; its reply (kind, body). Cancelling cancels it remotely."""
-        rid, call = self.start(body, definition)
+    async def answer(self, rid: int, call: _Call) -> tuple[int, bytes]:
+        """The next reply (kind, body) to a request. Cancelling the caller
+        cancels the task on the worker."""
         try:
             return await call.reply
         except asyncio.CancelledError:
             self.cancel(rid)
             raise
-        finally:
-            self.pending.pop(rid, None)
 
     async def step(self, rid: int, call: _Call, kind: int, body: bytes = b""):
         """One generator step on an open request."""
-        if call.reply.done():
-            call.reply = self.loop.create_future()
         if self.lost is not None:
             raise WorkerLost(
                 f"lost worker {self.info.address} ({self.lost}) with the generator on it"
             )
+        call.reply = self.loop.create_future()
         self.out.send(kind, rid, body)
-        try:
-            return await call.reply
-        except asyncio.CancelledError:
-            self.cancel(rid)
-            raise
+        return await self.answer(rid, call)
 
     def cancel(self, rid: int):
         if self.pending.pop(rid, None) is not None and self.lost is None:
@@ -1822,27 +1828,13 @@ class _RemoteGenerator(collections.abc.AsyncGenerator):
             raise NoWorkersAvailable(_outside_pool(self._fn))
         if isinstance(pool, _NestedPool):
             pool = pool._pool()
-        fn, args, kwargs = self._fn, self._args, self._kwargs
-        body, definition = _dump_task(fn, args, kwargs, pool.max_frame)
-        task, exclude = Task(fn, args, kwargs), set()
-        deadline = time.monotonic() + pool.wait
-        while True:
-            conn = await pool._connection(task, exclude, deadline)
-            try:
-                rid, call = conn.start(body, definition)
-                reply = await conn.step(rid, call, NEXT)
-            except _NotAccepted:
-                exclude.add(conn.info.uid)
-                continue
-            if reply[0] == REFUSED:
-                conn.pending.pop(rid, None)
-                exclude.add(conn.info.uid)
-                continue
-            self._conn, self._rid, self._call = conn, rid, call
-            self._loads = pool._loads
-            if conn.info in self._loads:  # the balancer counts it in flight
-                self._loads[conn.info] += 1
-            return reply
+        conn, self._rid, self._call, reply = await pool._place(
+            self._fn, self._args, self._kwargs, True
+        )
+        self._conn, self._loads = conn, pool._loads
+        if conn.info in self._loads:  # the balancer counts it in flight
+            self._loads[conn.info] += 1
+        return reply
 
     async def _step(self, kind: int, body: bytes = b""):
         try:
