@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import wool
+from conftest import in_flight
 from test_wool import add, exists, wait_cancelled
 
 request_id = wool.ContextVar("test.request_id", default="none")
@@ -174,12 +175,12 @@ async def test_max_tasks_per_worker_bounds_concurrency():
 
 
 async def test_overload_beyond_the_wait_raises_no_workers_available(tmp_path):
-    async with wool.WorkerPool(size=2, max_tasks_per_worker=1, wait=0.3):
+    async with wool.WorkerPool(size=2, max_tasks_per_worker=1, wait=0.3) as pool:
         busy = [
             asyncio.ensure_future(wait_cancelled(str(tmp_path / f"m{i}")))
             for i in range(2)
         ]
-        await asyncio.sleep(0)
+        await in_flight(pool, 2)
         with pytest.raises(
             wool.NoWorkersAvailable,
             match=r"within 0.3 s: all 2 workers were full \(max_tasks_per_worker=1\)",
@@ -215,8 +216,7 @@ async def test_a_full_worker_refuses_before_accepting():
             second = wool.WorkerPool(discovery=local(namespace), wait=0.3)
             async with first, second:
                 for pool in (first, second):
-                    while not pool.workers:
-                        await pool._changed.wait()
+                    await pool.wait_for_workers(1)
                 global held
                 held = asyncio.Event()
                 busy = in_pool(first, hold())
@@ -242,11 +242,12 @@ async def whoami() -> wool.WorkerInfo:
 
 
 async def test_least_loaded_sends_work_away_from_a_busy_worker(tmp_path):
-    async with wool.WorkerPool(size=2, loadbalancer=wool.LeastLoadedLoadBalancer()):
+    balancer = wool.LeastLoadedLoadBalancer()
+    async with wool.WorkerPool(size=2, loadbalancer=balancer) as pool:
         started = tmp_path / "started"
         busy = asyncio.ensure_future(wait_cancelled(str(tmp_path / "m"), str(started)))
-        await asyncio.sleep(0)
-        busy_worker = next(w for w, n in wool._current_pool.get()._loads.items() if n)
+        await in_flight(pool)
+        busy_worker = next(i for i, c in pool._conns.items() if c.load)
         others = {(await whoami()).uid for _ in range(10)}
         assert others and busy_worker.uid not in others
         busy.cancel()

@@ -23,7 +23,8 @@ import pytest
 
 import wool
 import wool_discovery
-from test_wool import HERE, add
+from conftest import HERE, in_flight, until
+from test_wool import add
 
 RUN = f"run-{os.getpid()}"
 LOOPBACK = ["127.0.0.1"]
@@ -193,10 +194,12 @@ def test_sigterm_withdraws_drains_and_exits_zero(namespace):
 
 async def test_sigterm_lets_an_in_flight_task_finish(namespace):
     with cli_worker("--tag", RUN, "--discovery", f"local:{namespace}") as (proc, _):
-        async with wool.WorkerPool(discovery=wool.LocalDiscoveryService(namespace)):
+        async with wool.WorkerPool(
+            discovery=wool.LocalDiscoveryService(namespace)
+        ) as pool:
             assert await add(1) == 1  # connected
             call = asyncio.ensure_future(slow_add(2, 3))
-            await asyncio.sleep(0)  # one step: the TASK frame is sent
+            await in_flight(pool)
             assert await add(0) == 0  # ... and the worker has it
             proc.send_signal(signal.SIGTERM)
             assert await call == 5
@@ -261,10 +264,9 @@ async def test_pool_without_workers_names_what_it_waited_on(namespace):
 
 async def test_durable_pool_waits_for_a_worker_that_comes_later(namespace):
     discovery = wool.LocalDiscoveryService(namespace)
-    async with wool.WorkerPool(discovery=discovery):
+    async with wool.WorkerPool(discovery=discovery) as pool:
         call = asyncio.ensure_future(add(40, 2))
-        await asyncio.sleep(0)
-        assert not call.done()
+        await until(lambda: pool._waiting == 1)  # the call waits for a worker
         async with wool.Worker(discovery=wool.LocalDiscoveryService(namespace)):
             assert await call == 42
 
@@ -281,8 +283,7 @@ async def test_hybrid_pool_with_lease(namespace):
         async with wool.WorkerPool(
             "spawned", size=1, discovery=discovery, lease=2
         ) as pool:
-            while len(pool.workers) < 3:
-                await pool._changed.wait()
+            await pool.wait_for_workers(3)
             pids = {w.pid for w in pool.workers}
             spawned = [w for w in pool.workers if "spawned" in w.tags]
             assert len(spawned) == 1 and spawned[0].pid != os.getpid()
@@ -323,8 +324,7 @@ async def test_killed_worker_is_dropped_and_a_new_one_admitted(namespace):
                 assert pid == proc.pid
                 proc.kill()
                 proc.wait()
-            while any(w.uid == uid for w in pool.workers):  # the connection says so
-                await pool._changed.wait()
+            await until(lambda: all(w.uid != uid for w in pool.workers))
 
 
 # -- TLS ---------------------------------------------------------------------------
@@ -446,7 +446,8 @@ async def test_mutual_tls_accepts_the_right_certificates_and_refuses_others(
                 asyncio.IncompleteReadError,
             )
         ):
-            await wool._Connection.open(info, b"", no_cert, b"", wool.MAX_FRAME)
+            source = wool._Source(None, b"", no_cert)
+            await wool._Connection.open(info, source, b"", wool.MAX_FRAME, None)
         reader, writer = await asyncio.open_connection(
             info.host, info.port
         )  # plain TCP
@@ -491,8 +492,7 @@ async def test_custom_discovery_from_the_readme():
         fixed = FixedWorkers(w1.info.address, w2.info.address)
         async with wool.WorkerPool(discovery=fixed, authkey=b"k") as pool:
             assert await nested_add(2, 3) == 5  # nested: the worker opens `fixed` too
-            while len(pool.workers) < 2:
-                await pool._changed.wait()
+            await pool.wait_for_workers(2)
             assert {w.port for w in pool.workers} == {w1.info.port, w2.info.port}
 
 

@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from test_wool import HERE
+from conftest import HERE
 
 RUN = f"run-{os.getpid()}"
 pytestmark = [
@@ -117,12 +117,11 @@ async def main():
         while command := (await stdin.readline()).split():
             verb, n = command[0].decode(), int(command[1])
             if verb == "workers":  # wait until exactly n workers are connected
-                while len(pool.workers) != n:
-                    await pool._changed.wait()
+                await pool._until(lambda: len(pool.workers) == n, 60)
                 hosts = [w.host for w in pool.workers]
             elif verb == "hang":  # n calls that never return, one per worker
                 hanging = [asyncio.ensure_future(forever()) for _ in range(n)]
-                await asyncio.sleep(0)
+                await pool._until(lambda: sum(c.load for c in pool._conns.values()) == n, 10)
                 hosts = [w.host for w in pool.workers]
             elif verb == "lost":  # wait for n hanging calls to fail; how, how fast
                 start = loop.time()

@@ -12,7 +12,6 @@ import asyncio
 import inspect
 import os
 import pickle
-import select
 import signal
 import socket
 import subprocess
@@ -23,8 +22,10 @@ from pathlib import Path
 import pytest
 
 import wool
-
-HERE = Path(__file__).parent
+from conftest import (
+    HERE, KEY, Session, Transport, alive, decode, frame, in_flight, run_script,
+    segment, wait_exit,
+)  # fmt: skip
 
 
 # -- Task functions (importable, so workers find them by reference) ------------
@@ -133,34 +134,6 @@ def make_multiplier(k: int):
 async def pool():
     async with wool.WorkerPool(size=2) as pool:
         yield pool
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, dead but not yet reaped, does not)."""
-    try:
-        status = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):  # reaped, or being reaped
-        return False
-    return status != "Z"
-
-
-def wait_exit(pid: int, timeout: float = 30):
-    """Wait for any process (not only a child) to exit: its pidfd turns readable."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        assert select.select([fd], [], [], timeout)[0], f"pid {pid} still runs"
-    finally:
-        os.close(fd)
-
-
-def run_script(code: str, *args, timeout=30) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        capture_output=True, text=True, timeout=timeout, cwd=HERE,
-    )  # fmt: skip
 
 
 # -- The public API --------------------------------------------------------------
@@ -315,15 +288,15 @@ async def test_closures_travel_by_value_defined_once_per_connection():
 
 
 async def test_a_task_naming_an_undefined_function_fails_alone(worker):
-    conn = await wool._Connection.open(
-        worker.info, b"secret", None, b"", wool.MAX_FRAME
-    )
-    body = pickle.dumps((12345, (), {}, None, None))
-    kind, data = await conn.answer(*conn.start(body, None, False))
-    assert kind == wool.ERROR
+    session = await Session.open(worker.info, b"secret")
+    session.send(wool.HELLO, 0, pickle.dumps(([], False)))
+    session.send(wool.TASK, 1, pickle.dumps((12345, (), {}, None, None)))
+    assert await session.read() == (wool.ACCEPTED, 1, b"")
+    kind, rid, data = await session.read()
+    assert (kind, rid) == (wool.ERROR, 1)
     with pytest.raises(wool.ProtocolError, match="function 12345 was never defined"):
         raise wool._load_error(data)
-    conn.close()
+    session.writer.close()
 
 
 def test_functions_in_main_travel_by_value():
@@ -369,9 +342,9 @@ async def test_cancelling_the_caller_cancels_the_task_on_the_worker(tmp_path):
     # One worker, one connection: frames are handled in the order they were
     # sent, so each `exists` call observes the effect of the frames before it.
     marker, started = tmp_path / "marker", tmp_path / "started"
-    async with wool.WorkerPool(size=1):
+    async with wool.WorkerPool(size=1) as pool:
         call = asyncio.ensure_future(wait_cancelled(str(marker), str(started)))
-        await asyncio.sleep(0)  # one step: `call` sends its TASK frame
+        await in_flight(pool)
         assert await exists(str(started))
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -393,10 +366,11 @@ async def test_timeout_cancels_the_task_on_the_worker(tmp_path):
 class Recording(wool.RoundRobinLoadBalancer):
     def __init__(self):
         super().__init__()
-        self.seen = []
+        self.seen, self.selected = [], asyncio.Event()
 
     def select(self, workers, task):
         self.seen.append((dict(workers), task.fn.__name__))
+        self.selected.set()
         return super().select(workers, task)
 
 
@@ -404,7 +378,7 @@ async def test_custom_load_balancer_sees_workers_and_in_flight_counts(tmp_path):
     balancer = Recording()
     async with wool.WorkerPool(size=2, loadbalancer=balancer) as pool:
         busy = asyncio.ensure_future(wait_cancelled(str(tmp_path / "m")))
-        await asyncio.sleep(0)  # one step: `busy` is in flight
+        await balancer.selected.wait()  # `busy` is in flight
         assert await add(1, 2) == 3
         assert set(balancer.seen[1][0]) == set(pool.workers)
         busy.cancel()
@@ -425,45 +399,76 @@ async def test_balancer_that_returns_a_stranger_gets_a_clear_error():
             await add(1)
 
 
-async def test_worker_dead_before_accepting_fails_over_and_balancer_is_asked_again():
-    class First:
+class OnlyUid:
+    """A discovery filter: the one worker with this uid."""
+
+    def __init__(self, uid: str):
+        self.uid = uid
+
+    def __call__(self, info: wool.WorkerInfo) -> bool:
+        return info.uid == self.uid
+
+
+HELD: dict[str, asyncio.Event] = {}  # for tasks on in-process workers
+
+
+@wool.work
+async def hold(name: str):
+    HELD[name].set()
+    await asyncio.Event().wait()
+
+
+@wool.work
+async def where_am_i() -> str:
+    return wool.current_worker().uid
+
+
+async def test_refused_task_goes_to_another_worker_and_balancer_is_asked_again():
+    class PreferFull:
         def __init__(self):
             self.seen = []
 
         def select(self, workers, task):
-            self.seen.append(list(workers))
-            return min(workers, key=lambda w: w.pid != self.victim)
+            self.seen.append({w.uid for w in workers})
+            return min(workers, key=lambda w: w.uid != full.uid)
 
-    balancer = First()
-    async with wool.WorkerPool(size=2, loadbalancer=balancer) as pool:
-        victim = pool.workers[0]
-        balancer.victim = victim.pid
-        os.kill(victim.pid, signal.SIGKILL)
-        while alive(victim.pid):  # no await: the pool has not noticed yet
-            pass
-        assert await add(20, 22) == 42
-    assert victim in balancer.seen[0]
-    assert victim not in balancer.seen[1]
+    namespace, local = f"t{os.getpid()}f", wool.LocalDiscoveryService
+    balancer, HELD["full"] = PreferFull(), asyncio.Event()
+    try:
+        async with (
+            wool.Worker(max_tasks=1, discovery=local(namespace)) as full,
+            wool.Worker(discovery=local(namespace)) as other,
+            wool.WorkerPool(discovery=local(namespace, filter=OnlyUid(full.uid))),
+        ):
+            held = asyncio.ensure_future(hold("full"))  # another caller's task
+            await HELD["full"].wait()
+            async with wool.WorkerPool(
+                discovery=local(namespace), loadbalancer=balancer
+            ) as pool:
+                await pool.wait_for_workers(2)
+                assert await where_am_i() == other.uid  # `full` refused it
+            held.cancel()
+    finally:
+        Path(f"/dev/shm/wool-{namespace}").unlink(missing_ok=True)
+    assert balancer.seen == [{full.uid, other.uid}, {other.uid}]  # asked again
 
 
 async def test_leaving_the_pool_leaves_no_process_or_shared_memory():
-    before = set(os.listdir("/dev/shm"))
     async with wool.WorkerPool(size=2) as pool:
         pids = [w.pid for w in pool.workers]
-        assert len(set(os.listdir("/dev/shm")) - before) == 1
+        assert segment(pool).exists()
     assert not any(alive(p) for p in pids)
-    assert set(os.listdir("/dev/shm")) - before == set()
+    assert not segment(pool).exists()
     assert repr(pool) == "<WorkerPool stopped 0/2>"
 
 
 async def test_leaving_the_pool_by_exception_cleans_up_too():
-    before = set(os.listdir("/dev/shm"))
     with pytest.raises(Boom):
         async with wool.WorkerPool(size=2) as pool:
             pids = [w.pid for w in pool.workers]
             raise Boom()
     assert not any(alive(p) for p in pids)
-    assert set(os.listdir("/dev/shm")) - before == set()
+    assert not segment(pool).exists()
 
 
 def test_killed_caller_leaves_no_worker_behind():
@@ -486,54 +491,26 @@ def test_killed_caller_leaves_no_worker_behind():
 # -- Frames ------------------------------------------------------------------------
 
 
-class Transport:
-    """What _Frames needs of a transport; records what it was told."""
-
-    paused = aborted = False
-
-    def pause_reading(self):
-        self.paused = True
-
-    def resume_reading(self):
-        self.paused = False
-
-    def abort(self):
-        self.aborted = True
-
-
-def decode(chunks, max_frame=wool.MAX_FRAME, frames=None):
-    """Feed byte chunks to a _Frames, then EOF: (frames, error, transport)."""
-    frames = frames if frames is not None else []
-    lost, transport = [], Transport()
-    protocol = wool._Frames(
-        transport, max_frame, lambda *f: frames.append(f), lost.append
-    )
-    for chunk in chunks:
-        while chunk and not lost:
-            buffer = protocol.get_buffer(-1)
-            n = min(len(buffer), len(chunk))
-            buffer[:n], chunk = chunk[:n], chunk[n:]
-            protocol.buffer_updated(n)
-    if not lost:
-        protocol.eof_received()
-        protocol.connection_lost(None)
-    return frames, lost[0], transport
-
-
 def bytewise(data: bytes) -> list[bytes]:
     return [data[i : i + 1] for i in range(len(data))]
 
 
+def sealed(*frames) -> bytes:
+    """(kind, rid, body) frames as one sender (session key KEY) writes them."""
+    seal = wool._Seal(KEY)
+    return b"".join(frame(kind, rid, body, seal) for kind, rid, body in frames)
+
+
 def test_frame_split_across_reads_decodes_once():
     body = pickle.dumps({"x": list(range(100))})
-    data = wool.encode(wool.TASK, 7, body) + wool.encode(wool.CANCEL, 8)
+    data = sealed((wool.TASK, 7, body), (wool.CANCEL, 8, b""))
     frames, error, _ = decode(bytewise(data))
     assert frames == [(wool.TASK, 7, body), (wool.CANCEL, 8, b"")] and error is None
 
 
 def test_large_body_is_received_into_its_own_buffer():
     body = os.urandom(wool.LARGE * 3 + 5)
-    data = wool.encode(wool.RESULT, 1, body) + wool.encode(wool.STOP, 2)
+    data = sealed((wool.RESULT, 1, body), (wool.STOP, 2, b""))
     for size in (1000, 4096, len(data)):
         chunks = [data[i : i + size] for i in range(0, len(data), size)]
         frames, error, _ = decode(chunks)
@@ -541,14 +518,28 @@ def test_large_body_is_received_into_its_own_buffer():
         assert type(frames[0][2]) is bytearray  # the buffer the kernel filled
 
 
+@pytest.mark.parametrize("size", [10, wool.LARGE * 2])
+def test_altered_frames_fail_their_mac_check_before_delivery(size):
+    one, two = (wool.RESULT, 1, b"x" * size), (wool.STOP, 2, b"")
+    data = sealed(one, two)
+    flipped = bytearray(data)
+    flipped[wool.HEADER.size + size // 2] ^= 1  # one bit of the first body
+    replayed = sealed(one) * 2  # the same frame again
+    swapped = data[len(sealed(one)) :] + data[: len(sealed(one))]  # reordered
+    forged = frame(*one, seal=wool._Seal(b"another key"))
+    for bad in (flipped, replayed, swapped, forged):
+        frames, error, transport = decode([bytes(bad)])
+        assert str(error).startswith("a frame failed its MAC check")
+        assert frames[:1] in ([], [one]) and transport.aborted
+        assert len(frames) <= (bad is replayed)
+
+
 def test_eof_inside_header_or_body_is_a_protocol_error():
-    frame = wool.encode(wool.RESULT, 1, b"x" * 10)
-    _, error, _ = decode([frame[:5]])
-    assert isinstance(error, wool.ProtocolError) and "inside a frame header" in str(
-        error
-    )
-    _, error, _ = decode([frame[:-3]])
-    assert "inside a frame of 10 bytes" in str(error)
+    data = sealed((wool.RESULT, 1, b"x" * 10))
+    _, error, _ = decode([data[:5]])
+    assert str(error) == "stream ended inside a frame header"
+    _, error, _ = decode([data[:-3]])
+    assert str(error) == "stream ended inside a frame of 10 bytes"
 
 
 def test_oversized_frame_is_refused_before_its_body_is_read():
@@ -560,8 +551,10 @@ def test_oversized_frame_is_refused_before_its_body_is_read():
 
 def test_held_frames_wait_for_release():
     frames, lost, transport = [], [], Transport()
-    protocol = wool._Frames(transport, 1024, lambda *f: frames.append(f), lost.append)
-    data = wool.encode(wool.CANCEL, 1) + wool.encode(wool.CANCEL, 2)
+    protocol = wool._Frames(
+        transport, 1024, wool._Seal(KEY), lambda *f: frames.append(f), lost.append, None
+    )
+    data = sealed((wool.CANCEL, 1, b""), (wool.CANCEL, 2, b""))
     protocol.hold()
     protocol.get_buffer(-1)[: len(data)] = data
     protocol.buffer_updated(len(data))
@@ -596,14 +589,15 @@ async def test_connection_without_the_key_never_unpickles(worker, tmp_path):
     reader, writer = await asyncio.open_connection(worker.info.host, worker.info.port)
     await reader.readexactly(len(wool.MAGIC) + wool.NONCE)
     payload = pickle.dumps(Evil())
-    writer.write(wool.encode(wool.TASK, 1, payload) * 10)  # skips the handshake
+    writer.write(frame(wool.TASK, 1, payload) * 10)  # skips the handshake
     assert await reader.read() in (b"", b"-")
     assert not marker.exists()
 
 
 async def test_wrong_key_is_refused_with_a_clear_error(worker):
     with pytest.raises(wool.AuthenticationError, match="refused the key"):
-        await wool._Connection.open(worker.info, b"wrong", None, b"", wool.MAX_FRAME)
+        source = wool._Source(None, b"wrong", None)
+        await wool._Connection.open(worker.info, source, b"", wool.MAX_FRAME, None)
 
 
 async def test_pool_with_the_wrong_key_raises_authentication_error(tmp_path):
@@ -708,7 +702,7 @@ async def test_local_discovery_sees_added_updated_dropped_and_stale():
 def test_attaching_process_never_unlinks_or_warns():
     namespace = f"t{os.getpid()}r"
     service = wool.LocalDiscoveryService(namespace)
-    service._create()
+    service.create_segment()
     try:
         result = run_script(
             f"""
@@ -726,7 +720,7 @@ def test_attaching_process_never_unlinks_or_warns():
         assert "leaked" not in result.stderr and "resource_tracker" not in result.stderr
         assert Path(f"/dev/shm/wool-{namespace}").exists()
     finally:
-        service._unlink()
+        service.remove_segment()
 
 
 def test_bad_namespace_and_oversized_record_are_refused():

@@ -11,18 +11,19 @@
 
 How a call travels (one TCP connection per pool and worker, many tasks on it):
 
-    caller ------ HELLO, DEFINE, TASK, NEXT/THROW/CLOSE, CANCEL ------> worker
-      ^  <----------- ACCEPTED | REFUSED, RESULT | ERROR | STOP ------'  |
-      '-- WorkerPool <- discovery (shared memory, mDNS) <- publish ------'
+    caller ---- HELLO, DEFINE, TASK | STREAM, NEXT/THROW/CLOSE, CANCEL ---> worker
+      ^  <--- ACCEPTED | REFUSED, RESULT | ERROR | STOP, GOODBYE ----------'  |
+      '-- WorkerPool <- discovery (shared memory, mDNS) <- publish ----------'
 
-Each frame is a fixed header (body length, kind, request id) and a pickle
-body. A connection opens with an HMAC challenge-response on a shared key:
-nothing is unpickled before the peer proved it holds the key.
+Each frame is a fixed header (body length, kind, request id), a pickle body
+and a MAC. A connection opens with an HMAC challenge-response on a shared
+key; every frame after it carries a MAC under a key of that session alone,
+checked before its body is unpickled.
 
 Sections, top-down: errors; the public API (`work`, `timeout`, `ContextVar`,
 `WorkerPool`, load balancers); frames (pure); streams (handshake, receiving,
-sending); the worker; pool internals (connections, calls, generators); entry
-points (spawned worker, CLI, demo).
+sending); the worker; pool internals (spawned processes, connections,
+generators); entry points (spawned worker, CLI, demo).
 
 Version 0.1.0. Licensed Apache-2.0. https://github.com/wool-labs/wool
 """
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import collections.abc
 import contextlib
 import contextvars
@@ -49,8 +51,10 @@ import socket
 import ssl
 import struct
 import sys
+import threading
 import time
 import traceback
+import types
 import uuid
 import weakref
 from collections.abc import Callable, Mapping
@@ -96,13 +100,23 @@ __version__ = "0.1.0"
 
 MAX_FRAME = 256 * 2**20  # bytes in one frame; larger data belongs in a file
 HANDSHAKE_TIMEOUT = 5.0  # seconds a new connection has to authenticate
+MAX_HANDSHAKES = 64  # unauthenticated connections a worker holds; the oldest yields
+MAX_CONNECTIONS = 1024  # authenticated connections per worker; more are closed
+LISTEN_BACKLOG = 1024  # connections the kernel queues before the worker takes them
 WAIT = 30.0  # seconds a call waits for a worker to appear before giving up
 GRACE = 5.0  # seconds in-flight tasks get to finish when a worker stops
+PATIENCE = 1.0  # seconds a peer gets to close, or a stuck worker to answer, first
 KEEPALIVE = 1.0  # seconds of silence before the kernel probes a peer ...
 DEAD_AFTER = 3.0  # ... and seconds without an answer before the link is dead
-MAX_CONNECTIONS = 1024  # per worker; more are closed at once
-HIGH_WATER = 4 * 2**20  # unsent reply bytes at which a worker stops reading
-RESPAWNS_PER_MINUTE = 10  # per pool, so a task that kills workers cannot fork-bomb
+HIGH_WATER = 4 * 2**20  # unsent bytes at which a connection holds its frames back
+ACCEPT_BURST = 16  # tasks a worker takes from one connection before they get to run
+MAX_DEFINED = 64 * 2**20  # bytes of functions one connection may define (DEFINE)
+RECONNECT = (0.05, 2.0)  # seconds between tries to reach a listed worker, doubling
+ASK_AGAIN = (0.01, 1.0)  # seconds before asking full workers again, doubling
+RESPAWNS = 10  # replacements per RESPAWN_WINDOW, so a task that kills workers ...
+RESPAWN_WINDOW = 60.0  # ... cannot fork-bomb; past the bound they wait their turn
+LOG_BURST = 5  # warnings about one peer host per LOG_WINDOW; the rest are counted
+LOG_WINDOW = 60.0
 
 log = logging.getLogger("wool")
 
@@ -129,8 +143,8 @@ class NoWorkersAvailable(WoolError):
 
 
 class WorkerLost(WoolError):
-    """The worker's connection died after it accepted the task. The task may
-    or may not have run; wool does not run it again (at-most-once)."""
+    """The worker's connection died after the task was sent to it. The task
+    may or may not have run; wool does not run it again (at-most-once)."""
 
 
 class AuthenticationError(WoolError):
@@ -166,8 +180,8 @@ class _RemoteTraceback(Exception):
         return self.tb
 
 
-class _NotAccepted(Exception):
-    """Internal: the worker never accepted the task, so another one may run it."""
+class _NotSent(Exception):
+    """Internal: the task provably never reached the worker; another may run it."""
 
 
 # -- The public API: work, WorkerPool, load balancers ----------------------------
@@ -179,7 +193,7 @@ def work(fn: Callable[P, R], /) -> Callable[P, R]: ...
 def work(
     *, timeout: float | None = None
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
-def work(fn: Callable[P, R] | None = None, /, *, timeout: float | None = None):
+def work(fn=None, /, *, timeout=None):
     """Make an async function (or async generator) run as a task on a worker.
 
     Calling the result returns what the function would: a coroutine, which
@@ -198,6 +212,7 @@ def work(fn: Callable[P, R] | None = None, /, *, timeout: float | None = None):
         raise ValueError(f"timeout must be a number of seconds > 0, not {timeout!r}")
     if fn is None:
         return functools.partial(work, timeout=timeout)
+    wrapper: Any
     if inspect.isasyncgenfunction(fn):
 
         @functools.wraps(fn)
@@ -229,10 +244,19 @@ routine = work  # the upstream project's name
 # The wrappers above name nothing but module-level functions and classes, so
 # a closure's wrapper pickles by value without dragging module state along.
 async def _dispatch(fn, args, kwargs):
+    return await _pool_for(fn)._run(fn, args, kwargs)
+
+
+def _pool_for(fn) -> WorkerPool:
+    """The pool a call of `fn` goes to: the current one, or in a worker the
+    one that sent the running task."""
     pool = _current_pool.get()
     if pool is None:
-        raise NoWorkersAvailable(_outside_pool(fn))
-    return await pool._run(fn, args, kwargs)
+        raise NoWorkersAvailable(
+            f"{fn.__qualname__}() was called outside a WorkerPool; call it inside "
+            "`async with wool.WorkerPool():`"
+        )
+    return pool if isinstance(pool, WorkerPool) else pool.get()
 
 
 def current_worker() -> WorkerInfo | None:
@@ -359,9 +383,9 @@ class RoundRobinLoadBalancer:
     """Send each task to the next worker in turn.
 
     A load balancer is any object with `select(workers, task)` returning one
-    key of `workers`: a mapping of the connected workers' WorkerInfo to the
-    number of this caller's tasks in flight on each. When the chosen worker
-    fails before accepting the task, the pool asks again without it:
+    key of `workers`: a read-only mapping of the connected workers' WorkerInfo
+    to the number of this caller's tasks in flight on each. When the chosen
+    worker fails before accepting the task, the pool asks again without it:
 
         class PreferGpu:
             def select(self, workers, task):
@@ -386,6 +410,9 @@ class LeastLoadedLoadBalancer:
 
 
 class _State(enum.Enum):
+    """The lifecycle of a pool or a worker: new -> starting -> ready ->
+    stopping -> stopped, each once."""
+
     NEW = "new"
     STARTING = "starting"
     READY = "ready"
@@ -397,13 +424,6 @@ _current_pool: contextvars.ContextVar[WorkerPool | _NestedPool | None]
 _current_pool = contextvars.ContextVar("wool.pool", default=None)
 _current_worker: contextvars.ContextVar[WorkerInfo | None]
 _current_worker = contextvars.ContextVar("wool.worker", default=None)
-
-
-def _outside_pool(fn) -> str:
-    return (
-        f"{fn.__qualname__}() was called outside a WorkerPool; call it inside "
-        "`async with wool.WorkerPool():`"
-    )
 
 
 class WorkerPool:
@@ -420,17 +440,24 @@ class WorkerPool:
     A call waits up to `wait` seconds for a worker to appear.
 
     Resource handling: spawned workers get `authkey` (else WOOL_AUTHKEY, else
-    a fresh random key), never published; leaving the block stops them gracefully (in-flight tasks
-    get `grace` seconds), kills stragglers, and removes the pool's shared
-    memory, also when the block raised or was cancelled. A spawned worker
-    that dies is replaced, at most RESPAWNS_PER_MINUTE times a minute.
+    a fresh random key), never published; leaving the block stops them
+    gracefully (in-flight tasks get `grace` seconds), kills stragglers, and
+    removes the pool's shared memory, also when the block raised or was
+    cancelled. A spawned worker that dies is replaced, at most RESPAWNS times
+    per RESPAWN_WINDOW; past that, when the window allows.
 
-    Error handling: a task goes to another worker when its worker could not
-    be reached or refused it before accepting. Once accepted it is never run
-    again by wool: if the worker dies the caller gets WorkerLost. With no
-    worker after `wait` seconds a call raises NoWorkersAvailable; when every
-    worker refused the key, AuthenticationError.
+    Error handling: a task goes to another worker only when it provably did
+    not start where it was sent (the worker refused it, or it never left this
+    process). Otherwise it is never run again by wool: if the connection dies
+    the caller gets WorkerLost. With no worker after `wait` seconds a call
+    raises NoWorkersAvailable; when every worker refused the key,
+    AuthenticationError.
     """
+
+    # Rules: each listed worker has one _link task, the only code that opens,
+    # registers (self._conns) and forgets its connection. A connection owns
+    # its calls in flight; the balancer sees their counts through a read-only
+    # snapshot. Discovery events change self._listed, nothing else.
 
     def __init__(
         self,
@@ -463,7 +490,7 @@ class WorkerPool:
             )
         if authkey is not None and not isinstance(authkey, bytes):
             raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}")
-        self.tags = frozenset(tags)
+        self.tags = _check_tags(tags, "WorkerPool")
         self.size = size or 0
         self.discovery = discovery
         self.lease = lease
@@ -475,34 +502,36 @@ class WorkerPool:
         self.max_frame = max_frame
         self.max_tasks_per_worker = max_tasks_per_worker
         self._state = _State.NEW
-        self._waiting = 0  # calls waiting for a worker with room
-        self._local: LocalDiscoveryService | None = None  # spawned workers' namespace
-        self._spawn_key = authkey
-        self._procs: set[asyncio.subprocess.Process] = set()
-        self._respawns: list[float] = []
-        self._failed_start: int | None = (
-            None  # exit code of a worker that could not start
-        )
-        self._listed: dict[str, tuple[WorkerInfo, int]] = {}  # uid -> info, source
-        self._conns: dict[WorkerInfo, _Connection] = {}
-        self._loads: dict[WorkerInfo, int] = {}  # what the balancer sees
+        self._spawner: _Spawner | None = None
+        self._sources: list[_Source] = []
+        self._hello = b""  # HELLO: the sources, for the workers' nested calls
+        self._listed: dict[str, tuple[WorkerInfo, _Source]] = {}  # by uid
+        self._conns: dict[WorkerInfo, _Connection] = {}  # open; only _link edits
         self._refused: dict[str, AuthenticationError] = {}  # uid -> why
         self._leased: set[str] = set()  # uids of admitted discovered workers
-        self._failed: dict[int, Exception] = {}  # source index -> why it failed
-        self._changed = asyncio.Event()
+        self._failed: dict[int, Exception] = {}  # id(source) -> why it failed
+        self._changed = asyncio.Event()  # replaced by _notify() on each change
+        self._waiting = 0  # calls waiting for a worker, or for room on one
         self._background: set[asyncio.Task] = set()
-        self._token = None
-        self._hello = b""
-        self._sources: list = []
+        self._token: contextvars.Token | None = None
+
+    @classmethod
+    def _nested(cls, services: list, key: bytes, ssl) -> WorkerPool:
+        """A worker's pool for nested calls: the discovery services a caller's
+        HELLO named, reached with the worker's own key and TLS settings."""
+        pool = cls(size=0, authkey=key, ssl=ssl)
+        pool._open([_Source(s, key, ssl) for s in services], _pickle((services, True)))
+        pool._state = _State.READY
+        return pool
 
     def __repr__(self):
         expected = f"/{self.size}" if self.size and not self.discovery else ""
-        return f"<WorkerPool {self._state.value} {len(self._conns)}{expected}>"
+        return f"<WorkerPool {self._state.value} {len(self.workers)}{expected}>"
 
     @property
     def workers(self) -> list[WorkerInfo]:
-        """The workers this pool is connected to now."""
-        return list(self._conns)
+        """The workers this pool is connected to and sends tasks to now."""
+        return [info for info, conn in self._conns.items() if not conn.retiring]
 
     async def __aenter__(self) -> Self:
         if self._state is not _State.NEW:
@@ -510,7 +539,17 @@ class WorkerPool:
         self._state = _State.STARTING
         self._token = _current_pool.set(self)
         try:
-            await self._start()
+            sources = []
+            if self.size:
+                self._spawner = _Spawner(self)
+                key, service = self._spawner.key, self._spawner.service
+                sources.append(_Source(service, key, None, False))  # loopback only
+            if self.discovery is not None:
+                sources.append(_Source(self.discovery, _authkey(self.authkey), self.ssl))
+            self._open(sources, _pickle(([s.service for s in sources], False)))
+            if self._spawner is not None:
+                await self._spawner.start()
+                await self._wait_spawned(self._spawner)
         except BaseException:
             await self._stop()
             raise
@@ -520,38 +559,72 @@ class WorkerPool:
     async def __aexit__(self, *exc_info):
         await self._stop()
 
-    async def _start(self):
-        if self.size:
-            self._local = LocalDiscoveryService(f"p{uuid.uuid4().hex[:12]}")
-            self._local._create()
-            self._spawn_key = _authkey(self.authkey) or secrets.token_bytes(32)
-            self._sources.append(self._local)
-        if self.discovery is not None:
-            self._sources.append(self.discovery)
-        self._hello = _dumps(self._sources)
-        self._discover()
-        if self.size:
-            await asyncio.gather(*(self._spawn() for _ in range(self.size)))
-            await self._wait_spawned()
+    async def wait_for_workers(
+        self, n: int = 1, timeout: float | None = None
+    ) -> list[WorkerInfo]:
+        """The connected workers' WorkerInfo, once at least `n` are connected.
 
-    async def _wait_spawned(self):
-        """Ready when every spawned worker is connected."""
+        Raises NoWorkersAvailable after `timeout` seconds (default: the pool's
+        `wait`), saying how many of `n` were found, or at once when the pool
+        is not running.
+        """
+        seconds = self.wait if timeout is None else timeout
         try:
-            async with asyncio.timeout(self.wait):
-                while sum(1 for i in self._conns if i.pid in self._pids()) < self.size:
-                    if self._failed_start is not None:
-                        raise RuntimeError(
-                            f"a spawned worker exited with code {self._failed_start} "
-                            "as it started; its error is on stderr"
-                        )
+            await self._until(lambda: len(self.workers) >= n, seconds)
+        except TimeoutError:
+            raise NoWorkersAvailable(
+                f"{len(self.workers)} of {n} workers connected within {seconds:g} s;"
+                f" waited on {self._waited_on()}"
+            ) from None
+        return self.workers
+
+    async def _until(self, ready: Callable[[], bool], seconds: float):
+        """Wait until `ready()`, rechecked at each change of the pool; raises
+        TimeoutError after `seconds`."""
+        deadline = time.monotonic() + seconds
+        while not ready():
+            if self._state not in (_State.STARTING, _State.READY):
+                raise NoWorkersAvailable(f"{self!r} is not running")
+            if (left := deadline - time.monotonic()) <= 0:
+                raise TimeoutError
+            await self._wait_change(left)
+
+    async def _wait_change(self, seconds: float):
+        """Until the pool changes (a worker came or went, a call ended), or
+        `seconds` passed."""
+        self._waiting += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
                     await self._changed.wait()
+        finally:
+            self._waiting -= 1
+
+    async def _wait_spawned(self, spawner: _Spawner):
+        """Ready when every spawned worker is connected."""
+
+        def ready():
+            pids = spawner.pids()
+            connected = sum(1 for info in self.workers if info.pid in pids)
+            return spawner.failed is not None or connected >= self.size
+
+        try:
+            await self._until(ready, self.wait)
         except TimeoutError:
             raise RuntimeError(
                 f"spawned workers did not start within {self.wait:g} s"
             ) from None
+        if spawner.failed is not None:
+            raise RuntimeError(
+                f"a spawned worker exited with code {spawner.failed} as it "
+                "started; its error is on stderr"
+            )
 
-    def _pids(self) -> set[int]:
-        return {p.pid for p in self._procs}
+    def _open(self, sources: list[_Source], hello: bytes):
+        """Follow each source's workers."""
+        self._sources, self._hello = sources, hello
+        for source in sources:
+            self._spawn_task(self._follow(source))
 
     async def _stop(self):
         if self._state in (_State.STOPPING, _State.STOPPED):
@@ -559,35 +632,17 @@ class WorkerPool:
         self._state = _State.STOPPING
         self._notify()
         try:
-            procs = list(self._procs)
-            for proc in procs:  # closing stdin is the worker's signal to stop
-                with contextlib.suppress(Exception):
-                    proc.stdin.close()
-            if procs:
-                _done, _pending = await asyncio.wait(
-                    [asyncio.ensure_future(p.wait()) for p in procs],
-                    timeout=self.grace + 1.0,
-                )
-                for proc in procs:
-                    if proc.returncode is None:
-                        log.warning(
-                            "killing worker pid %d: it outlived its grace", proc.pid
-                        )
-                        with contextlib.suppress(ProcessLookupError):
-                            proc.kill()
-                        await proc.wait()
+            if self._spawner is not None:
+                await self._spawner.stop()
+            conns = list(self._conns.values())
             for task in list(self._background):
                 task.cancel()
             await asyncio.gather(*self._background, return_exceptions=True)
-            for conn in list(self._conns.values()):
-                conn.close()
-            if self._conns:
-                await asyncio.wait(
-                    [c.closed for c in self._conns.values()], timeout=1.0
-                )
+            if conns:
+                await asyncio.wait([c.closed for c in conns], timeout=PATIENCE)
         finally:
-            if self._local is not None:
-                self._local._unlink()
+            if self._spawner is not None:
+                self._spawner.service.remove_segment()
             if self._token is not None:
                 with contextlib.suppress(ValueError):
                     _current_pool.reset(self._token)
@@ -604,147 +659,86 @@ class WorkerPool:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    # Spawned workers: `python -c "import wool; wool._spawned()"`, configured
-    # through stdin, which stays open: its EOF tells the worker to stop, also
-    # when this process is killed.
-
-    async def _spawn(self):
-        code = (
-            "import sys; sys.path.insert(0, sys.argv[1]); import wool; wool._spawned()"
-        )
-        here = os.path.dirname(os.path.abspath(__file__))
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", code, here,
-            stdin=asyncio.subprocess.PIPE,
-            start_new_session=True,  # Ctrl-C reaches the caller, which stops us
-        )  # fmt: skip
-        config = {
-            "path": sys.path,
-            "namespace": self._local.namespace,
-            "authkey": self._spawn_key,
-            "tags": sorted(self.tags),
-            "max_frame": self.max_frame,
-            "max_tasks": self.max_tasks_per_worker,
-            "grace": self.grace,
-            "log_level": logging.getLogger("wool").getEffectiveLevel(),
-        }
-        data = pickle.dumps(config)
-        proc.stdin.write(struct.pack("!I", len(data)) + data)
-        self._procs.add(proc)
-        self._spawn_task(self._watch(proc))
-
-    async def _watch(self, proc):
-        code = await proc.wait()
-        self._procs.discard(proc)
-        self._notify()
-        if self._state is _State.STARTING:  # a bad set-up: replacing it won't help
-            self._failed_start = code
-            return
-        if self._state is not _State.READY:
-            return
-        now = time.monotonic()
-        self._respawns = [t for t in self._respawns if now - t < 60] + [now]
-        if len(self._respawns) > RESPAWNS_PER_MINUTE:
-            log.error(
-                "worker pid %d exited with %s; not replacing it: %d workers died "
-                "in the last minute",
-                proc.pid, code, len(self._respawns) - 1,
-            )  # fmt: skip
-            return
-        log.warning(
-            "worker pid %d exited with %s; starting a replacement", proc.pid, code
-        )
-        await self._spawn()
-
-    # Discovered workers: one _link task per listed worker keeps a connection
-    # to it while it is listed, reconnecting after a drop. Liveness comes from
-    # the connection, never from discovery records.
-
-    def _discover(self):
-        for index, source in enumerate(self._sources):
-            self._spawn_task(self._follow(source, index))
-
-    async def _follow(self, source, index: int):
-        try:
-            async for event in source.subscribe():
-                self._learn(event, index)
-        except Exception as e:  # a broken filter, a missing zeroconf, ...
-            log.error("discovery %r failed: %r", source, e)
-            self._failed[index] = e
+    def _room(self):
+        """A connection finished a call or started retiring."""
+        if self._waiting:
             self._notify()
 
-    def _learn(self, event: DiscoveryEvent, index: int):
+    # Discovered workers: liveness comes from the connection, never from
+    # discovery records (a killed worker can stay listed for a long time).
+
+    async def _follow(self, source: _Source):
+        try:
+            async for event in source.service.subscribe():
+                self._learn(event, source)
+        except Exception as e:  # a broken filter, a missing zeroconf, ...
+            log.error("discovery %r failed: %r", source.service, e)
+            self._failed[id(source)] = e
+            self._notify()
+
+    def _learn(self, event: DiscoveryEvent, source: _Source):
         info = event.info
         if event.type == "worker-dropped":
             self._listed.pop(info.uid, None)
             self._refused.pop(info.uid, None)
             if (conn := self._find(info.uid)) is not None:
-                self._loads.pop(conn.info, None)  # no new tasks go there
-                self._spawn_task(conn.retire())
+                conn.retire()  # no new tasks; closes once its calls are answered
             self._notify()
             return
         known = self._listed.get(info.uid)
-        self._listed[info.uid] = (info, index)
+        self._listed[info.uid] = (info, source)
         if known is None:
             self._spawn_task(self._link(info.uid))
         elif (conn := self._find(info.uid)) is not None and conn.info != info:
-            self._rekey(conn, info)
+            self._conns[info] = self._conns.pop(conn.info)
+            conn.info = info
+            self._notify()
 
     def _find(self, uid: str) -> _Connection | None:
         return next((c for i, c in self._conns.items() if i.uid == uid), None)
 
-    def _rekey(self, conn: _Connection, info: WorkerInfo):
-        self._loads[info] = self._loads.pop(conn.info, 0)
-        self._conns[info] = self._conns.pop(conn.info)
-        conn.info = info
-        self._notify()
-
     async def _link(self, uid: str):
         """Keep a connection to worker `uid` while it is listed, reconnecting
-        after a drop (discovery may list a dead worker for a long time)."""
-        delay = 0.05
+        after a drop."""
+        delay = RECONNECT[0]
         try:
             while uid in self._listed and self._state in (
                 _State.STARTING,
                 _State.READY,
             ):
-                info, index = self._listed[uid]
-                spawned = self._local is not None and index == 0
-                if not spawned and self.lease is not None and uid not in self._leased:
+                info, source = self._listed[uid]
+                if source.leased and self.lease is not None and uid not in self._leased:
                     if len(self._leased) >= self.lease:
                         await self._changed.wait()
                         continue
                     self._leased.add(uid)
-                key = self._spawn_key if spawned else _authkey(self.authkey)
-                ssl = None if spawned else self.ssl  # spawned: loopback, fresh key
                 try:
                     conn = await _Connection.open(
-                        info, key, ssl, self._hello, self.max_frame
+                        info, source, self._hello, self.max_frame, self._room
                     )
                 except AuthenticationError as e:
+                    if uid not in self._refused:
+                        log.warning("%s", e)
                     self._refused[uid] = e
                     self._notify()
-                    log.warning("%s", e)
-                except (
-                    OSError,
-                    asyncio.IncompleteReadError,
-                    ProtocolError,
-                    TimeoutError,
-                ) as e:
+                except (OSError, asyncio.IncompleteReadError, WoolError) as e:
                     log.debug("cannot connect to worker %s: %r", info.address, e)
+                except TimeoutError:
+                    log.debug("worker %s did not answer in time", info.address)
                 else:
                     self._refused.pop(uid, None)
                     self._conns[conn.info] = conn
-                    self._loads[conn.info] = 0
                     self._notify()
-                    await conn.closed
-                    self._conns.pop(conn.info, None)
-                    self._loads.pop(conn.info, None)
-                    self._notify()
-                    delay = 0.05
+                    try:
+                        await conn.closed
+                    finally:
+                        conn.close()
+                        self._conns.pop(conn.info, None)
+                        self._notify()
+                    delay = RECONNECT[0]
                     continue
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, RECONNECT[1])
         finally:
             if uid in self._leased:
                 self._leased.discard(uid)
@@ -757,31 +751,30 @@ class WorkerPool:
     ) -> _Connection:
         """A connected worker with room for `task`, waiting until `deadline`
         (time.monotonic()) for one."""
-        pause, cap = 0.01, self.max_tasks_per_worker
+        pause, cap = ASK_AGAIN[0], self.max_tasks_per_worker
         while True:
-            loads = self._loads
-            if exclude or cap:
-                loads = {
-                    i: n
-                    for i, n in loads.items()
-                    if i.uid not in exclude and (cap is None or n < cap)
-                }
+            loads = {
+                info: conn.load
+                for info, conn in self._conns.items()
+                if not conn.retiring
+                and info.uid not in exclude
+                and (cap is None or conn.load < cap)
+            }
             if loads:
-                info = self.loadbalancer.select(loads, task)
-                conn = self._conns.get(info)
-                if conn is None:
+                info = self.loadbalancer.select(types.MappingProxyType(loads), task)
+                if info not in loads:
                     raise TypeError(
                         f"{self.loadbalancer!r}.select() returned {info!r}, "
                         "which is not one of the workers it was given"
                     )
-                return conn
+                return self._conns[info]
             if self._state not in (_State.READY, _State.STARTING):
                 raise NoWorkersAvailable(f"{self!r} is closed; call inside its block")
             if self._failed and len(self._failed) == len(self._sources):
                 raise NoWorkersAvailable(
                     f"no worker for {task.fn.__qualname__}(): discovery failed: "
                     + "; ".join(
-                        f"{self._sources[i]!r}: {e!r}" for i, e in self._failed.items()
+                        f"{s.service!r}: {self._failed[id(s)]!r}" for s in self._sources
                     )
                 )
             if self._refused and len(self._refused) >= len(self._listed):
@@ -795,96 +788,73 @@ class WorkerPool:
             # Wait for a worker to appear or one of our tasks to end; workers
             # that refused (full with others' tasks) get asked again after a
             # pause that doubles each time.
-            self._waiting += 1
-            try:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(
-                        min(deadline - now, pause) if exclude else deadline - now
-                    ):
-                        await self._changed.wait()
-            finally:
-                self._waiting -= 1
+            await self._wait_change(min(deadline - now, pause) if exclude else deadline - now)
             if exclude:
                 exclude.clear()
-                pause = min(pause * 2, 1.0)
+                pause = min(pause * 2, ASK_AGAIN[1])
 
     def _none_took(self, task: Task) -> str:
         what = f"no worker took {task.fn.__qualname__}() within {self.wait:g} s"
-        if self._conns:
+        if self.workers:
             cap = (
                 f" (max_tasks_per_worker={self.max_tasks_per_worker})"
                 if self.max_tasks_per_worker
                 else ""
             )
-            return f"{what}: all {len(self._conns)} workers were full{cap}"
+            return f"{what}: all {len(self.workers)} workers were full{cap}"
         return f"{what}; waited on {self._waited_on()}"
 
     def _waited_on(self) -> str:
-        sources = [repr(s) for s in self._sources] or ["no discovery"]
-        return ", ".join(sources)
+        return ", ".join(repr(s.service) for s in self._sources) or "no discovery"
 
     async def _run(self, fn, args, kwargs):
         conn, rid, _, (kind, data) = await self._place(fn, args, kwargs, False)
-        conn.pending.pop(rid, None)
+        conn.finish(rid)
         return _load_reply(kind, data, fn)
 
     async def _place(self, fn, args, kwargs, generator: bool):
         """Send a call to a worker that accepts it: (connection, request id,
         call, first reply), the reply being a coroutine's result or a
-        generator's first step. Fails over to another worker while none has
-        accepted (unreachable, or REFUSED), for up to `wait` seconds."""
+        generator's first step. Goes to another worker while the task
+        provably did not start (REFUSED, or never sent), for up to `wait`
+        seconds."""
         body, definition = _dump_task(fn, args, kwargs, self.max_frame)
-        task, exclude = Task(fn, args, kwargs), set()
+        task, exclude = Task(fn, args, kwargs), set[str]()
         deadline = time.monotonic() + self.wait
         seconds = None if generator else _time_limit(fn)
         while True:
             conn = await self._connection(task, exclude, deadline)
-            info, rid, kind = conn.info, None, REFUSED
-            self._loads[info] += 1
             try:
                 rid, call = conn.start(body, definition, generator)
                 reply = conn.answer(rid, call)
                 if seconds is not None:  # the worker times out; this is in case
-                    reply = asyncio.wait_for(reply, seconds + 1.0)  # it is stuck
+                    reply = asyncio.wait_for(reply, seconds + PATIENCE)  # it hangs
                 kind, data = await reply
-            except _NotAccepted:
-                pass
-            finally:
-                if info in self._loads:
-                    self._loads[info] -= 1
-                if self._waiting:  # a call may be waiting for room
-                    self._notify()
-            if kind != REFUSED:
-                return conn, rid, call, (kind, data)
-            conn.pending.pop(rid, None)
-            exclude.add(info.uid)
+            except _NotSent:
+                kind = REFUSED
+            else:
+                if kind != REFUSED:
+                    return conn, rid, call, (kind, data)
+                conn.finish(rid)
+            exclude.add(conn.info.uid)
 
 
-class _NestedPool:
-    """In a worker: the pool that sent the running task, opened on first use.
+class _Source:
+    """A discovery service, and the key and TLS settings for its workers.
+    `leased`: its workers count against the pool's `lease` (not spawned)."""
 
-    Nested calls go to the same discovery sources as the caller's pool, with
-    this worker's own key and TLS settings; one pool per source list, kept
-    for the worker's life.
-    """
+    __slots__ = ("key", "leased", "service", "ssl")
 
-    def __init__(self, worker: Worker, hello: bytes):
-        self.worker, self.hello = worker, hello
+    def __init__(self, service, key: bytes, ssl, leased: bool = True):
+        self.service, self.key, self.ssl, self.leased = service, key, ssl, leased
 
-    async def _run(self, fn, args, kwargs):
-        return await self._pool()._run(fn, args, kwargs)
 
-    def _pool(self) -> WorkerPool:
-        pool = self.worker._nested.get(self.hello)
-        if pool is None:
-            pool = WorkerPool(
-                size=0, authkey=self.worker.authkey, ssl=self.worker.client_ssl
-            )
-            pool._sources, pool._hello = pickle.loads(self.hello), self.hello
-            pool._state = _State.READY
-            pool._discover()
-            self.worker._nested[self.hello] = pool
-        return pool
+def _check_tags(tags: tuple, who: str) -> frozenset[str]:
+    bad = [t for t in tags if not isinstance(t, str)]
+    if bad:
+        hint = " (for a number of workers, write size=N)" if who == "WorkerPool" else ""
+        raise TypeError(f"{who} tags must be strings, not {bad[0]!r}{hint}")
+    return frozenset(tags)
 
 
 def _authkey(key: bytes | None) -> bytes:
@@ -895,30 +865,61 @@ def _authkey(key: bytes | None) -> bytes:
 
 
 # -- Frames: objects <-> bytes. No sockets, no await. ----------------------------
+#
+# A frame is HEADER, a body of `length` bytes (a pickle, or empty) and a TAG:
+# HMAC-SHA256 of the frame's sequence number in its direction, its header
+# and its body, under the session's key for that direction (see Streams).
+# A receiver checks the length against max_frame before reading on, and the
+# tag before the body goes anywhere.
 
-HEADER = struct.Struct("!IBQ")  # body length, kind, request id; then a pickle
+HEADER = struct.Struct("!IBQ")  # body length, kind, request id
+TAG = 16  # bytes of a frame's MAC (HMAC-SHA256, truncated)
 
 # caller -> worker
-HELLO = 1  # body: the caller's discovery sources, for nested calls; rid 0
+HELLO = 1  # body: (the caller's discovery sources, for nested calls, and
+#           whether the caller is itself a worker's nested pool); rid 0
 TASK = 2  # body: (function reference, args, kwargs, context values, timeout)
 NEXT = 3  # body: value sent into a generator (empty: None)
 THROW = 4  # body: exception thrown into a generator
 CLOSE = 5  # no body: close the generator
 CANCEL = 6  # no body: cancel the task
 DEFINE = 7  # body: a function pickled by value; rid: the number TASKs name it by
+STREAM = 8  # body as TASK, for an async generator; its first NEXT is implied
 # worker -> caller
 ACCEPTED = 16  # no body: the task runs here; it will not run anywhere else
 REFUSED = 17  # no body: not accepted (stopping or full); try another worker
 RESULT = 18  # body: (value returned or yielded, context values the task set)
 ERROR = 19  # body: (type name, message, traceback text, pickled exception)
 STOP = 20  # no body: the generator finished
+GOODBYE = 21  # no body, rid 0: the worker is stopping; send nothing more
 
-_TO_CALLER = frozenset({ACCEPTED, REFUSED, RESULT, ERROR, STOP})
+_TO_CALLER = frozenset({ACCEPTED, REFUSED, RESULT, ERROR, STOP, GOODBYE})
+_URGENT = frozenset({ACCEPTED, REFUSED, GOODBYE})  # sent ahead of queued replies
 
 
-def encode(kind: int, rid: int, body: bytes = b"") -> bytes:
-    """One frame: header and body together, ready for a single write."""
-    return HEADER.pack(len(body), kind, rid) + body
+class _Seal:
+    """One direction of a session: makes (sender) or checks (receiver) each
+    frame's tag, numbering frames so that none can be dropped, replayed or
+    reordered unseen."""
+
+    __slots__ = ("mac", "seq")
+
+    def __init__(self, key: bytes):
+        self.mac, self.seq = hmac.new(key, digestmod="sha256"), 0
+
+    def tag(self, header, body) -> bytes:
+        mac = self.mac.copy()
+        mac.update(self.seq.to_bytes(8, "big"))
+        mac.update(header)
+        mac.update(body)
+        self.seq += 1
+        return mac.digest()[:TAG]
+
+
+def encode(kind: int, rid: int, body: bytes, seal: _Seal) -> list[bytes]:
+    """One frame as the parts to write in order: header, body, tag."""
+    header = HEADER.pack(len(body), kind, rid)
+    return [header, body, seal.tag(header, body)]
 
 
 def decode_header(data, max_frame: int, at: int = 0) -> tuple[int, int, int]:
@@ -936,31 +937,43 @@ def decode_header(data, max_frame: int, at: int = 0) -> tuple[int, int, int]:
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 
 
-def _plain(obj) -> bool:
-    """Whether plain pickle makes the same bytes as cloudpickle (builtin data)."""
+def _plain(obj, depth: int = 2) -> bool:
+    """Whether plain pickle makes the same bytes as cloudpickle: builtin data,
+    in containers nested at most `depth` deep."""
     kind = type(obj)
     if kind in _PLAIN:
         return True
-    if kind is tuple or kind is list:
-        return _PLAIN.issuperset(map(type, obj))
+    if not depth:
+        return False
     if kind is dict:
-        return _PLAIN.issuperset(map(type, obj.values()))
-    return False
+        if not _PLAIN.issuperset(map(type, obj)):
+            return False
+        obj = obj.values()
+    elif kind is not tuple and kind is not list:
+        return False
+    return _PLAIN.issuperset(map(type, obj)) or all(_plain(x, depth - 1) for x in obj)
 
 
-def _dumps(obj) -> bytes:
-    # cloudpickle can pickle functions and classes from __main__ by value, at
-    # about five times the cost of pickle: worth skipping for builtin data.
-    if _plain(obj):
-        return pickle.dumps(obj, 5)
-    return cloudpickle.dumps(obj, protocol=5)
-
-
-def _too_big(what: str, size: int, max_frame: int) -> TypeError:
-    return TypeError(
-        f"{what} is {size / 2**20:.0f} MiB, over max_frame "
-        f"({max_frame / 2**20:.0f} MiB); pass a file path instead"
-    )
+def _pickle(obj, what: Callable[[], str] | None = None, max_frame=MAX_FRAME) -> bytes:
+    """The one way wool pickles: plain pickle for builtin data, else
+    cloudpickle (functions and classes from __main__ travel by value, at
+    about five times the cost). A failure, or a pickle over max_frame, is a
+    TypeError saying what could not be sent (`what()`, asked only then)."""
+    try:
+        if _plain(obj):
+            data = pickle.dumps(obj, 5)
+        else:
+            data = cloudpickle.dumps(obj, protocol=5)
+    except Exception as e:
+        if what is None:
+            raise
+        raise TypeError(f"cannot send {what()}: {e}") from e
+    if len(data) > max_frame:
+        raise TypeError(
+            f"{what() if what else 'a message'} is {len(data) / 2**20:.0f} MiB, "
+            f"over max_frame ({max_frame / 2**20:.0f} MiB); pass a file path instead"
+        )
+    return data
 
 
 _refs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -986,7 +999,7 @@ def _ref(fn) -> tuple[tuple[str, str] | int, bytes | None]:
             by_value = _lookup(module, name) is not fn
         except Exception:
             by_value = True
-    ref = (next(_function_ids), _dumps(fn)) if by_value else ((module, name), None)
+    ref = (next(_function_ids), _pickle(fn)) if by_value else ((module, name), None)
     _refs[fn] = ref
     return ref
 
@@ -1012,15 +1025,11 @@ def _time_limit(fn) -> float | None:
     return fn.__wool_timeout__ if seconds is _MISSING else seconds
 
 
-def _pickle(parts: tuple, plain: bool) -> bytes:
-    return pickle.dumps(parts, 5) if plain else cloudpickle.dumps(parts, protocol=5)
-
-
 def _unpicklable_variable(values: dict | None) -> str:
     """Which wool.ContextVar value could not be pickled, for an error message."""
     for name, value in (values or {}).items():
         try:
-            _dumps(value)
+            _pickle(value)
         except Exception:
             return f" (wool.ContextVar {name!r} holds {type(value).__name__!r})"
     return ""
@@ -1029,67 +1038,57 @@ def _unpicklable_variable(values: dict | None) -> str:
 def _dump_task(fn, args, kwargs, max_frame: int) -> tuple[bytes, tuple | None]:
     """A TASK body: (function reference, args, kwargs, context, timeout), and
     the function's (id, definition) when it travels by value."""
-    context, seconds = _context_values(), _time_limit(fn)
-    plain = _plain(args) and (not kwargs or _plain(kwargs))
+    context = _context_values()
     try:
-        if context is not None:
-            plain = plain and _plain(context)
         ref, definition = _ref(fn)
-        body = _pickle((ref, args, kwargs, context, seconds), plain)
     except Exception as e:
-        raise TypeError(
-            f"cannot send {fn.__qualname__}() and its arguments to a worker"
-            f"{_unpicklable_variable(context)}: {e}"
-        ) from e
-    if len(body) > max_frame:
-        raise _too_big(f"the call of {fn.__qualname__}()", len(body), max_frame)
+        raise TypeError(f"cannot send {fn.__qualname__}() to a worker: {e}") from e
+    body = _pickle(
+        (ref, args, kwargs, context, _time_limit(fn)),
+        lambda: f"{fn.__qualname__}() and its arguments to a worker"
+        + _unpicklable_variable(context),
+        max_frame,
+    )
     return body, definition and (ref, definition)
 
 
 def _dump_value(value, changes: dict | None, fn, max_frame: int) -> bytes:
     """A RESULT body: (value, the wool.ContextVar values the task set)."""
-    plain = _plain(value) and (changes is None or _plain(changes))
-    try:
-        body = _pickle((value, changes), plain)
-    except Exception as e:
-        raise TypeError(
-            f"cannot send the value of {fn.__qualname__}() back to the caller"
-            f"{_unpicklable_variable(changes)}: {e}"
-        ) from e
-    if len(body) > max_frame:
-        raise _too_big(f"the value of {fn.__qualname__}()", len(body), max_frame)
-    return body
+    return _pickle(
+        (value, changes),
+        lambda: f"the value of {fn.__qualname__}() back to the caller"
+        + _unpicklable_variable(changes),
+        max_frame,
+    )
 
 
-def _dump_error(exc: BaseException) -> bytes:
+def _dump_error(exc: BaseException, max_frame: int = MAX_FRAME) -> bytes:
     tb = "".join(traceback.format_exception(exc))
     try:
         message = str(exc)
     except Exception:
         message = "<str() failed>"
     try:
-        payload = _dumps(exc)
+        payload = _pickle(exc, None, max_frame // 2)
     except Exception:
         payload = None
     name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-    return pickle.dumps((name, message, tb, payload))
+    return _pickle((name, message, tb[-max_frame // 4 :], payload))
 
 
-def _load_error(data: bytes) -> BaseException:
+def _load_error(data) -> BaseException:
     name, message, tb, payload = pickle.loads(data)
     exc = None
     if payload is not None:
-        try:
+        with contextlib.suppress(Exception):
             exc = pickle.loads(payload)
-        except Exception:
-            pass
     if not isinstance(exc, BaseException):
         exc = RemoteError(name, message, tb)
     exc.__cause__ = _RemoteTraceback(tb)
     return exc
 
 
-def _load_reply(kind: int, data: bytes, fn):
+def _load_reply(kind: int, data, fn):
     if kind == ERROR:
         raise _load_error(data)
     try:
@@ -1103,14 +1102,18 @@ def _load_reply(kind: int, data: bytes, fn):
     return value
 
 
-# -- Streams: handshake, reading and writing frames ------------------------------
+# -- Streams: handshake, receiving and sending frames ---------------------------
 #
 # Handshake (raw bytes, nothing pickled), with a deadline on each side:
 #   worker -> caller   MAGIC, worker nonce (32)
 #   caller -> worker   MAGIC, HMAC(key, "caller" + worker nonce), caller nonce (32)
 #   worker -> caller   "+" and HMAC(key, "worker" + caller nonce), or "-" and close
+# Both sides then derive the session's keys from the shared key and both
+# nonces, one per direction, and seal every frame with them: whoever relays
+# a handshake between a caller and a worker holds neither key, so can only
+# pass frames on unchanged, in order.
 
-MAGIC = b"wool\x00\x01"  # protocol version 1
+MAGIC = b"wool\x00\x02"  # protocol version 2
 NONCE = 32  # bytes of a random challenge
 DIGEST = 32  # bytes of an HMAC-SHA256
 
@@ -1119,27 +1122,48 @@ def _digest(key: bytes, role: bytes, nonce: bytes) -> bytes:
     return hmac.new(key, role + nonce, "sha256").digest()
 
 
-async def _authenticate_caller(reader, writer, key: bytes) -> None:
-    """Worker side: prove the caller holds the key, then prove we do."""
+def _session(key: bytes, worker_nonce: bytes, caller_nonce: bytes, inbound: bytes):
+    """(seal for frames received, seal for frames sent) of one side; `inbound`
+    names the side: b"caller" or b"worker"."""
+    secret = _digest(key, b"session", worker_nonce + caller_nonce)
+    outbound = b"caller" if inbound == b"worker" else b"worker"
+    return _Seal(_digest(secret, b"to ", inbound)), _Seal(_digest(secret, b"to ", outbound))
+
+
+async def _authenticate_caller(reader, writer, key: bytes):
+    """Worker side: prove the caller holds the key, then prove we do. Returns
+    the session's seals (received, sent)."""
     nonce = secrets.token_bytes(NONCE)
     writer.write(MAGIC + nonce)
     data = await reader.readexactly(len(MAGIC) + DIGEST + NONCE)
     if data[: len(MAGIC)] != MAGIC:
+        if data[:4] == MAGIC[:4]:
+            raise ProtocolError(
+                f"a caller of another wool protocol version ({data[4:6].hex()}, "
+                f"this worker speaks {MAGIC[4:].hex()}); run one wool version"
+            )
         raise ProtocolError(f"not a wool caller (it sent {data[:8]!r}...)")
     proof, their_nonce = data[len(MAGIC) : -NONCE], data[-NONCE:]  # DIGEST, NONCE
     if not hmac.compare_digest(proof, _digest(key, b"caller", nonce)):
         writer.write(b"-")
         raise AuthenticationError("the caller does not hold this worker's key")
     writer.write(b"+" + _digest(key, b"worker", their_nonce))
+    return _session(key, nonce, their_nonce, b"worker")
 
 
-async def _authenticate_worker(reader, writer, key: bytes, address: str) -> None:
-    """Caller side: answer the worker's challenge, then check its answer."""
+async def _authenticate_worker(reader, writer, key: bytes, address: str):
+    """Caller side: answer the worker's challenge, then check its answer.
+    Returns the session's seals (received, sent)."""
     data = await reader.readexactly(len(MAGIC) + NONCE)
     if data[: len(MAGIC)] != MAGIC:
+        if data[:4] == MAGIC[:4]:
+            raise ProtocolError(
+                f"worker {address} speaks wool protocol {data[4:6].hex()}, this "
+                f"caller {MAGIC[4:].hex()}; run one wool version on both"
+            )
         raise ProtocolError(f"{address} is not a wool worker (it sent {data[:8]!r}...)")
-    nonce = secrets.token_bytes(NONCE)
-    writer.write(MAGIC + _digest(key, b"caller", data[len(MAGIC) :]) + nonce)
+    their_nonce, nonce = data[len(MAGIC) :], secrets.token_bytes(NONCE)
+    writer.write(MAGIC + _digest(key, b"caller", their_nonce) + nonce)
     try:
         verdict = await reader.readexactly(1)
     except (asyncio.IncompleteReadError, ConnectionError):
@@ -1152,6 +1176,7 @@ async def _authenticate_worker(reader, writer, key: bytes, address: str) -> None
     proof = await reader.readexactly(DIGEST)
     if not hmac.compare_digest(proof, _digest(key, b"worker", nonce)):
         raise AuthenticationError(f"worker {address} does not hold the pool's key")
+    return _session(key, their_nonce, nonce, b"caller")
 
 
 LARGE = 64 * 2**10  # bytes; a larger body is received into its own buffer
@@ -1159,23 +1184,25 @@ BUFFER = 256 * 2**10  # bytes of a connection's reusable receive buffer
 
 
 class _Frames(asyncio.BufferedProtocol):
-    """A connection past its handshake: bytes in, frames out.
+    """A connection past its handshake: bytes in, checked frames out.
 
     Small frames are cut from one reusable buffer; the kernel writes a body
     larger than LARGE straight into its own bytearray, which is what gets
-    unpickled (no copy). Each frame goes to `on_frame(kind, rid, body)`, which
-    may raise ProtocolError to close the connection; `on_lost(error)` is called
-    once, with None for a clean close. `hold()` stops delivery and reading
-    until `release()`: a worker's backpressure.
+    unpickled (no copy). Each frame whose tag checks out goes to
+    `on_frame(kind, rid, body)`, which may raise ProtocolError to close the
+    connection; `on_lost(error)` is called once, with None for a clean close.
+    `hold()` stops delivery and reading until `release()`. The transport's
+    pause_writing/resume_writing go to `out` (an _Outbox).
     """
 
-    def __init__(self, transport, max_frame: int, on_frame, on_lost, on_writable=None):
-        self.transport, self.max_frame = transport, max_frame
-        self.on_frame, self.on_lost, self.on_writable = on_frame, on_lost, on_writable
+    def __init__(self, transport, max_frame: int, seal: _Seal, on_frame, on_lost, out):
+        self.transport, self.max_frame, self.seal = transport, max_frame, seal
+        self.on_frame, self.on_lost, self.out = on_frame, on_lost, out
         self.buf = bytearray(BUFFER)
         self.start = self.end = 0  # buf[start:end]: received, not yet delivered
         self.large: bytearray | None = None  # a large body being received,
-        self.filled, self.head = 0, (0, 0)  # its bytes so far, its kind and rid
+        self.filled, self.head = 0, b""  # its bytes so far, its header;
+        self.untagged: tuple | None = None  # then (header, body) until its tag
         self.held = self.lost = False
 
     def get_buffer(self, sizehint: int):
@@ -1194,36 +1221,50 @@ class _Frames(asyncio.BufferedProtocol):
             else:
                 self.filled += nbytes
                 if self.filled == len(self.large):
-                    body, self.large = self.large, None
-                    self.on_frame(*self.head, body)
+                    self.untagged, self.large = (self.head, self.large), None
             self.deliver()
         except ProtocolError as e:
             self.fail(e)
 
     def deliver(self):
         buf = self.buf
-        while (
-            not self.held
-            and self.large is None
-            and self.end - self.start >= HEADER.size
-        ):
+        while not self.held and self.large is None:
+            if self.untagged is not None:  # a large body, received
+                if self.end - self.start < TAG:
+                    break
+                (header, body), self.untagged = self.untagged, None
+                self.start += TAG
+                self.check(header, body, buf[self.start - TAG : self.start])
+                self.on_frame(*HEADER.unpack(header)[1:], body)
+                continue
+            if self.end - self.start < HEADER.size:
+                break
             size, kind, rid = decode_header(buf, self.max_frame, self.start)
             at = self.start + HEADER.size
             if size > LARGE:
                 got = min(size, self.end - at)
                 self.large = bytearray(size)
                 self.large[:got] = buf[at : at + got]
-                self.start, self.filled, self.head = at + got, got, (kind, rid)
+                self.head = bytes(buf[self.start : at])
+                self.start, self.filled = at + got, got
                 if got == size:
-                    body, self.large = self.large, None
-                    self.on_frame(kind, rid, body)
-            elif self.end - at < size:
+                    self.untagged, self.large = (self.head, self.large), None
+            elif self.end - at < size + TAG:
                 break
             else:
-                self.start = at + size
-                self.on_frame(kind, rid, bytes(buf[at : self.start]))
+                header, self.start = buf[self.start : at], at + size + TAG
+                body = bytes(buf[at : at + size])
+                self.check(header, body, buf[at + size : self.start])
+                self.on_frame(kind, rid, body)
         if self.start == self.end:
             self.start = self.end = 0
+
+    def check(self, header, body, tag):
+        if not hmac.compare_digest(self.seal.tag(header, body), bytes(tag)):
+            raise ProtocolError(
+                "a frame failed its MAC check: it was not sent by the peer that "
+                "passed the handshake, or was altered on the way"
+            )
 
     def hold(self):
         self.held = True
@@ -1247,8 +1288,8 @@ class _Frames(asyncio.BufferedProtocol):
             self.on_lost(error)
 
     def eof_received(self):
-        if self.large is not None:
-            size = len(self.large)
+        if self.large is not None or self.untagged is not None:
+            size = len(self.large if self.large is not None else self.untagged[1])
         elif self.end - self.start >= HEADER.size:
             size = HEADER.unpack_from(self.buf, self.start)[0]
         elif self.end > self.start:
@@ -1262,50 +1303,113 @@ class _Frames(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None):
         self.lose(exc)
 
+    def pause_writing(self):
+        self.out.pause()
+
     def resume_writing(self):
-        if self.on_writable is not None:
-            self.on_writable()
+        self.out.resume()
 
 
 class _Outbox:
-    """Writes frames with few syscalls and no added latency: the first frame of
-    an event-loop turn goes out at once; the rest of the turn's frames wait
-    and leave together in one write at the end of the turn. Sending never
-    blocks; readers apply backpressure (see backlog)."""
+    """Seals and writes frames, in the order it commits them to the transport.
 
-    __slots__ = ("loop", "parts", "size", "transport", "corked")
+    No added latency and few syscalls: the first frame of an event-loop turn
+    goes out at once, the rest of the turn's frames together at its end.
+    While the transport is paused (over HIGH_WATER unsent) frames wait here,
+    urgent ones (_URGENT) ahead of the rest, and `on_pause`/`on_resume` tell
+    the owner. Bytes already handed to the transport cannot be overtaken.
+    """
 
-    def __init__(self, transport: asyncio.Transport):
-        self.transport, self.parts, self.size = transport, [], 0
+    def __init__(self, transport, seal: _Seal, on_pause=None, on_resume=None):
+        self.transport, self.seal = transport, seal
+        self.on_pause, self.on_resume = on_pause, on_resume
         self.loop = asyncio.get_running_loop()
-        self.corked = False
+        self.queue: collections.deque[tuple[int, int, Any]] = collections.deque()
+        self.urgent = 0  # how many frames at the queue's head are urgent
+        self.queued = 0  # bytes of the bodies in the queue
+        self.corked = self.paused = self.closed = False
+        self.writable: asyncio.Future | None = None  # resolved by resume()
+        transport.set_write_buffer_limits(high=HIGH_WATER)
 
-    def send(self, kind: int, rid: int, body: bytes = b""):
-        header = HEADER.pack(len(body), kind, rid)
-        if self.corked:
-            self.parts.append(header)
-            if body:
-                self.parts.append(body)
-                self.size += len(body)
-        else:
-            self.corked = True
-            self.loop.call_soon(self.flush)
-            if self.transport.is_closing():
-                return
-            if len(body) < LARGE:
-                self.transport.write(header + body)
-            else:  # no copy of a large body
-                self.transport.write(header)
-                self.transport.write(body)
+    def send(self, kind: int, rid: int, body=b""):
+        if self.corked or self.paused:
+            self.queued += len(body)
+            if kind in _URGENT:
+                self.queue.insert(self.urgent, (kind, rid, body))
+                self.urgent += 1
+            else:
+                self.queue.append((kind, rid, body))
+            return
+        self.corked = True
+        self.loop.call_soon(self.flush)
+        self.commit([(kind, rid, body)])
 
     def flush(self):
-        parts, self.parts, self.size, self.corked = self.parts, [], 0, False
-        if parts and not self.transport.is_closing():
+        self.corked = False
+        queue, batch, size = self.queue, [], 0
+        while queue and not self.paused:
+            batch.append(queue.popleft())
+            self.urgent = max(0, self.urgent - 1)
+            size += len(batch[-1][2])
+            if size >= LARGE or not queue:
+                self.queued -= size
+                self.commit(batch)
+                batch, size = [], 0
+        if not self.full():
+            self.wake()
+
+    def commit(self, frames: list):
+        parts: list = []
+        for kind, rid, body in frames:
+            parts += encode(kind, rid, body, self.seal)
+        if self.closed or self.transport.is_closing():
+            return
+        if len(parts) == 3 and len(parts[1]) >= LARGE:
+            for part in parts:  # writelines would join (copy) a large body
+                self.transport.write(part)
+        else:
             self.transport.writelines(parts)
 
-    def backlog(self) -> int:
-        """Bytes sent but not yet on the wire."""
-        return self.size + self.transport.get_write_buffer_size()
+    def unsent(self) -> set[int]:
+        """Request ids of the tasks whose frames never left this process."""
+        return {rid for kind, rid, _ in self.queue if kind in (TASK, STREAM)}
+
+    def pause(self):
+        self.paused = True
+        if self.on_pause is not None:
+            self.on_pause()
+
+    def resume(self):
+        self.paused = False
+        self.flush()
+        if self.on_resume is not None:
+            self.on_resume()
+
+    def close(self):
+        """Drop what is queued and every later frame; wake those waiting."""
+        self.closed = True
+        self.queue.clear()
+        self.queued = 0
+        self.wake()
+
+    def full(self) -> bool:
+        """Whether HIGH_WATER bytes wait here or in the transport."""
+        unsent = self.queued + self.transport.get_write_buffer_size()
+        return self.paused or unsent >= HIGH_WATER
+
+    def wake(self):
+        if self.writable is not None:
+            if not self.writable.done():
+                self.writable.set_result(None)
+            self.writable = None
+
+    async def drained(self):
+        """Until fewer than HIGH_WATER bytes wait to be sent (at once if so
+        now, or if the connection is closed)."""
+        while self.full() and not self.closed:
+            if self.writable is None:
+                self.writable = self.loop.create_future()
+            await self.writable
 
 
 def _tune(writer: asyncio.StreamWriter):
@@ -1330,6 +1434,15 @@ def _tune(writer: asyncio.StreamWriter):
                 )
 
 
+def _switch(writer: asyncio.StreamWriter, seals, max_frame, on_frame, on_lost, **out):
+    """Move a connection past its handshake to our own protocol: (frames, outbox)."""
+    _tune(writer)
+    outbox = _Outbox(writer.transport, seals[1], **out)
+    frames = _Frames(writer.transport, max_frame, seals[0], on_frame, on_lost, outbox)
+    writer.transport.set_protocol(frames)
+    return frames, outbox
+
+
 # -- The worker -------------------------------------------------------------------
 
 
@@ -1341,15 +1454,16 @@ class Worker:
             await w.stopped()
 
     Listens on `host:port` (port 0: any free one) and publishes itself to
-    `discovery` when started; `stop()` withdraws it first, lets in-flight tasks
-    finish within `grace` seconds, then cancels the rest. Every task runs as
-    an asyncio task in this process; nested calls go to the caller's pool.
-    With `max_tasks`, a task arriving while that many run (`running`) is
-    refused before it is accepted, and its caller tries another worker.
+    `discovery` when started; `stop()` withdraws it first, tells its callers
+    to send nothing more (they fail over), lets in-flight tasks finish within
+    `grace` seconds, then cancels the rest. Every task runs as an asyncio
+    task in this process; nested calls go to the caller's pool. With
+    `max_tasks`, a task arriving while that many run (`running`) is refused
+    before it is accepted, and its caller tries another worker.
 
     Raises ValueError when asked to listen on a non-loopback address with
     neither a key nor TLS, unless `insecure`: anyone who can reach the port
-    could run code here.
+    could run code here. A second start() raises RuntimeError.
     """
 
     def __init__(
@@ -1369,7 +1483,7 @@ class Worker:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         max_tasks: int | None = None,
     ):
-        self.tags = frozenset(tags)
+        self.tags = _check_tags(tags, "Worker")
         self.host, self.port = host, port
         self.authkey = _authkey(authkey)
         self.ssl, self.client_ssl = ssl, client_ssl
@@ -1381,20 +1495,21 @@ class Worker:
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
         self.max_tasks = max_tasks  # running at once; more are REFUSED
-        self.running = 0
-        self._connections = 0
-        self._shaking: set[asyncio.StreamWriter] = set()  # not yet authenticated
+        self.running = 0  # tasks running now; only _Peer counts them
         self.uid = uuid.uuid4().hex
         self.info: WorkerInfo | None = None
-        self.stopping = False
+        self.state = _State.NEW
         self._server: asyncio.Server | None = None
-        self._peers: set[_Peer] = set()
-        self._nested: dict[bytes, WorkerPool] = {}
+        self._shaking: dict[asyncio.StreamWriter, str] = {}  # handshakes, oldest first
+        self._peers: set[_Peer] = set()  # authenticated; each removes itself
+        self._nested: dict[bytes, tuple] = {}  # HELLO -> (pool, _Peers keeping it)
+        self._closing: set[asyncio.Task] = set()  # nested pools being stopped
+        self._log = _LogLimit()
         self._stopped = asyncio.Event()
 
     def __repr__(self):
         where = self.info.address if self.info else f"{self.host}:{self.port}"
-        return f"<Worker {where}>"
+        return f"<Worker {self.state.value} {where}>"
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -1404,6 +1519,8 @@ class Worker:
         await self.stop()
 
     async def start(self):
+        if self.state is not _State.NEW:
+            raise RuntimeError(f"{self!r} cannot be started twice")
         verifies = getattr(self.ssl, "verify_mode", None) == ssl.CERT_REQUIRED
         if not (self.authkey or verifies or self.insecure or _is_loopback(self.host)):
             raise ValueError(
@@ -1412,13 +1529,14 @@ class Worker:
                 "WOOL_AUTHKEY or authkey=), or TLS with client certificates "
                 "(--tls-ca), or pass --insecure"
             )
+        self.state = _State.STARTING
         self._server = await asyncio.start_server(
             self._serve,
             self.host,
             self.port,
             ssl=self.ssl,
-            backlog=1024,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.ssl else None,
+            backlog=LISTEN_BACKLOG,
+            ssl_handshake_timeout=self.handshake_timeout if self.ssl else None,
         )
         port = self._server.sockets[0].getsockname()[1]
         # A worker on every interface (0.0.0.0) is listed as such: LAN discovery
@@ -1435,6 +1553,7 @@ class Worker:
         )
         if self.discovery is not None:
             await self.discovery.publish(DiscoveryEvent("worker-added", self.info))
+        self.state = _State.READY
         log.info(
             "worker %s listening (tags: %s)",
             self.info.address,
@@ -1443,9 +1562,9 @@ class Worker:
 
     async def stop(self, grace: float | None = None):
         """Withdraw, stop listening, drain in-flight tasks, then cancel them."""
-        if self.stopping:
+        if self.state in (_State.STOPPING, _State.STOPPED):
             return await self._stopped.wait()
-        self.stopping = True
+        self.state = _State.STOPPING
         grace = self.grace if grace is None else grace
         try:
             if self.discovery is not None and self.info is not None:
@@ -1455,27 +1574,32 @@ class Worker:
                     )
             if self._server is not None:
                 self._server.close()
+            for peer in self._peers:
+                peer.out.send(GOODBYE, 0)  # callers close once answered
             tasks = [t for p in self._peers for t in p.tasks.values()]
             if tasks:
                 await asyncio.wait(tasks, timeout=grace)
             for writer in self._shaking:
-                writer.close()
+                writer.transport.abort()
             peers = list(self._peers)
-            for peer in peers:
-                peer.close()
-            if peers:
-                await asyncio.wait([p.closed for p in peers], timeout=1.0)
-                for peer in peers:  # a caller that does not read its replies
-                    peer.writer.transport.abort()
-            for pool in self._nested.values():
+            for wait in (True, False):
+                if peers:
+                    await asyncio.wait([p.closed for p in peers], timeout=PATIENCE)
+                peers = [p for p in peers if not p.closed.done()]
+                for peer in peers:  # after grace, or a caller that does not read
+                    peer.close() if wait else peer.writer.transport.abort()
+            for pool, _ in list(self._nested.values()):
                 await pool._stop()
+            await asyncio.gather(*self._closing)
             if self._server is not None:
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._server.wait_closed(), 1.0)
+                    await asyncio.wait_for(self._server.wait_closed(), PATIENCE)
         finally:
             if (close := getattr(self.discovery, "close", None)) is not None:
                 with contextlib.suppress(Exception):
                     await close()
+            self._log.flush()
+            self.state = _State.STOPPED
             self._stopped.set()
 
     async def stopped(self):
@@ -1485,52 +1609,108 @@ class Worker:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         """Authenticate a new connection, then hand it to a _Peer."""
         address = _peer_address(writer)
-        if self._connections >= self.max_connections:
-            log.warning(
-                "refused connection from %s: %d already open",
-                address,
-                self._connections,
-            )
-            writer.close()
+        if len(self._peers) >= self.max_connections:
+            self._log.warning(
+                address, "refused connection from %s: %d already open",
+                address, len(self._peers),
+            )  # fmt: skip
+            writer.transport.abort()
             return
-        self._connections += 1
-        self._shaking.add(writer)
+        if len(self._shaking) >= MAX_HANDSHAKES:  # the oldest is most likely idle
+            oldest = next(iter(self._shaking))
+            self._shaking[oldest] = (
+                f"{MAX_HANDSHAKES} handshakes were in progress; newer ones came"
+            )
+            oldest.transport.abort()
+        self._shaking[writer] = ""
         try:
             async with asyncio.timeout(self.handshake_timeout):
-                await _authenticate_caller(reader, writer, self.authkey)
+                seals = await _authenticate_caller(reader, writer, self.authkey)
         except (TimeoutError, asyncio.IncompleteReadError, WoolError, OSError) as e:
-            self._connections -= 1
-            writer.close()
+            writer.transport.abort()
+            why = self._shaking.get(writer) or e
             if isinstance(e, TimeoutError):
-                e = f"no handshake within {self.handshake_timeout:g} s"
-            elif isinstance(e, asyncio.IncompleteReadError):
-                e = "it closed the connection during the handshake"
-            log.warning("closed connection from %s: %s", address, e)
+                why = f"no handshake within {self.handshake_timeout:g} s"
+            elif not self._shaking.get(writer) and isinstance(
+                e, (asyncio.IncompleteReadError, ConnectionError)
+            ):
+                why = "it closed the connection during the handshake"
+            self._log.warning(address, "closed connection from %s: %s", address, why)
             return
         finally:
-            self._shaking.discard(writer)
-        _tune(writer)
-        self._peers.add(_Peer(self, writer, address))
+            self._shaking.pop(writer, None)
+        if self.state in (_State.STOPPING, _State.STOPPED):
+            writer.transport.abort()
+            return
+        self._peers.add(_Peer(self, writer, seals, address))
+        log.info("connection from %s opened", address)
+
+    def _nested_pool(self, peer: _Peer) -> WorkerPool:
+        """The pool for the nested calls of callers that sent `peer`'s HELLO.
+
+        It is kept by the connections from callers' own pools that used it,
+        or, while none did, by the one that opened it: never by another
+        worker's nested pool alone, whose connection it may keep in turn (a
+        cycle that would outlive the caller).
+        """
+        entry = self._nested.get(peer.hello)
+        if entry is None:
+            pool = WorkerPool._nested(peer.services, self.authkey, self.client_ssl)
+            entry = self._nested[peer.hello] = (pool, set())
+        if not peer.nested or not entry[1]:
+            entry[1].add(peer)
+        return entry[0]
+
+    def _release_nested(self, peer: _Peer):
+        """`peer` closed; the last that kept its nested pool stops it."""
+        entry = self._nested.get(peer.hello)
+        if entry is not None and peer in entry[1]:
+            entry[1].discard(peer)
+            if not entry[1]:
+                del self._nested[peer.hello]
+                task = asyncio.ensure_future(entry[0]._stop())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+
+class _NestedPool:
+    """In a worker: the pool that sent the running task, for its nested calls.
+    Opened at the first nested call, shared by the connections that sent the
+    same HELLO (see Worker._nested_pool)."""
+
+    def __init__(self, peer: _Peer):
+        self.peer, self.pool = peer, None
+
+    def get(self) -> WorkerPool:
+        if self.pool is None:
+            self.pool = self.peer.worker._nested_pool(self.peer)
+        return self.pool
 
 
 class _Peer:
     """A worker's side of one authenticated caller's connection: the tasks it
-    sent, run as asyncio tasks in the context HELLO set up."""
+    sent, run as asyncio tasks in the context HELLO set up.
 
-    def __init__(self, worker: Worker, writer: asyncio.StreamWriter, address: str):
+    Rules: every TASK/STREAM is answered ACCEPTED or REFUSED before its code
+    runs, then gets exactly one RESULT, ERROR or STOP per step. What a caller
+    that does not read costs is bounded: reading stops while the outbox is
+    paused, replies wait for room before they are pickled, a generator takes
+    one step at a time, and DEFINEs are bounded by MAX_DEFINED.
+    """
+
+    def __init__(self, worker: Worker, writer, seals, address: str):
         self.worker, self.writer, self.address = worker, writer, address
         self.loop = asyncio.get_running_loop()
-        transport = writer.transport
-        transport.set_write_buffer_limits(high=HIGH_WATER)
-        self.out = _Outbox(transport)
-        self.frames = _Frames(
-            transport, worker.max_frame, self.on_frame, self.on_lost, self.on_writable
-        )
-        transport.set_protocol(self.frames)
-        self.context: contextvars.Context | None = None  # set up by HELLO
+        self.frames, self.out = _switch(
+            writer, seals, worker.max_frame, self.on_frame, self.on_lost,
+            on_pause=self.hold, on_resume=self.release,
+        )  # fmt: skip
+        self.hello, self.services, self.nested = b"", [], False  # from HELLO
+        self.context: contextvars.Context | None = None  # tasks run in copies
         self.tasks: dict[int, asyncio.Task] = {}
-        self.inboxes: dict[int, asyncio.Queue] = {}
-        self.functions: dict[int, bytes | tuple] = {}  # DEFINE'd, then resolved
+        self.streams: dict[int, asyncio.Queue] = {}  # generators' next step
+        self.functions: dict[int, Any] = {}  # DEFINE'd bytes, then resolved
+        self.defined = 0  # bytes DEFINE'd on this connection
         self.burst = 0  # tasks accepted since they last got to run
         self.closed = self.loop.create_future()
         no_hello = ProtocolError(f"no HELLO within {worker.handshake_timeout:g} s")
@@ -1538,135 +1718,173 @@ class _Peer:
             worker.handshake_timeout, self.frames.fail, no_hello
         )
 
-    def on_frame(self, kind: int, rid: int, body: bytes):
+    def on_frame(self, kind: int, rid: int, body):
         if self.context is None:
             if kind != HELLO:
                 raise ProtocolError("it did not start with HELLO")
             self.deadline.cancel()
+            self.hello = bytes(body)
+            try:
+                self.services, self.nested = pickle.loads(self.hello)
+            except Exception as e:
+                raise ProtocolError(f"a HELLO that does not load: {e!r}") from None
             # Tasks run in copies of this context: nested calls go to the
             # caller's pool, and current_worker() answers.
             self.context = contextvars.copy_context()
-            self.context.run(_current_pool.set, _NestedPool(self.worker, body))
+            self.context.run(_current_pool.set, _NestedPool(self))
             self.context.run(_current_worker.set, self.worker.info)
-        elif kind == TASK:
-            if rid in self.tasks:
-                raise ProtocolError(f"request id {rid} is already running")
-            worker = self.worker
-            if worker.stopping or worker.running == worker.max_tasks:
-                self.out.send(REFUSED, rid)  # the caller tries another worker
-                return
-            self.out.send(ACCEPTED, rid)  # on the wire before the task runs
-            coro = self._run(rid, body)
-            task = self.tasks[rid] = self.loop.create_task(
-                coro, context=self.context.copy()
-            )
-            task.add_done_callback(functools.partial(self._done, rid))
-            worker.running += 1
-            # Backpressure: let the tasks just accepted run now and then, and
-            # stop reading while replies pile up, so a caller that does not read
-            # its replies stalls only itself, at a bounded cost in memory.
-            self.burst += 1
-            if self.burst >= 16 or self.out.backlog() > HIGH_WATER:
-                self.frames.hold()
-                self.loop.call_soon(self._breathe)
-        elif kind == DEFINE:
-            self.functions[rid] = body  # unpickled by the first task that needs it
+        elif kind == TASK or kind == STREAM:
+            self.accept(rid, body, kind == STREAM)
+        elif kind in (NEXT, THROW, CLOSE):
+            if rid not in self.tasks:
+                return  # it ended, or was cancelled, while the step travelled
+            if (steps := self.streams.get(rid)) is None:
+                raise ProtocolError(f"a generator step for task {rid}, a coroutine")
+            if steps.full():
+                raise ProtocolError(f"two steps at once for generator {rid}")
+            steps.put_nowait((kind, body))
         elif kind == CANCEL:
             if (task := self.tasks.get(rid)) is not None:
                 task.cancel()
-        elif kind in (NEXT, THROW, CLOSE):
-            if rid in self.tasks:  # the task may not have started yet
-                self.inboxes.setdefault(rid, asyncio.Queue()).put_nowait((kind, body))
+        elif kind == DEFINE:
+            self.defined += len(body)
+            if self.defined > MAX_DEFINED:
+                raise ProtocolError(
+                    f"over {MAX_DEFINED / 2**20:.0f} MiB of functions defined on one "
+                    "connection"
+                )
+            self.functions[rid] = body  # unpickled by the first task that needs it
         else:
             raise ProtocolError(f"unknown frame kind {kind} from a caller")
 
-    def _resolve(self, ref) -> tuple[Callable, bool]:
+    def accept(self, rid: int, body, generator: bool):
+        if rid in self.tasks:
+            raise ProtocolError(f"request id {rid} is already running")
+        worker = self.worker
+        stopping = worker.state in (_State.STOPPING, _State.STOPPED)
+        if stopping or worker.running == worker.max_tasks:
+            self.out.send(REFUSED, rid)  # the caller tries another worker
+            return
+        self.out.send(ACCEPTED, rid)  # ahead of any queued reply
+        if generator:
+            self.streams[rid] = steps = asyncio.Queue(1)
+            steps.put_nowait((NEXT, b""))
+        assert self.context is not None
+        task = self.tasks[rid] = self.loop.create_task(
+            self.run(rid, body, generator), context=self.context.copy()
+        )
+        task.add_done_callback(functools.partial(self.done, rid))
+        worker.running += 1
+        # Let the tasks just accepted run now and then, so a burst of TASKs
+        # does not starve them.
+        self.burst += 1
+        if self.burst >= ACCEPT_BURST and not self.frames.held:
+            self.frames.hold()
+            self.loop.call_soon(self.breathe)
+
+    def resolve(self, ref) -> tuple[Callable, bool]:
         if type(ref) is not int:
             return _resolve(ref)
         if (found := self.functions.get(ref)) is None:
             raise ProtocolError(f"function {ref} was never defined on this connection")
-        if type(found) is bytes:
-            found = self.functions[ref] = _resolve(found)
+        if type(found) is not tuple:
+            found = self.functions[ref] = _resolve(bytes(found))
         return found
 
-    def _done(self, rid: int, task: asyncio.Task):
+    def done(self, rid: int, task: asyncio.Task):
         del self.tasks[rid]
+        self.streams.pop(rid, None)
         self.worker.running -= 1
 
-    def _breathe(self):
+    def breathe(self):
         self.burst = 0
-        self.out.flush()
-        if self.out.backlog() <= HIGH_WATER:
-            self.frames.release()
-        # else the transport paused writing, and on_writable releases us
+        self.release()
 
-    def on_writable(self):
-        if self.frames.held:
+    def hold(self):
+        self.frames.hold()
+
+    def release(self):
+        if self.frames.held and not self.out.paused:
             self.frames.release()
 
     def on_lost(self, error: Exception | None):
         self.deadline.cancel()
-        self.worker._connections -= 1
+        self.out.close()
         self.worker._peers.discard(self)
         if isinstance(error, WoolError):
-            log.warning("closed connection from %s: %s", self.address, error)
-        elif error is not None:
-            log.info("connection from %s ended: %r", self.address, error)
+            self.worker._log.warning(
+                self.address, "closed connection from %s: %s", self.address, error
+            )
+        else:
+            why = f": {error!r}" if error else ""
+            log.info("connection from %s closed%s", self.address, why)
         for task in self.tasks.values():
             task.cancel()
+        self.worker._release_nested(self)
         self.closed.set_result(None)
 
     def close(self):
+        """Stop now: cancel the tasks (their replies are dropped: the caller
+        gets WorkerLost) and close the connection."""
+        self.out.flush()
+        self.out.close()
         for task in self.tasks.values():
             task.cancel()
-        self.out.flush()
         self.writer.close()
 
-    async def _run(self, rid: int, body: bytes):
-        out, worker = self.out, self.worker
+    async def reply(self, kind: int, rid: int, make: Callable[[], bytes]):
+        """Send a reply once the outbox takes frames: it is pickled only then."""
+        await self.out.drained()
+        self.out.send(kind, rid, make())
+
+    async def run(self, rid: int, body, generator: bool):
+        max_frame = self.worker.max_frame
         try:
             ref, args, kwargs, context, seconds = pickle.loads(body)
-            fn, generator = self._resolve(ref)
+            fn, is_generator = self.resolve(ref)
+            if is_generator != generator:
+                raise TypeError(
+                    f"{fn.__qualname__} is {'not ' * generator}an async generator "
+                    "function here"
+                )
             changed = _enter_context(context)
             if generator:
-                return await self._drive(rid, fn, fn(*args, **kwargs), changed)
+                return await self.drive(rid, fn, fn(*args, **kwargs), changed)
             async with asyncio.timeout(seconds):
                 value = await fn(*args, **kwargs)
-            out.send(
+            await self.reply(
                 RESULT,
                 rid,
-                _dump_value(value, _context_changes(changed), fn, worker.max_frame),
+                lambda: _dump_value(value, _context_changes(changed), fn, max_frame),
             )
         except BaseException as e:  # CancelledError too: the caller may be waiting
-            out.send(ERROR, rid, _dump_error(e))
+            await self.reply(ERROR, rid, lambda: _dump_error(e, max_frame))
 
-    async def _drive(self, rid: int, fn, agen, changed: set[str]):
+    async def drive(self, rid: int, fn, agen, changed: set[str]):
         """Run a generator one step per NEXT/THROW; CLOSE or cancel closes it."""
-        inbox = self.inboxes.setdefault(rid, asyncio.Queue())
-        out, max_frame = self.out, self.worker.max_frame
+        steps, max_frame = self.streams[rid], self.worker.max_frame
         try:
             while True:
-                kind, body = await inbox.get()
+                kind, body = await steps.get()
                 try:
                     if kind == CLOSE:
                         await agen.aclose()
-                        out.send(STOP, rid)
-                        return
+                        return await self.reply(STOP, rid, bytes)
                     value = pickle.loads(body) if body else None
                     if kind == NEXT:
                         value = await agen.asend(value)
                     else:
                         value = await agen.athrow(value)
-                    reply = _dump_value(value, _context_changes(changed), fn, max_frame)
                 except StopAsyncIteration:
-                    out.send(STOP, rid)
-                    return
+                    return await self.reply(STOP, rid, bytes)
                 except BaseException as e:
-                    out.send(ERROR, rid, _dump_error(e))
-                    return
-                out.send(RESULT, rid, reply)
+                    return await self.reply(ERROR, rid, lambda: _dump_error(e, max_frame))
+                await self.reply(
+                    RESULT,
+                    rid,
+                    lambda: _dump_value(value, _context_changes(changed), fn, max_frame),
+                )
         finally:
-            self.inboxes.pop(rid, None)
             await agen.aclose()  # runs the generator's `finally` if it is open
 
 
@@ -1679,13 +1897,148 @@ def _peer_address(writer) -> str:
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
 
-# -- Pool internals: connections, calls, generators ----------------------------------
-#
-# Rules: every request id on a connection gets at most one reply per request
-# frame; only the reader task resolves reply futures; whoever awaits a reply
-# decodes its body, so one bad body fails one call, not the connection. A
-# call is "accepted" once ACCEPTED (or any reply) arrived: from then on a lost
-# connection means WorkerLost, before it, failover.
+class _LogLimit:
+    """Warnings about peers, at most LOG_BURST per peer host per LOG_WINDOW
+    seconds: a flood of bad connections must not flood the log. What it held
+    back is counted and logged when the window ends (or at flush())."""
+
+    def __init__(self):
+        self.hosts: dict[str, list] = {}  # host -> [window start, logged, held back]
+
+    def warning(self, address: str, message: str, *args):
+        host, now = address.rpartition(":")[0] or address, time.monotonic()
+        entry = self.hosts.get(host)
+        if entry is None or now - entry[0] > LOG_WINDOW:
+            if entry is not None:
+                self.report(host, entry)
+            if len(self.hosts) >= 4096:  # bounded, whatever the addresses
+                self.flush()
+            entry = self.hosts[host] = [now, 0, 0]
+        if entry[1] < LOG_BURST:
+            entry[1] += 1
+            log.warning(message, *args)
+            if entry[1] == LOG_BURST:
+                log.warning(
+                    "more warnings about %s in the next %g s are counted, not logged",
+                    host, LOG_WINDOW,
+                )  # fmt: skip
+        else:
+            entry[2] += 1
+
+    def report(self, host: str, entry: list):
+        if entry[2]:
+            log.warning("%d more warnings about %s were not logged", entry[2], host)
+
+    def flush(self):
+        for host, entry in self.hosts.items():
+            self.report(host, entry)
+        self.hosts.clear()
+
+
+# -- Pool internals: spawned workers, connections, generators ---------------------
+
+
+class _Spawner:
+    """The worker processes a pool starts on this machine, listed in a private
+    local namespace and given a key of their own. Only the spawner starts and
+    stops them.
+
+    Each is `python -c "import wool; wool._spawned()"`, configured through
+    stdin, which stays open: its EOF tells the worker to stop, also when this
+    process is killed. One that dies while the pool is ready is replaced, at
+    most RESPAWNS times per RESPAWN_WINDOW; past that, when the window allows.
+    """
+
+    def __init__(self, pool: WorkerPool):
+        self.pool = pool
+        self.service = LocalDiscoveryService(f"p{uuid.uuid4().hex[:12]}")
+        self.key = _authkey(pool.authkey) or secrets.token_bytes(32)
+        self.procs: set[asyncio.subprocess.Process] = set()
+        self.replaced: collections.deque[float] = collections.deque()  # when
+        self.failed: int | None = None  # exit code of a worker that could not start
+        self.watchers: set[asyncio.Task] = set()
+        self.stopping = False
+
+    def pids(self) -> set[int]:
+        return {p.pid for p in self.procs}
+
+    async def start(self):
+        self.service.create_segment()
+        await asyncio.gather(*(self.spawn() for _ in range(self.pool.size)))
+
+    async def spawn(self):
+        pool = self.pool
+        code = "import sys; sys.path.insert(0, sys.argv[1]); import wool; wool._spawned()"
+        here = os.path.dirname(os.path.abspath(__file__))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, here,
+            stdin=asyncio.subprocess.PIPE,
+            start_new_session=True,  # Ctrl-C reaches the caller, which stops us
+        )  # fmt: skip
+        config = {
+            "path": sys.path,
+            "namespace": self.service.namespace,
+            "authkey": self.key,
+            "tags": sorted(pool.tags),
+            "max_frame": pool.max_frame,
+            "max_tasks": pool.max_tasks_per_worker,
+            "grace": pool.grace,
+            "log_level": log.getEffectiveLevel(),
+        }
+        data = pickle.dumps(config)
+        assert proc.stdin is not None
+        proc.stdin.write(struct.pack("!I", len(data)) + data)
+        self.procs.add(proc)
+        watcher = asyncio.ensure_future(self.watch(proc))
+        self.watchers.add(watcher)
+        watcher.add_done_callback(self.watchers.discard)
+
+    async def watch(self, proc: asyncio.subprocess.Process):
+        code = await proc.wait()
+        self.procs.discard(proc)
+        self.pool._notify()
+        if self.pool._state is _State.STARTING:  # a bad set-up: replacing won't help
+            self.failed = code
+            return
+        if self.stopping:
+            return
+        log.warning("worker pid %d exited with %s; replacing it", proc.pid, code)
+        while True:
+            now = time.monotonic()
+            while self.replaced and now - self.replaced[0] > RESPAWN_WINDOW:
+                self.replaced.popleft()
+            if len(self.replaced) < RESPAWNS:
+                break
+            delay = self.replaced[0] + RESPAWN_WINDOW - now
+            log.error(
+                "%d workers were replaced in the last %g s; the next starts in %.1f s",
+                len(self.replaced), RESPAWN_WINDOW, delay,
+            )  # fmt: skip
+            await asyncio.sleep(delay)
+        self.replaced.append(now)
+        await self.spawn()
+
+    async def stop(self):
+        """Stop the workers gracefully; kill those still running after grace.
+        A replacement being started is stopped first (and killed)."""
+        self.stopping = True
+        for watcher in self.watchers:
+            watcher.cancel()
+        await asyncio.gather(*self.watchers, return_exceptions=True)
+        procs = list(self.procs)
+        for proc in procs:  # closing stdin is the worker's signal to stop
+            with contextlib.suppress(Exception):
+                proc.stdin.close()  # type: ignore[union-attr]
+        if procs:
+            waits = [asyncio.ensure_future(p.wait()) for p in procs]
+            await asyncio.wait(waits, timeout=self.pool.grace + PATIENCE)
+        for proc in procs:
+            if proc.returncode is None:
+                log.warning("killing worker pid %d: it outlived its grace", proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        self.procs.clear()
 
 
 class _Call:
@@ -1696,40 +2049,57 @@ class _Call:
 
 
 class _Connection:
-    """A caller's connection to one worker, multiplexing many tasks."""
+    """A caller's connection to one worker, multiplexing many tasks.
 
-    def __init__(self, info: WorkerInfo, writer: asyncio.StreamWriter, max_frame: int):
+    Rules: the connection owns its calls in flight (`pending`; its size is
+    the load a balancer sees): only its methods add and remove them. Each
+    request frame gets at most one reply; whoever awaits a reply decodes its
+    body, so one bad body fails one call, not the connection. When the
+    connection dies, a call whose TASK never left this process goes to
+    another worker (_NotSent); any other gets WorkerLost, since the worker
+    may have run it: at most once.
+    """
+
+    def __init__(self, info: WorkerInfo, writer, seals, max_frame: int, on_change):
         # Keep the writer: when a StreamWriter is collected, it closes its transport.
-        self.info, self.writer = info, writer
-        self.out = _Outbox(writer.transport)
+        self.info, self.writer, self.on_change = info, writer, on_change
         self.loop = asyncio.get_running_loop()
         self.pending: dict[int, _Call] = {}
         self.rids = itertools.count(1)
         self.defined: set[int] = set()  # functions sent by value on this connection
+        self.defined_bytes = 0
         self.lost: str | None = None
+        self.goodbye = self.retiring = False
         self.closed = self.loop.create_future()
-        frames = _Frames(writer.transport, max_frame, self._on_frame, self._lose)
-        writer.transport.set_protocol(frames)
+        _, self.out = _switch(writer, seals, max_frame, self._on_frame, self._lose)
+
+    @property
+    def load(self) -> int:
+        return len(self.pending)
 
     @classmethod
-    async def open(cls, info, key, ssl, hello: bytes, max_frame: int) -> _Connection:
+    async def open(cls, info, source: _Source, hello: bytes, max_frame: int, on_change):
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):
             reader, writer = await asyncio.open_connection(
-                info.host, info.port, ssl=ssl
+                info.host, info.port, ssl=source.ssl
             )
             try:
-                await _authenticate_worker(reader, writer, key, info.address)
+                seals = await _authenticate_worker(
+                    reader, writer, source.key, info.address
+                )
             except BaseException:
                 writer.close()
                 raise
-        _tune(writer)
-        conn = cls(info, writer, max_frame)
+        conn = cls(info, writer, seals, max_frame, on_change)
         conn.out.send(HELLO, 0, hello)
         return conn
 
-    def _on_frame(self, kind: int, rid: int, body: bytes):
+    def _on_frame(self, kind: int, rid: int, body):
         if kind not in _TO_CALLER:
             raise ProtocolError(f"unknown frame kind {kind} from a worker")
+        if kind == GOODBYE:
+            self.goodbye = True
+            return self.retire()
         call = self.pending.get(rid)
         if call is None:
             return  # a reply to a call that was cancelled
@@ -1739,48 +2109,62 @@ class _Connection:
 
     def _lose(self, error: Exception | None):
         reason = "closed by the worker" if error is None else str(error) or repr(error)
+        if self.goodbye:
+            reason = "the worker stopped"
         if isinstance(error, ProtocolError):
             log.warning("closed connection to worker %s: %s", self.info.address, error)
         self.lost = reason
         self.writer.close()
-        for call in self.pending.values():
+        unsent = self.out.unsent()
+        self.out.close()
+        for rid, call in self.pending.items():
             if call.reply.done():
                 continue
-            if call.accepted:
-                lost = f"lost worker {self.info.address} ({reason}) with the task on it"
-                call.reply.set_exception(WorkerLost(lost))
-            else:
-                call.reply.set_exception(_NotAccepted())
+            if rid in unsent:
+                call.reply.set_exception(_NotSent())
+                continue
+            what = "with the task on it"
+            if not call.accepted:
+                what = "after sending it the task, which may or may not have run"
+            lost = f"lost worker {self.info.address} ({reason}) {what}"
+            call.reply.set_exception(WorkerLost(lost))
         self.pending.clear()
-        if not self.closed.done():  # a pool that stopped cancelled it
+        self.on_change()
+        if not self.closed.done():
             self.closed.set_result(None)
 
     def close(self):
+        self.out.flush()
         self.writer.close()
 
-    async def retire(self):
-        """Close once the calls in flight got their replies (a worker that
-        withdrew is draining them)."""
-        while self.pending:
-            await asyncio.wait([call.reply for call in self.pending.values()])
-        self.close()
+    def retire(self):
+        """Take no new tasks; close once the calls in flight are answered (a
+        worker that withdrew or is stopping is draining them)."""
+        if not self.retiring:
+            self.retiring = True
+            self.on_change()
+        if not self.pending:
+            self.close()
 
     def start(self, body: bytes, definition: tuple | None, generator: bool):
-        """Send a TASK (the first time, its function's DEFINE before it; for a
-        generator, its first NEXT behind it): (request id, call)."""
-        if self.lost is not None:
-            raise _NotAccepted()
+        """Send a TASK, or a STREAM for a generator (the first time, its
+        function's DEFINE before it): (request id, call)."""
+        if self.lost is not None or self.retiring:
+            raise _NotSent()
         if definition is not None and definition[0] not in self.defined:
+            self.defined_bytes += len(definition[1])
+            if self.defined_bytes > MAX_DEFINED:  # a new connection starts afresh
+                self.retire()
+                raise _NotSent()
             self.defined.add(definition[0])
             self.out.send(DEFINE, *definition)
         rid = next(self.rids)
         call = self.pending[rid] = _Call(self.loop.create_future())
-        self.out.send(TASK, rid, body)
-        if generator:
-            self.out.send(NEXT, rid)
+        self.out.send(STREAM if generator else TASK, rid, body)
+        self.on_change()
         return rid, call
 
-    async def answer(self, rid: int, call: _Call) -> tuple[int, bytes]:
+    async def answer(self, rid: int, call: _Call) -> tuple[int, Any]:
         """The next reply (kind, body) to a request. Cancelling the caller
         cancels the task on the worker."""
         try:
@@ -1799,47 +2183,49 @@ class _Connection:
         self.out.send(kind, rid, body)
         return await self.answer(rid, call)
 
+    def finish(self, rid: int):
+        """The call got its last reply, or is abandoned."""
+        if self.pending.pop(rid, None) is not None:
+            if self.retiring and not self.pending:
+                self.close()
+            self.on_change()
+
     def cancel(self, rid: int):
-        if self.pending.pop(rid, None) is not None and self.lost is None:
-            self.out.send(CANCEL, rid)
+        if rid in self.pending:
+            if self.lost is None:
+                self.out.send(CANCEL, rid)
+            self.finish(rid)
 
 
 class _RemoteGenerator(collections.abc.AsyncGenerator):
     """A @work async generator call: pulls one value per step from a worker.
 
     The task is sent on the first step, to the pool current at that time.
-    `asend`, `athrow` and `aclose` reach the generator on the worker; a
-    generator dropped unfinished (an `async for` left early) is closed there.
+    `asend`, `athrow` and `aclose` reach the generator on the worker, one
+    step at a time (as a native generator, a second concurrent step raises
+    RuntimeError); a generator dropped unfinished is closed there.
     """
 
     def __init__(self, fn, args, kwargs):
         self._fn, self._args, self._kwargs = fn, args, kwargs
         self._conn: _Connection | None = None
         self._rid, self._call = 0, None
-        self._loads: dict[WorkerInfo, int] = {}  # the pool's in-flight counts
-        self._done = False
+        self._done = self._running = False
 
     def __repr__(self):
         return f"<wool generator {self._fn.__qualname__}>"
 
-    async def _start(self):
-        pool = _current_pool.get()
-        if pool is None:
-            raise NoWorkersAvailable(_outside_pool(self._fn))
-        if isinstance(pool, _NestedPool):
-            pool = pool._pool()
-        conn, self._rid, self._call, reply = await pool._place(
-            self._fn, self._args, self._kwargs, True
-        )
-        self._conn, self._loads = conn, pool._loads
-        if conn.info in self._loads:  # the balancer counts it in flight
-            self._loads[conn.info] += 1
-        return reply
-
     async def _step(self, kind: int, body: bytes = b""):
+        if self._running:
+            raise RuntimeError(f"{self!r} is already running: one step at a time")
+        self._running = True
         try:
             if self._conn is None:
-                reply_kind, data = await self._start()
+                pool = _pool_for(self._fn)
+                self._conn, self._rid, self._call, reply = await pool._place(
+                    self._fn, self._args, self._kwargs, True
+                )
+                reply_kind, data = reply
             else:
                 reply_kind, data = await self._conn.step(
                     self._rid, self._call, kind, body
@@ -1847,6 +2233,8 @@ class _RemoteGenerator(collections.abc.AsyncGenerator):
         except BaseException:
             self._finish()
             raise
+        finally:
+            self._running = False
         if reply_kind == RESULT:
             return _load_reply(reply_kind, data, self._fn)
         self._finish()
@@ -1856,9 +2244,7 @@ class _RemoteGenerator(collections.abc.AsyncGenerator):
 
     def _finish(self):
         if self._conn is not None and not self._done:
-            self._conn.pending.pop(self._rid, None)
-            if self._conn.info in self._loads:
-                self._loads[self._conn.info] -= 1
+            self._conn.finish(self._rid)
         self._done = True
 
     async def asend(self, value):
@@ -1868,8 +2254,7 @@ class _RemoteGenerator(collections.abc.AsyncGenerator):
             raise TypeError(
                 "can't send non-None value to a just-started async generator"
             )
-        body = b"" if value is None else _dumps(value)
-        return await self._step(NEXT, body)
+        return await self._step(NEXT, b"" if value is None else _pickle(value))
 
     async def athrow(self, typ, val=None, tb=None):
         if isinstance(typ, BaseException):
@@ -1881,24 +2266,20 @@ class _RemoteGenerator(collections.abc.AsyncGenerator):
         if self._done or self._conn is None:
             self._done = True
             raise exc
-        return await self._step(THROW, _dumps(exc))
+        return await self._step(THROW, _pickle(exc))
 
     async def aclose(self):
         if self._done or self._conn is None:
             self._done = True
             return
-        try:
+        with contextlib.suppress(StopAsyncIteration):
             await self._step(CLOSE)
-        except StopAsyncIteration:
-            pass
 
     def __del__(self):
         if self._done or self._conn is None:
             return
         conn, rid = self._conn, self._rid
         self._done = True
-        if conn.info in self._loads:
-            self._loads[conn.info] -= 1
         try:
             if asyncio.get_running_loop() is conn.loop:
                 conn.cancel(rid)  # runs the generator's `finally` there
@@ -1926,26 +2307,30 @@ def _spawned():
 
 
 async def _serve_spawned(config):
-    loop = asyncio.get_running_loop()
-    eof = loop.create_future()
-
-    class Lifeline(asyncio.Protocol):
-        def connection_lost(self, exc):
-            if not eof.done():
-                eof.set_result(None)
-
-    await loop.connect_read_pipe(Lifeline, sys.stdin)
+    loop, stop = asyncio.get_running_loop(), asyncio.Event()
     worker = Worker(
         *config["tags"],
         authkey=config["authkey"],
-        discovery=LocalDiscoveryService(config["namespace"]),
+        discovery=LocalDiscoveryService(config["namespace"], create=False),
         grace=config["grace"],
         max_frame=config["max_frame"],
         max_tasks=config["max_tasks"],
     )
-    loop.add_signal_handler(signal.SIGTERM, lambda: eof.done() or eof.set_result(None))
+
+    def lifeline():
+        # A thread, not the event loop, watches stdin: a task that blocks the
+        # loop must not keep an orphaned worker alive.
+        while os.read(0, 4096):  # until EOF: the pool closed it, or died
+            pass
+        with contextlib.suppress(RuntimeError):  # the loop is gone: we are exiting
+            loop.call_soon_threadsafe(stop.set)
+        time.sleep(worker.grace + 2 * PATIENCE)  # the loop's chance to stop well
+        os._exit(1)
+
+    threading.Thread(target=lifeline, daemon=True).start()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
     await worker.start()
-    await eof
+    await stop.wait()
     await worker.stop()
 
 

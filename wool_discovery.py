@@ -241,9 +241,13 @@ class LocalDiscoveryService:
     `WorkerPool(discovery=LocalDiscoveryService("NAME"))` finds it. A named
     namespace's segment (`/dev/shm/wool-NAME`, 128 KiB) outlives its workers;
     an ephemeral pool's private namespace is removed when the pool exits.
+    With `create=False`, publishing never creates the segment: it fails
+    (FileNotFoundError) once the namespace is gone.
     """
 
-    def __init__(self, namespace: str | None = None, *, filter=None):
+    def __init__(
+        self, namespace: str | None = None, *, filter=None, create: bool = True
+    ):
         namespace = namespace or "default"
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", namespace):
             raise ValueError(
@@ -252,25 +256,27 @@ class LocalDiscoveryService:
             )
         self.namespace = namespace
         self.filter = filter
+        self.create = create
         self._table: _Table | None = None  # this process's publishing handle
 
     def __repr__(self):
         return _describe("LocalDiscoveryService", repr(self.namespace), self.filter)
 
     def __getstate__(self):
-        return {"namespace": self.namespace, "filter": self.filter, "_table": None}
+        return self.__dict__ | {"_table": None}
 
     @property
     def segment(self) -> str:
         return f"wool-{self.namespace}"
 
-    def _create(self) -> _Table:
-        """Create the namespace's segment for an ephemeral pool: tracked, so it
-        goes away even if the creator is killed. Fails if it exists."""
+    def create_segment(self) -> None:
+        """Create the namespace's segment, owned by this process (an ephemeral
+        pool): it goes away with remove_segment(), or when this process dies.
+        Fails if it exists."""
         self._table = _Table(_attach(self.segment, True, track=True))
-        return self._table
 
-    def _unlink(self):
+    def remove_segment(self) -> None:
+        """Remove the segment this process created."""
         if self._table is not None:
             shm = self._table.shm
             self._table.close()
@@ -292,7 +298,7 @@ class LocalDiscoveryService:
     async def publish(self, event: DiscoveryEvent) -> None:
         """Add, update or withdraw `event.info` in the namespace."""
         if self._table is None:
-            self._table = self._open(create=True)
+            self._table = self._open(create=self.create)
         table, info = self._table, event.info
         data = info.to_json()
         if len(data) > SLOT_SIZE - _LENGTH.size:
