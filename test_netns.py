@@ -10,10 +10,12 @@ the test's mDNS. Needs root and iproute2 (CI runs as root).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -183,5 +185,59 @@ def test_discovery_dispatch_cut_and_heal_across_hosts(lan, tmp_path):
         assert ask("run 30") == "h1 h2 h3"
     finally:
         for proc in [caller, *workers]:
+            proc.kill()
+            proc.wait()
+
+
+CHAOS_CALLER = """
+import asyncio, json, sys, wool
+from pathlib import Path
+from test_faults import chaos
+
+async def main():
+    lan = wool.LanDiscoveryService(lambda w: {run!r} in w.tags, interfaces=[{address!r}])
+    async with wool.WorkerPool(discovery=lan, authkey=b"s3cret", wait=15) as pool:
+        await pool.wait_for_workers(3)
+        print("ready", flush=True)
+        loop = asyncio.get_running_loop()
+        stdin = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+        outcomes = await chaos(pool, Path({path!r}), 60, stdin.readline, callers=100)
+        print(json.dumps(outcomes), flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.chaos
+def test_link_cuts_under_load_run_no_task_twice(lan, tmp_path):
+    key, ran = tmp_path / "key", tmp_path / "ran"
+    key.write_bytes(b"s3cret")
+    ran.touch()
+    procs = []
+    try:
+        for host in ("h1", "h2", "h3"):
+            procs.append(lan.run(
+                host, sys.executable, "-m", "wool", "worker", "--host", ADDRESSES[host],
+                "--tag", RUN, "--discovery", "lan", "--interface", ADDRESSES[host],
+                "--authkey-file", str(key),
+            ))  # fmt: skip
+            assert "listening on" in procs[-1].stdout.readline()
+        code = CHAOS_CALLER.format(run=RUN, address=ADDRESSES["c"], path=str(ran))
+        caller = lan.run("c", sys.executable, "-c", code)
+        procs.append(caller)
+        assert caller.stdout.readline() == "ready\n"
+        for host in ["h1", "h2", "h3", "h1", "h2"]:  # a link down for 4 s, in turn
+            lan.link(host, "down")
+            time.sleep(4.0)  # the outage itself
+            lan.link(host, "up")
+            time.sleep(1.0)  # load on a healed network
+        caller.stdin.write("stop\n")
+        caller.stdin.flush()
+        outcomes = json.loads(caller.stdout.readline())  # chaos() found 0 duplicates
+        assert outcomes["WorkerLost"] > 0, outcomes  # the cuts hit calls in flight
+        assert caller.wait(timeout=30) == 0
+    finally:
+        for proc in procs:
             proc.kill()
             proc.wait()

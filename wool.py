@@ -38,6 +38,7 @@ import contextlib
 import contextvars
 import enum
 import functools
+import hashlib
 import hmac
 import importlib
 import inspect
@@ -867,13 +868,13 @@ def _authkey(key: bytes | None) -> bytes:
 # -- Frames: objects <-> bytes. No sockets, no await. ----------------------------
 #
 # A frame is HEADER, a body of `length` bytes (a pickle, or empty) and a TAG:
-# HMAC-SHA256 of the frame's sequence number in its direction, its header
-# and its body, under the session's key for that direction (see Streams).
+# a MAC of the frame's sequence number in its direction, its header and its
+# body, under the session's key for that direction (see Streams, _Seal).
 # A receiver checks the length against max_frame before reading on, and the
 # tag before the body goes anywhere.
 
 HEADER = struct.Struct("!IBQ")  # body length, kind, request id
-TAG = 16  # bytes of a frame's MAC (HMAC-SHA256, truncated)
+TAG = 16  # bytes of a frame's MAC
 
 # caller -> worker
 HELLO = 1  # body: (the caller's discovery sources, for nested calls, and
@@ -900,15 +901,18 @@ _URGENT = frozenset({ACCEPTED, REFUSED, GOODBYE})  # sent ahead of queued replie
 class _Seal:
     """One direction of a session: makes (sender) or checks (receiver) each
     frame's tag, numbering frames so that none can be dropped, replayed or
-    reordered unseen."""
+    reordered unseen. Keyed BLAKE2b for small bodies (a third of HMAC's cost
+    per call), HMAC-SHA256 for large ones (twice BLAKE2b's speed where the
+    CPU has SHA instructions)."""
 
-    __slots__ = ("mac", "seq")
+    __slots__ = ("blake", "hmac", "seq")
 
     def __init__(self, key: bytes):
-        self.mac, self.seq = hmac.new(key, digestmod="sha256"), 0
+        self.blake = hashlib.blake2b(key=_digest(key, b"blake2b", b""), digest_size=TAG)
+        self.hmac, self.seq = hmac.new(key, digestmod="sha256"), 0
 
     def tag(self, header, body) -> bytes:
-        mac = self.mac.copy()
+        mac: Any = self.blake.copy() if len(body) < LARGE else self.hmac.copy()
         mac.update(self.seq.to_bytes(8, "big"))
         mac.update(header)
         mac.update(body)
@@ -939,19 +943,24 @@ _PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 
 def _plain(obj, depth: int = 2) -> bool:
     """Whether plain pickle makes the same bytes as cloudpickle: builtin data,
-    in containers nested at most `depth` deep."""
+    in containers nested at most `depth` deep. (Hot: no generators here.)"""
     kind = type(obj)
     if kind in _PLAIN:
         return True
-    if not depth:
-        return False
     if kind is dict:
         if not _PLAIN.issuperset(map(type, obj)):
             return False
         obj = obj.values()
     elif kind is not tuple and kind is not list:
         return False
-    return _PLAIN.issuperset(map(type, obj)) or all(_plain(x, depth - 1) for x in obj)
+    if _PLAIN.issuperset(map(type, obj)):
+        return True
+    if depth:
+        for item in obj:
+            if not _plain(item, depth - 1):
+                return False
+        return True
+    return False
 
 
 def _pickle(obj, what: Callable[[], str] | None = None, max_frame=MAX_FRAME) -> bytes:
@@ -1852,11 +1861,10 @@ class _Peer:
                 return await self.drive(rid, fn, fn(*args, **kwargs), changed)
             async with asyncio.timeout(seconds):
                 value = await fn(*args, **kwargs)
-            await self.reply(
-                RESULT,
-                rid,
-                lambda: _dump_value(value, _context_changes(changed), fn, max_frame),
-            )
+            if self.out.full():  # pickle the value only once there is room
+                await self.out.drained()
+            reply = _dump_value(value, _context_changes(changed), fn, max_frame)
+            self.out.send(RESULT, rid, reply)
         except BaseException as e:  # CancelledError too: the caller may be waiting
             await self.reply(ERROR, rid, lambda: _dump_error(e, max_frame))
 

@@ -259,6 +259,24 @@ TARGETS = [
 ]  # fmt: skip
 
 
+def mac_cost() -> dict:
+    """What binding frames to their session costs: every frame is sealed by
+    its sender and checked by its receiver (wool._Seal.tag), so a call's
+    three frames (TASK, ACCEPTED, RESULT) cost six tags, and a payload echo
+    four passes over the payload."""
+    seal, small, large = wool._Seal(os.urandom(32)), b"x" * 100, os.urandom(PAYLOAD)
+    header = wool.HEADER.pack(100, wool.TASK, 1)
+    t = time.perf_counter()
+    for _ in range(100_000):
+        seal.tag(header, small)
+    per_tag = (time.perf_counter() - t) / 100_000
+    t = time.perf_counter()
+    for _ in range(5):
+        seal.tag(header, large)
+    per_payload = (time.perf_counter() - t) / 5
+    return {"call_us": 6 * per_tag * 1e6, "echo_ms": 4 * per_payload * 1e3}
+
+
 def median_of(rounds: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
 
@@ -306,6 +324,13 @@ def main():
         f"\nwool fib(15), 1,973 tasks: {w['fanout_s']:.2f} s; start-up to first result "
         f"{w['startup_s']:.2f} s, exit {w['exit_s']:.2f} s; caller RSS growth over "
         f"100,000 tasks {w['memory_mib']:.1f} MiB"
+    )
+    mac = median_of([mac_cost() for _ in range(args.rounds)])
+    echo_ms = PAYLOAD / (w["payload_mbs"] * 1e6) * 1e3
+    print(
+        f"frame MACs: {mac['call_us']:.1f} µs per call "
+        f"({mac['call_us'] / w['latency_us']:.1%} of wool's latency), "
+        f"{mac['echo_ms']:.1f} ms per 10 MB echo ({mac['echo_ms'] / echo_ms:.0%} of it)"
     )
     print("\ntargets:")
     for name, check, text in TARGETS:
