@@ -911,12 +911,16 @@ class _Seal:
         self.blake = hashlib.blake2b(key=_digest(key, b"blake2b", b""), digest_size=TAG)
         self.hmac, self.seq = hmac.new(key, digestmod="sha256"), 0
 
-    def tag(self, header, body) -> bytes:
-        mac: Any = self.blake.copy() if len(body) < LARGE else self.hmac.copy()
-        mac.update(self.seq.to_bytes(8, "big"))
-        mac.update(header)
-        mac.update(body)
+    def begin(self, header, size: int) -> Any:
+        """The next frame's MAC, fed its number and header; feed it the body."""
+        mac: Any = self.blake.copy() if size < LARGE else self.hmac.copy()
+        mac.update(self.seq.to_bytes(8, "big") + header)
         self.seq += 1
+        return mac
+
+    def tag(self, header, body) -> bytes:
+        mac = self.begin(header, len(body))
+        mac.update(body)
         return mac.digest()[:TAG]
 
 
@@ -1210,8 +1214,9 @@ class _Frames(asyncio.BufferedProtocol):
         self.buf = bytearray(BUFFER)
         self.start = self.end = 0  # buf[start:end]: received, not yet delivered
         self.large: bytearray | None = None  # a large body being received,
-        self.filled, self.head = 0, b""  # its bytes so far, its header;
-        self.untagged: tuple | None = None  # then (header, body) until its tag
+        self.filled, self.head, self.mac = 0, (0, 0), None  # its bytes so far, its
+        # kind and rid, its MAC (fed as the bytes arrive, while they are hot)
+        self.untagged: tuple | None = None  # then (kind, rid, body) until its tag
         self.held = self.lost = False
 
     def get_buffer(self, sizehint: int):
@@ -1228,9 +1233,10 @@ class _Frames(asyncio.BufferedProtocol):
             if self.large is None:
                 self.end += nbytes
             else:
+                self.mac.update(memoryview(self.large)[self.filled : self.filled + nbytes])
                 self.filled += nbytes
                 if self.filled == len(self.large):
-                    self.untagged, self.large = (self.head, self.large), None
+                    self.untagged, self.large = (*self.head, self.large), None
             self.deliver()
         except ProtocolError as e:
             self.fail(e)
@@ -1241,10 +1247,10 @@ class _Frames(asyncio.BufferedProtocol):
             if self.untagged is not None:  # a large body, received
                 if self.end - self.start < TAG:
                     break
-                (header, body), self.untagged = self.untagged, None
+                (kind, rid, body), self.untagged = self.untagged, None
                 self.start += TAG
-                self.check(header, body, buf[self.start - TAG : self.start])
-                self.on_frame(*HEADER.unpack(header)[1:], body)
+                self.check(self.mac.digest()[:TAG], buf[self.start - TAG : self.start])
+                self.on_frame(kind, rid, body)
                 continue
             if self.end - self.start < HEADER.size:
                 break
@@ -1254,22 +1260,23 @@ class _Frames(asyncio.BufferedProtocol):
                 got = min(size, self.end - at)
                 self.large = bytearray(size)
                 self.large[:got] = buf[at : at + got]
-                self.head = bytes(buf[self.start : at])
-                self.start, self.filled = at + got, got
+                self.mac = self.seal.begin(buf[self.start : at], size)
+                self.mac.update(buf[at : at + got])
+                self.start, self.filled, self.head = at + got, got, (kind, rid)
                 if got == size:
-                    self.untagged, self.large = (self.head, self.large), None
+                    self.untagged, self.large = (kind, rid, self.large), None
             elif self.end - at < size + TAG:
                 break
             else:
                 header, self.start = buf[self.start : at], at + size + TAG
                 body = bytes(buf[at : at + size])
-                self.check(header, body, buf[at + size : self.start])
+                self.check(self.seal.tag(header, body), buf[at + size : self.start])
                 self.on_frame(kind, rid, body)
         if self.start == self.end:
             self.start = self.end = 0
 
-    def check(self, header, body, tag):
-        if not hmac.compare_digest(self.seal.tag(header, body), bytes(tag)):
+    def check(self, expected: bytes, tag):
+        if not hmac.compare_digest(expected, bytes(tag)):
             raise ProtocolError(
                 "a frame failed its MAC check: it was not sent by the peer that "
                 "passed the handshake, or was altered on the way"
@@ -1298,7 +1305,7 @@ class _Frames(asyncio.BufferedProtocol):
 
     def eof_received(self):
         if self.large is not None or self.untagged is not None:
-            size = len(self.large if self.large is not None else self.untagged[1])
+            size = len(self.large if self.large is not None else self.untagged[2])
         elif self.end - self.start >= HEADER.size:
             size = HEADER.unpack_from(self.buf, self.start)[0]
         elif self.end > self.start:
@@ -1327,6 +1334,9 @@ class _Outbox:
     While the transport is paused (over HIGH_WATER unsent) frames wait here,
     urgent ones (_URGENT) ahead of the rest, and `on_pause`/`on_resume` tell
     the owner. Bytes already handed to the transport cannot be overtaken.
+    A large body is written at once and its tag computed in a thread
+    (hashlib lets go of the GIL), so the event loop sends the body
+    meanwhile; frames behind it wait for the tag.
     """
 
     def __init__(self, transport, seal: _Seal, on_pause=None, on_resume=None):
@@ -1336,12 +1346,13 @@ class _Outbox:
         self.queue: collections.deque[tuple[int, int, Any]] = collections.deque()
         self.urgent = 0  # how many frames at the queue's head are urgent
         self.queued = 0  # bytes of the bodies in the queue
-        self.corked = self.paused = self.closed = False
-        self.writable: asyncio.Future | None = None  # resolved by resume()
+        self.parts: list = []  # sealed small frames, written together
+        self.corked = self.paused = self.sealing = self.closed = False
+        self.writable: asyncio.Future | None = None  # resolved by wake()
         transport.set_write_buffer_limits(high=HIGH_WATER)
 
     def send(self, kind: int, rid: int, body=b""):
-        if self.corked or self.paused:
+        if self.corked or self.paused or self.sealing:
             self.queued += len(body)
             if kind in _URGENT:
                 self.queue.insert(self.urgent, (kind, rid, body))
@@ -1351,32 +1362,45 @@ class _Outbox:
             return
         self.corked = True
         self.loop.call_soon(self.flush)
-        self.commit([(kind, rid, body)])
+        self.commit(kind, rid, body)
+        self.write()
 
     def flush(self):
         self.corked = False
-        queue, batch, size = self.queue, [], 0
-        while queue and not self.paused:
-            batch.append(queue.popleft())
+        queue = self.queue
+        while queue and not (self.paused or self.sealing):
+            kind, rid, body = queue.popleft()
             self.urgent = max(0, self.urgent - 1)
-            size += len(batch[-1][2])
-            if size >= LARGE or not queue:
-                self.queued -= size
-                self.commit(batch)
-                batch, size = [], 0
+            self.queued -= len(body)
+            self.commit(kind, rid, body)
+            if len(self.parts) >= 48:  # in batches, so a pause stops us soon
+                self.write()
+        self.write()
         if not self.full():
             self.wake()
 
-    def commit(self, frames: list):
-        parts: list = []
-        for kind, rid, body in frames:
-            parts += encode(kind, rid, body, self.seal)
-        if self.closed or self.transport.is_closing():
+    def commit(self, kind: int, rid: int, body):
+        header = HEADER.pack(len(body), kind, rid)
+        if len(body) < LARGE:
+            self.parts += (header, body, self.seal.tag(header, body))
             return
-        if len(parts) == 3 and len(parts[1]) >= LARGE:
-            for part in parts:  # writelines would join (copy) a large body
-                self.transport.write(part)
-        else:
+        mac = self.seal.begin(header, len(body))
+        self.parts.append(header)
+        self.write()
+        if not (self.closed or self.transport.is_closing()):
+            self.transport.write(body)  # alone: writelines would copy it
+        self.sealing = True
+        done = self.loop.run_in_executor(None, mac.update, body)
+        done.add_done_callback(lambda _: self.sealed(mac))
+
+    def sealed(self, mac):
+        self.sealing = False
+        self.parts.append(mac.digest()[:TAG])
+        self.flush()
+
+    def write(self):
+        parts, self.parts = self.parts, []
+        if parts and not (self.closed or self.transport.is_closing()):
             self.transport.writelines(parts)
 
     def unsent(self) -> set[int]:
@@ -1391,8 +1415,6 @@ class _Outbox:
     def resume(self):
         self.paused = False
         self.flush()
-        if self.on_resume is not None:
-            self.on_resume()
 
     def close(self):
         """Drop what is queued and every later frame; wake those waiting."""
@@ -1407,10 +1429,13 @@ class _Outbox:
         return self.paused or unsent >= HIGH_WATER
 
     def wake(self):
+        """No longer full: wake those waiting, tell the owner."""
         if self.writable is not None:
             if not self.writable.done():
                 self.writable.set_result(None)
             self.writable = None
+        if self.on_resume is not None and not self.closed:
+            self.on_resume()
 
     async def drained(self):
         """Until fewer than HIGH_WATER bytes wait to be sent (at once if so
@@ -1785,9 +1810,9 @@ class _Peer:
         task.add_done_callback(functools.partial(self.done, rid))
         worker.running += 1
         # Let the tasks just accepted run now and then, so a burst of TASKs
-        # does not starve them.
+        # does not starve them; stop taking more while replies pile up.
         self.burst += 1
-        if self.burst >= ACCEPT_BURST and not self.frames.held:
+        if (self.burst >= ACCEPT_BURST or self.out.full()) and not self.frames.held:
             self.frames.hold()
             self.loop.call_soon(self.breathe)
 
@@ -1813,7 +1838,8 @@ class _Peer:
         self.frames.hold()
 
     def release(self):
-        if self.frames.held and not self.out.paused:
+        """Read again, unless a burst is still to run or replies pile up."""
+        if self.frames.held and self.burst < ACCEPT_BURST and not self.out.full():
             self.frames.release()
 
     def on_lost(self, error: Exception | None):
