@@ -60,7 +60,7 @@ async def until(condition, timeout: float = 10):
 
 async def in_flight(pool: wool.WorkerPool, n: int = 1):
     """Until `n` of the pool's calls are in flight: their TASKs sent."""
-    await pool._until(lambda: sum(c.load for c in pool._conns.values()) >= n, 10)
+    await pool._until(lambda: sum(c.load for c in pool._roster.conns.values()) >= n, 10)
 
 
 def frame(kind: int, rid: int, body: bytes = b"", seal=None) -> bytes:

@@ -247,7 +247,7 @@ async def test_least_loaded_sends_work_away_from_a_busy_worker(tmp_path):
         started = tmp_path / "started"
         busy = asyncio.ensure_future(wait_cancelled(str(tmp_path / "m"), str(started)))
         await in_flight(pool)
-        busy_worker = next(i for i, c in pool._conns.items() if c.load)
+        busy_worker = next(i for i, c in pool._roster.conns.items() if c.load)
         others = {(await whoami()).uid for _ in range(10)}
         assert others and busy_worker.uid not in others
         busy.cancel()

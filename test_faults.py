@@ -460,7 +460,7 @@ def test_spawned_workers_outlive_a_killed_caller_only_by_their_grace():
             async with wool.WorkerPool(size=1, grace=0.5) as pool:
                 print(pool.workers[0].pid, flush=True)
                 asyncio.ensure_future(block())
-                while not sum(c.load for c in pool._conns.values()):
+                while not sum(c.load for c in pool._roster.conns.values()):
                     await asyncio.sleep(0.01)
                 await asyncio.sleep(0.2)  # the task reaches the worker
                 os.kill(os.getpid(), 9)
@@ -685,7 +685,7 @@ async def test_a_generator_open_on_a_withdrawn_worker_finishes_without_spinning(
         await asyncio.sleep(0.5)  # a window to measure, not to synchronise
         assert time.process_time() - cpu < 0.1  # idle, not spinning
         assert [n async for n in numbers] == [1, 2]
-        await until(lambda: not pool._conns)  # closed once answered
+        await until(lambda: not pool._roster.conns)  # closed once answered
 
 
 @wool.work

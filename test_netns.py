@@ -123,7 +123,7 @@ async def main():
                 hosts = [w.host for w in pool.workers]
             elif verb == "hang":  # n calls that never return, one per worker
                 hanging = [asyncio.ensure_future(forever()) for _ in range(n)]
-                await pool._until(lambda: sum(c.load for c in pool._conns.values()) == n, 10)
+                await pool._until(lambda: sum(c.load for c in pool._roster.conns.values()) == n, 10)
                 hosts = [w.host for w in pool.workers]
             elif verb == "lost":  # wait for n hanging calls to fail; how, how fast
                 start = loop.time()

@@ -283,7 +283,7 @@ async def test_closures_travel_by_value_defined_once_per_connection():
     triple = make_multiplier(3)
     async with wool.WorkerPool(size=1) as pool:
         assert await asyncio.gather(*(triple(i) for i in range(3))) == [0, 3, 6]
-        (conn,) = pool._conns.values()
+        (conn,) = pool._roster.conns.values()
         assert len(conn.defined) == 1  # one DEFINE frame, then its number
 
 
@@ -770,3 +770,13 @@ def test_readme_examples_run():
     for example in examples:
         result = run_script(example, timeout=60)
         assert result.returncode == 0, example + result.stderr
+
+
+def test_the_modules_type_check():
+    """Projects that vendor the two files often run mypy over them."""
+    pytest.importorskip("mypy")
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--no-incremental", "wool.py", "wool_discovery.py"],
+        capture_output=True, text=True, timeout=120, cwd=HERE,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout

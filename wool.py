@@ -59,9 +59,9 @@ import types
 import uuid
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any, ParamSpec, Self, TypeVar, overload
+from typing import Any, ParamSpec, Self, TypeVar, cast, overload
 
-import cloudpickle
+import cloudpickle  # type: ignore[import-untyped]
 
 from wool_discovery import (
     DiscoveryEvent,
@@ -455,10 +455,10 @@ class WorkerPool:
     AuthenticationError.
     """
 
-    # Rules: each listed worker has one _link task, the only code that opens,
-    # registers (self._conns) and forgets its connection. A connection owns
-    # its calls in flight; the balancer sees their counts through a read-only
-    # snapshot. Discovery events change self._listed, nothing else.
+    # Rules: the pool is a lifecycle and a dispatcher. Its _Roster owns the
+    # workers it knows and the connections to them; its _Spawner owns the
+    # processes it started; a _Connection owns its calls in flight, whose
+    # counts the balancer sees through a read-only snapshot.
 
     def __init__(
         self,
@@ -504,13 +504,7 @@ class WorkerPool:
         self.max_tasks_per_worker = max_tasks_per_worker
         self._state = _State.NEW
         self._spawner: _Spawner | None = None
-        self._sources: list[_Source] = []
-        self._hello = b""  # HELLO: the sources, for the workers' nested calls
-        self._listed: dict[str, tuple[WorkerInfo, _Source]] = {}  # by uid
-        self._conns: dict[WorkerInfo, _Connection] = {}  # open; only _link edits
-        self._refused: dict[str, AuthenticationError] = {}  # uid -> why
-        self._leased: set[str] = set()  # uids of admitted discovered workers
-        self._failed: dict[int, Exception] = {}  # id(source) -> why it failed
+        self._roster = _Roster(self)
         self._changed = asyncio.Event()  # replaced by _notify() on each change
         self._waiting = 0  # calls waiting for a worker, or for room on one
         self._background: set[asyncio.Task] = set()
@@ -521,7 +515,8 @@ class WorkerPool:
         """A worker's pool for nested calls: the discovery services a caller's
         HELLO named, reached with the worker's own key and TLS settings."""
         pool = cls(size=0, authkey=key, ssl=ssl)
-        pool._open([_Source(s, key, ssl) for s in services], _pickle((services, True)))
+        sources = [_Source(s, key, ssl) for s in services]
+        pool._roster.follow(sources, _pickle((services, True)))
         pool._state = _State.READY
         return pool
 
@@ -532,7 +527,7 @@ class WorkerPool:
     @property
     def workers(self) -> list[WorkerInfo]:
         """The workers this pool is connected to and sends tasks to now."""
-        return [info for info, conn in self._conns.items() if not conn.retiring]
+        return [i for i, conn in self._roster.conns.items() if not conn.retiring]
 
     async def __aenter__(self) -> Self:
         if self._state is not _State.NEW:
@@ -547,10 +542,9 @@ class WorkerPool:
                 sources.append(_Source(service, key, None, False))  # loopback only
             if self.discovery is not None:
                 sources.append(_Source(self.discovery, _authkey(self.authkey), self.ssl))
-            self._open(sources, _pickle(([s.service for s in sources], False)))
+            self._roster.follow(sources, _pickle(([s.service for s in sources], False)))
             if self._spawner is not None:
                 await self._spawner.start()
-                await self._wait_spawned(self._spawner)
         except BaseException:
             await self._stop()
             raise
@@ -601,32 +595,6 @@ class WorkerPool:
         finally:
             self._waiting -= 1
 
-    async def _wait_spawned(self, spawner: _Spawner):
-        """Ready when every spawned worker is connected."""
-
-        def ready():
-            pids = spawner.pids()
-            connected = sum(1 for info in self.workers if info.pid in pids)
-            return spawner.failed is not None or connected >= self.size
-
-        try:
-            await self._until(ready, self.wait)
-        except TimeoutError:
-            raise RuntimeError(
-                f"spawned workers did not start within {self.wait:g} s"
-            ) from None
-        if spawner.failed is not None:
-            raise RuntimeError(
-                f"a spawned worker exited with code {spawner.failed} as it "
-                "started; its error is on stderr"
-            )
-
-    def _open(self, sources: list[_Source], hello: bytes):
-        """Follow each source's workers."""
-        self._sources, self._hello = sources, hello
-        for source in sources:
-            self._spawn_task(self._follow(source))
-
     async def _stop(self):
         if self._state in (_State.STOPPING, _State.STOPPED):
             return
@@ -635,7 +603,7 @@ class WorkerPool:
         try:
             if self._spawner is not None:
                 await self._spawner.stop()
-            conns = list(self._conns.values())
+            conns = list(self._roster.conns.values())
             for task in list(self._background):
                 task.cancel()
             await asyncio.gather(*self._background, return_exceptions=True)
@@ -665,86 +633,6 @@ class WorkerPool:
         if self._waiting:
             self._notify()
 
-    # Discovered workers: liveness comes from the connection, never from
-    # discovery records (a killed worker can stay listed for a long time).
-
-    async def _follow(self, source: _Source):
-        try:
-            async for event in source.service.subscribe():
-                self._learn(event, source)
-        except Exception as e:  # a broken filter, a missing zeroconf, ...
-            log.error("discovery %r failed: %r", source.service, e)
-            self._failed[id(source)] = e
-            self._notify()
-
-    def _learn(self, event: DiscoveryEvent, source: _Source):
-        info = event.info
-        if event.type == "worker-dropped":
-            self._listed.pop(info.uid, None)
-            self._refused.pop(info.uid, None)
-            if (conn := self._find(info.uid)) is not None:
-                conn.retire()  # no new tasks; closes once its calls are answered
-            self._notify()
-            return
-        known = self._listed.get(info.uid)
-        self._listed[info.uid] = (info, source)
-        if known is None:
-            self._spawn_task(self._link(info.uid))
-        elif (conn := self._find(info.uid)) is not None and conn.info != info:
-            self._conns[info] = self._conns.pop(conn.info)
-            conn.info = info
-            self._notify()
-
-    def _find(self, uid: str) -> _Connection | None:
-        return next((c for i, c in self._conns.items() if i.uid == uid), None)
-
-    async def _link(self, uid: str):
-        """Keep a connection to worker `uid` while it is listed, reconnecting
-        after a drop."""
-        delay = RECONNECT[0]
-        try:
-            while uid in self._listed and self._state in (
-                _State.STARTING,
-                _State.READY,
-            ):
-                info, source = self._listed[uid]
-                if source.leased and self.lease is not None and uid not in self._leased:
-                    if len(self._leased) >= self.lease:
-                        await self._changed.wait()
-                        continue
-                    self._leased.add(uid)
-                try:
-                    conn = await _Connection.open(
-                        info, source, self._hello, self.max_frame, self._room
-                    )
-                except AuthenticationError as e:
-                    if uid not in self._refused:
-                        log.warning("%s", e)
-                    self._refused[uid] = e
-                    self._notify()
-                except (OSError, asyncio.IncompleteReadError, WoolError) as e:
-                    log.debug("cannot connect to worker %s: %r", info.address, e)
-                except TimeoutError:
-                    log.debug("worker %s did not answer in time", info.address)
-                else:
-                    self._refused.pop(uid, None)
-                    self._conns[conn.info] = conn
-                    self._notify()
-                    try:
-                        await conn.closed
-                    finally:
-                        conn.close()
-                        self._conns.pop(conn.info, None)
-                        self._notify()
-                    delay = RECONNECT[0]
-                    continue
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RECONNECT[1])
-        finally:
-            if uid in self._leased:
-                self._leased.discard(uid)
-                self._notify()
-
     # Dispatch.
 
     async def _connection(
@@ -752,11 +640,11 @@ class WorkerPool:
     ) -> _Connection:
         """A connected worker with room for `task`, waiting until `deadline`
         (time.monotonic()) for one."""
-        pause, cap = ASK_AGAIN[0], self.max_tasks_per_worker
+        pause, cap, roster = ASK_AGAIN[0], self.max_tasks_per_worker, self._roster
         while True:
             loads = {
                 info: conn.load
-                for info, conn in self._conns.items()
+                for info, conn in roster.conns.items()
                 if not conn.retiring
                 and info.uid not in exclude
                 and (cap is None or conn.load < cap)
@@ -768,21 +656,10 @@ class WorkerPool:
                         f"{self.loadbalancer!r}.select() returned {info!r}, "
                         "which is not one of the workers it was given"
                     )
-                return self._conns[info]
+                return roster.conns[info]
             if self._state not in (_State.READY, _State.STARTING):
                 raise NoWorkersAvailable(f"{self!r} is closed; call inside its block")
-            if self._failed and len(self._failed) == len(self._sources):
-                raise NoWorkersAvailable(
-                    f"no worker for {task.fn.__qualname__}(): discovery failed: "
-                    + "; ".join(
-                        f"{s.service!r}: {self._failed[id(s)]!r}" for s in self._sources
-                    )
-                )
-            if self._refused and len(self._refused) >= len(self._listed):
-                raise AuthenticationError(
-                    "every worker refused the key: "
-                    + "; ".join(str(e) for e in self._refused.values())
-                )
+            roster.check(task)
             now = time.monotonic()
             if now >= deadline:
                 raise NoWorkersAvailable(self._none_took(task))
@@ -806,7 +683,8 @@ class WorkerPool:
         return f"{what}; waited on {self._waited_on()}"
 
     def _waited_on(self) -> str:
-        return ", ".join(repr(s.service) for s in self._sources) or "no discovery"
+        sources = self._roster.sources
+        return ", ".join(repr(s.service) for s in sources) or "no discovery"
 
     async def _run(self, fn, args, kwargs):
         conn, rid, _, (kind, data) = await self._place(fn, args, kwargs, False)
@@ -838,6 +716,121 @@ class WorkerPool:
                     return conn, rid, call, (kind, data)
                 conn.finish(rid)
             exclude.add(conn.info.uid)
+
+
+
+class _Roster:
+    """The workers a pool's discovery sources list, and its connections to
+    them. Liveness comes from a connection, never from discovery records (a
+    killed worker can stay listed for a long time).
+
+    Rules: discovery events change `listed` and nothing else; each listed
+    worker has one `link` task, the only code that opens, registers in
+    `conns` and forgets a connection to it.
+    """
+
+    def __init__(self, pool: WorkerPool):
+        self.pool = pool
+        self.sources: list[_Source] = []
+        self.hello = b""  # HELLO: the sources, for the workers' nested calls
+        self.listed: dict[str, tuple[WorkerInfo, _Source]] = {}  # by uid
+        self.conns: dict[WorkerInfo, _Connection] = {}  # open ones, retiring too
+        self.refused: dict[str, AuthenticationError] = {}  # uid -> why
+        self.leased: set[str] = set()  # uids of admitted discovered workers
+        self.failed: dict[int, Exception] = {}  # id(source) -> why it failed
+
+    def follow(self, sources: list[_Source], hello: bytes):
+        self.sources, self.hello = sources, hello
+        for source in sources:
+            self.pool._spawn_task(self.watch(source))
+
+    def check(self, task: Task):
+        """Raise what makes waiting for a worker pointless."""
+        if self.failed and len(self.failed) == len(self.sources):
+            raise NoWorkersAvailable(
+                f"no worker for {task.fn.__qualname__}(): discovery failed: "
+                + "; ".join(f"{s.service!r}: {self.failed[id(s)]!r}" for s in self.sources)
+            )
+        if self.refused and len(self.refused) >= len(self.listed):
+            raise AuthenticationError(
+                "every worker refused the key: "
+                + "; ".join(str(e) for e in self.refused.values())
+            )
+
+    async def watch(self, source: _Source):
+        pool = self.pool
+        try:
+            async for event in source.service.subscribe():
+                self.learn(event, source)
+        except Exception as e:  # a broken filter, a missing zeroconf, ...
+            log.error("discovery %r failed: %r", source.service, e)
+            self.failed[id(source)] = e
+            pool._notify()
+
+    def learn(self, event: DiscoveryEvent, source: _Source):
+        info, pool = event.info, self.pool
+        if event.type == "worker-dropped":
+            self.listed.pop(info.uid, None)
+            self.refused.pop(info.uid, None)
+            if (conn := self.find(info.uid)) is not None:
+                conn.retire()  # no new tasks; closes once its calls are answered
+            pool._notify()
+            return
+        known = self.listed.get(info.uid)
+        self.listed[info.uid] = (info, source)
+        if known is None:
+            pool._spawn_task(self.link(info.uid))
+        elif (conn := self.find(info.uid)) is not None and conn.info != info:
+            self.conns[info] = self.conns.pop(conn.info)
+            conn.info = info
+            pool._notify()
+
+    def find(self, uid: str) -> _Connection | None:
+        return next((c for i, c in self.conns.items() if i.uid == uid), None)
+
+    async def link(self, uid: str):
+        """Keep a connection to worker `uid` while it is listed, reconnecting
+        after a drop."""
+        delay, pool = RECONNECT[0], self.pool
+        try:
+            while uid in self.listed and pool._state in (_State.STARTING, _State.READY):
+                info, source = self.listed[uid]
+                if source.leased and pool.lease is not None and uid not in self.leased:
+                    if len(self.leased) >= pool.lease:
+                        await pool._changed.wait()
+                        continue
+                    self.leased.add(uid)
+                try:
+                    conn = await _Connection.open(
+                        info, source, self.hello, pool.max_frame, pool._room
+                    )
+                except AuthenticationError as e:
+                    if uid not in self.refused:
+                        log.warning("%s", e)
+                    self.refused[uid] = e
+                    pool._notify()
+                except (OSError, asyncio.IncompleteReadError, WoolError) as e:
+                    log.debug("cannot connect to worker %s: %r", info.address, e)
+                except TimeoutError:
+                    log.debug("worker %s did not answer in time", info.address)
+                else:
+                    self.refused.pop(uid, None)
+                    self.conns[conn.info] = conn
+                    pool._notify()
+                    try:
+                        await conn.closed
+                    finally:
+                        conn.close()
+                        self.conns.pop(conn.info, None)
+                        pool._notify()
+                    delay = RECONNECT[0]
+                    continue
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT[1])
+        finally:
+            if uid in self.leased:
+                self.leased.discard(uid)
+                pool._notify()
 
 
 class _Source:
@@ -1062,7 +1055,7 @@ def _dump_task(fn, args, kwargs, max_frame: int) -> tuple[bytes, tuple | None]:
         + _unpicklable_variable(context),
         max_frame,
     )
-    return body, definition and (ref, definition)
+    return body, None if definition is None else (ref, definition)
 
 
 def _dump_value(value, changes: dict | None, fn, max_frame: int) -> bytes:
@@ -1214,8 +1207,8 @@ class _Frames(asyncio.BufferedProtocol):
         self.buf = bytearray(BUFFER)
         self.start = self.end = 0  # buf[start:end]: received, not yet delivered
         self.large: bytearray | None = None  # a large body being received,
-        self.filled, self.head, self.mac = 0, (0, 0), None  # its bytes so far, its
-        # kind and rid, its MAC (fed as the bytes arrive, while they are hot)
+        self.filled, self.head = 0, (0, 0)  # its bytes so far, its kind and rid,
+        self.mac: Any = None  # its MAC (fed as the bytes arrive, while they are hot)
         self.untagged: tuple | None = None  # then (kind, rid, body) until its tag
         self.held = self.lost = False
 
@@ -1713,7 +1706,7 @@ class _NestedPool:
     same HELLO (see Worker._nested_pool)."""
 
     def __init__(self, peer: _Peer):
-        self.peer, self.pool = peer, None
+        self.peer, self.pool = peer, cast(WorkerPool | None, None)
 
     def get(self) -> WorkerPool:
         if self.pool is None:
@@ -1739,7 +1732,8 @@ class _Peer:
             writer, seals, worker.max_frame, self.on_frame, self.on_lost,
             on_pause=self.hold, on_resume=self.release,
         )  # fmt: skip
-        self.hello, self.services, self.nested = b"", [], False  # from HELLO
+        self.hello, self.nested = b"", False  # from HELLO
+        self.services: list = []
         self.context: contextvars.Context | None = None  # tasks run in copies
         self.tasks: dict[int, asyncio.Task] = {}
         self.streams: dict[int, asyncio.Queue] = {}  # generators' next step
@@ -1801,7 +1795,7 @@ class _Peer:
             return
         self.out.send(ACCEPTED, rid)  # ahead of any queued reply
         if generator:
-            self.streams[rid] = steps = asyncio.Queue(1)
+            self.streams[rid] = steps = asyncio.Queue[tuple[int, bytes]](1)
             steps.put_nowait((NEXT, b""))
         assert self.context is not None
         task = self.tasks[rid] = self.loop.create_task(
@@ -1997,8 +1991,26 @@ class _Spawner:
         return {p.pid for p in self.procs}
 
     async def start(self):
+        """Start the workers; return once all are connected to the pool."""
+        pool = self.pool
         self.service.create_segment()
-        await asyncio.gather(*(self.spawn() for _ in range(self.pool.size)))
+        await asyncio.gather(*(self.spawn() for _ in range(pool.size)))
+
+        def ready():
+            connected = sum(1 for info in pool.workers if info.pid in self.pids())
+            return self.failed is not None or connected >= pool.size
+
+        try:
+            await pool._until(ready, pool.wait)
+        except TimeoutError:
+            raise RuntimeError(
+                f"spawned workers did not start within {pool.wait:g} s"
+            ) from None
+        if self.failed is not None:
+            raise RuntimeError(
+                f"a spawned worker exited with code {self.failed} as it "
+                "started; its error is on stderr"
+            )
 
     async def spawn(self):
         pool = self.pool
@@ -2469,7 +2481,7 @@ async def _serve_cli(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.stop()))
     await worker.start()
-    info = worker.info
+    info = cast(WorkerInfo, worker.info)
     print(
         f"wool worker {info.uid} listening on {info.address} pid {info.pid}", flush=True
     )

@@ -35,7 +35,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from multiprocessing import shared_memory
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = [
     "DiscoveryEvent",
@@ -179,7 +179,7 @@ class _Table:
 
     def __init__(self, shm: shared_memory.SharedMemory):
         self.shm = shm
-        self.buf = shm.buf
+        self.buf: Any = shm.buf  # a memoryview; None once closed
 
     @contextlib.contextmanager
     def locked(self):
@@ -326,7 +326,8 @@ class LocalDiscoveryService:
 
     async def subscribe(self) -> AsyncIterator[DiscoveryEvent]:
         """Events for the namespace's workers: those present first, as added."""
-        table, known, generation = None, {}, None
+        table, generation = None, None
+        known: dict[str, WorkerInfo] = {}
         delay, checked = POLL_MIN, 0.0
         try:
             while True:
@@ -443,7 +444,7 @@ class LanDiscoveryService:
             raise TypeError(f"interfaces is a list of addresses, like [{interfaces!r}]")
         self.filter = filter
         self.interfaces = interfaces
-        self._zc = None  # this process's publishing zeroconf
+        self._zc: Any = None  # this process's publishing zeroconf
         self._services: dict[str, object] = {}
         self._announcer: asyncio.Task | None = None
 
