@@ -87,6 +87,12 @@ async def hello_session(worker, *frames) -> Session:
     return session
 
 
+async def hello_raw(worker, body: bytes):
+    session = await Session.open(worker.info, KEY)
+    session.send(wool.HELLO, 0, body)
+    return session.reader, session.writer
+
+
 async def after_hello(worker, *frames, raw=b"", close=False):
     """hello_session(), then `raw` bytes: (reader, writer)."""
     session = await hello_session(worker, *frames)
@@ -134,6 +140,10 @@ ATTACKS = {
         "it closed the connection during the handshake",
     ),
     "a frame before HELLO": (no_hello, "it did not start with HELLO"),
+    "a HELLO that does not load": (
+        lambda w, m: hello_raw(w, b"not a pickle"),
+        "a HELLO that does not load",
+    ),
     "a frame with a forged MAC": (
         lambda w, m: after_hello(w, raw=evil_frame(m)),
         "a frame failed its MAC check",

@@ -590,7 +590,7 @@ async def test_connection_without_the_key_never_unpickles(worker, tmp_path):
     await reader.readexactly(len(wool.MAGIC) + wool.NONCE)
     payload = pickle.dumps(Evil())
     writer.write(frame(wool.TASK, 1, payload) * 10)  # skips the handshake
-    assert await reader.read() in (b"", b"-")
+    assert await reader.read() == b""  # closed: it is not a wool caller
     assert not marker.exists()
 
 
@@ -616,6 +616,29 @@ async def test_pool_with_the_wrong_key_raises_authentication_error(tmp_path):
                     await add(1)
     finally:
         Path(f"/dev/shm/wool-{namespace}").unlink(missing_ok=True)
+
+
+async def test_worker_lifecycle_shows_in_its_repr_and_starts_once():
+    worker = wool.Worker()
+    assert repr(worker) == "<Worker new 127.0.0.1:0>"
+    async with worker:
+        assert repr(worker) == f"<Worker ready {worker.info.address}>"
+        with pytest.raises(RuntimeError, match="cannot be started twice"):
+            await worker.start()
+    assert repr(worker).startswith("<Worker stopped ")
+
+
+async def test_wait_for_workers_returns_them_or_says_how_many_came():
+    async with wool.WorkerPool(size=2) as pool:
+        assert set(await pool.wait_for_workers(2)) == set(pool.workers)
+        with pytest.raises(
+            wool.NoWorkersAvailable,
+            match=r"^2 of 3 workers connected within 0.1 s; waited on "
+            r"LocalDiscoveryService\('p",
+        ):
+            await pool.wait_for_workers(3, timeout=0.1)
+    with pytest.raises(wool.NoWorkersAvailable, match="is not running"):
+        await pool.wait_for_workers(1)
 
 
 async def test_worker_refuses_public_address_without_key():

@@ -1373,10 +1373,10 @@ class _Outbox:
             self.wake()
 
     def commit(self, kind: int, rid: int, body):
-        header = HEADER.pack(len(body), kind, rid)
         if len(body) < LARGE:
-            self.parts += (header, body, self.seal.tag(header, body))
+            self.parts += encode(kind, rid, body, self.seal)
             return
+        header = HEADER.pack(len(body), kind, rid)
         mac = self.seal.begin(header, len(body))
         self.parts.append(header)
         self.write()
@@ -1654,7 +1654,7 @@ class Worker:
             async with asyncio.timeout(self.handshake_timeout):
                 seals = await _authenticate_caller(reader, writer, self.authkey)
         except (TimeoutError, asyncio.IncompleteReadError, WoolError, OSError) as e:
-            writer.transport.abort()
+            writer.close()  # after the "-" of a refused key, if any
             why = self._shaking.get(writer) or e
             if isinstance(e, TimeoutError):
                 why = f"no handshake within {self.handshake_timeout:g} s"
