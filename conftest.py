@@ -79,7 +79,9 @@ class Session:
     async def open(cls, info: wool.WorkerInfo, key: bytes) -> Session:
         reader, writer = await asyncio.open_connection(info.host, info.port)
         seals = await wool._authenticate_worker(reader, writer, key, info.address)
-        return cls(reader, writer, seals)
+        session = cls(reader, writer, seals)
+        session.info = await wool._read_info(reader, seals[0])  # the worker's record
+        return session
 
     def send(self, kind: int, rid: int, body: bytes = b""):
         self.writer.write(frame(kind, rid, body, self.outbound))

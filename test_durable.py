@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import datetime
 import ipaddress
+import logging
 import os
 import signal
 import ssl
@@ -45,11 +46,11 @@ async def where() -> tuple[int, frozenset[str]]:
 
 
 @contextlib.contextmanager
-def cli_worker(*args: str, env=None):
+def cli_worker(*args: str, env=None, cwd=HERE, argv0=(sys.executable, "-m", "wool")):
     """`python -m wool worker ARGS`; yields (process, uid) once it listens."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "wool", "worker", *args],
-        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [*argv0, "worker", *args],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, **(env or {})},
     )  # fmt: skip
     try:
@@ -438,14 +439,7 @@ async def test_mutual_tls_accepts_the_right_certificates_and_refuses_others(
 
         no_cert = ssl.create_default_context(cafile=certs["ca.crt"])
         info = next(iter(await _listed(namespace)))
-        with pytest.raises(
-            (
-                ssl.SSLError,
-                ConnectionError,
-                wool.AuthenticationError,
-                asyncio.IncompleteReadError,
-            )
-        ):
+        with pytest.raises(wool.AuthenticationError, match="TLS client certificate"):
             source = wool._Source(None, b"", no_cert)
             await wool._Connection.open(info, source, b"", wool.MAX_FRAME, None)
         reader, writer = await asyncio.open_connection(
@@ -504,3 +498,142 @@ async def test_a_filter_that_raises_fails_calls_at_once_with_its_error(namespace
                 wool.NoWorkersAvailable, match="discovery failed: .*TypeError"
             ):
                 await add(1)
+
+
+# -- Deployments that work the first time -------------------------------------------
+
+
+def tls_worker(certs, namespace, *extra):
+    return cli_worker(
+        "--discovery", f"local:{namespace}", "--tls-cert", certs["server.crt"],
+        "--tls-key", certs["server.key"], *extra,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case", ["no ssl= for a TLS worker", "no client certificate", "TLS to a plain worker"]
+)
+async def test_a_tls_mismatch_fails_fast_with_authentication_error(
+    tmp_path, namespace, case
+):
+    certs = make_certs(tmp_path)
+    trusting = ssl.create_default_context(cafile=certs["ca.crt"])
+    worker, context, message = {
+        "no ssl= for a TLS worker": (
+            tls_worker(certs, namespace), None, "speaks TLS; give this pool ssl="
+        ),
+        "no client certificate": (
+            tls_worker(certs, namespace, "--tls-ca", certs["ca.crt"]),
+            trusting,
+            "refused our TLS client certificate, or wants one",
+        ),
+        "TLS to a plain worker": (
+            cli_worker("--discovery", f"local:{namespace}"),
+            trusting,
+            "does not speak TLS",
+        ),
+    }[case]
+    with worker:
+        discovery = wool.LocalDiscoveryService(namespace)
+        async with wool.WorkerPool(discovery=discovery, ssl=context) as pool:
+            start = asyncio.get_running_loop().time()
+            with pytest.raises(wool.AuthenticationError, match=message):
+                await add(1)
+            assert asyncio.get_running_loop().time() - start < 10
+            assert pool.workers == []
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A project directory with a task module, as a user would have."""
+    (tmp_path / "mytasks.py").write_text(
+        "import wool\n\n@wool.work\nasync def double(x):\n    return 2 * x\n"
+    )
+    return tmp_path
+
+
+async def test_the_wool_command_imports_task_modules_from_its_directory(
+    project, namespace, monkeypatch
+):
+    monkeypatch.syspath_prepend(str(project))
+    import mytasks
+
+    command = str(Path(sys.executable).parent / "wool")  # the console script
+    with cli_worker("--discovery", f"local:{namespace}", cwd=project, argv0=[command]):
+        async with wool.WorkerPool(discovery=wool.LocalDiscoveryService(namespace)):
+            assert await mytasks.double(21) == 42
+
+
+async def test_a_task_module_the_worker_cannot_import_names_module_worker_and_fix(
+    project, namespace, monkeypatch
+):
+    monkeypatch.syspath_prepend(str(project))
+    import mytasks
+
+    with cli_worker("--discovery", f"local:{namespace}"):  # started elsewhere
+        discovery = wool.LocalDiscoveryService(namespace)
+        async with wool.WorkerPool(discovery=discovery) as pool:
+            (worker,) = await pool.wait_for_workers(1)
+            with pytest.raises(
+                ModuleNotFoundError,
+                match=rf"worker {worker.address} cannot import 'mytasks' for double\(\)"
+                r".*--path DIR or --preload mytasks",
+            ):
+                await mytasks.double(1)
+
+
+def test_preloading_a_missing_module_stops_the_worker_with_one_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "wool", "worker", "--preload", "no_such_module"],
+        cwd=HERE, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "wool worker: cannot preload 'no_such_module': "
+        "ModuleNotFoundError(\"No module named 'no_such_module'\")"
+    ]
+
+
+async def test_a_burst_after_wait_for_workers_reaches_every_worker(namespace):
+    local = wool.LocalDiscoveryService
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(3):
+            await stack.enter_async_context(wool.Worker(discovery=local(namespace)))
+        async with wool.WorkerPool(discovery=local(namespace)) as pool:
+            await pool.wait_for_workers(3)
+            ran_on = await asyncio.gather(*(where_uid() for _ in range(300)))
+            assert set(ran_on) == {w.uid for w in pool.workers}
+
+
+@wool.work
+async def where_uid() -> str:
+    return wool.current_worker().uid
+
+
+@wool.work
+async def nested_where() -> str:
+    return await where_uid()
+
+
+async def test_a_refused_key_is_logged_once_per_worker_saying_who_saw_it(
+    namespace, caplog
+):
+    caplog.set_level(logging.WARNING, logger="wool")
+    local = wool.LocalDiscoveryService
+    async with (
+        wool.Worker(authkey=b"one", discovery=local(namespace)) as one,
+        wool.Worker(authkey=b"two", discovery=local(namespace)) as two,
+        wool.WorkerPool(discovery=local(namespace), authkey=b"one") as pool,
+    ):
+        await pool.wait_for_workers(1)
+        for _ in range(20):  # nested calls: worker one's pool finds two as well
+            assert await nested_where() == one.uid
+        await until(lambda: any("nested" in r.getMessage() for r in caplog.records))
+    lines = [r.getMessage() for r in caplog.records if "refused the key" in r.getMessage()]
+    assert sorted(lines) == sorted([
+        f"this pool: worker {two.info.address} refused the key; give callers and "
+        "workers the same key (authkey=, --authkey-file or WOOL_AUTHKEY)",
+        f"worker {one.info.address}'s nested pool: worker {two.info.address} "
+        "refused the key; give callers and workers the same key (authkey=, "
+        "--authkey-file or WOOL_AUTHKEY)",
+    ])

@@ -615,7 +615,8 @@ async def test_a_task_that_may_have_started_is_never_sent_elsewhere(tmp_path):
     runs, read_it = tmp_path / "runs", asyncio.Event()
 
     async def swallow(reader, writer):
-        await wool._authenticate_caller(reader, writer, KEY)
+        _, outbound = await wool._authenticate_caller(reader, writer, KEY)
+        writer.write(frame(wool.INFO, 0, fake.to_json(), outbound))
         while True:  # HELLO, then the TASK (unchecked: this peer is honest)
             size, kind, _ = wool.HEADER.unpack(await reader.readexactly(wool.HEADER.size))
             await reader.readexactly(size + wool.TAG)

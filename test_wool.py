@@ -165,6 +165,46 @@ async def test_call_outside_a_pool_raises_at_once():
             pass
 
 
+def test_tags_must_be_strings_where_they_are_given():
+    with pytest.raises(TypeError, match=r"tags must be strings, not 4 \(for a number "
+                       r"of workers, write size=N\)"):
+        wool.WorkerPool(4)
+    with pytest.raises(TypeError, match="Worker tags must be strings, not 1"):
+        wool.Worker("gpu", 1)
+
+
+def test_vendored_inside_a_package_runs_nested_calls_on_spawned_workers(tmp_path):
+    vendor = tmp_path / "pkg" / "_vendor"
+    vendor.mkdir(parents=True)
+    for name in ("pkg/__init__.py", "pkg/_vendor/__init__.py"):
+        (tmp_path / name).touch()
+    for module in ("wool.py", "wool_discovery.py"):
+        (vendor / module).write_text((HERE / module).read_text())
+    (tmp_path / "pkg" / "tasks.py").write_text(textwrap.dedent("""
+        from pkg._vendor import wool
+
+        @wool.work
+        async def fibonacci(n):
+            return n if n <= 1 else await fibonacci(n - 1) + await fibonacci(n - 2)
+    """))
+    result = run_script(
+        """
+        import asyncio, sys
+        sys.modules["wool"] = None  # no other copy may be imported
+        from pkg._vendor import wool
+        from pkg.tasks import fibonacci
+
+        async def main():
+            async with wool.WorkerPool(size=2):
+                print(await fibonacci(10), wool.__name__)
+        asyncio.run(main())
+        """,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "55 pkg._vendor.wool\n"
+
+
 def test_pool_arguments_are_checked():
     with pytest.raises(ValueError, match="size must be a whole number"):
         wool.WorkerPool(size=-1)
@@ -611,7 +651,7 @@ async def test_pool_with_the_wrong_key_raises_authentication_error(tmp_path):
                 wait=5,
             ):
                 with pytest.raises(
-                    wool.AuthenticationError, match="every worker refused the key"
+                    wool.AuthenticationError, match="every worker refused this pool"
                 ):
                     await add(1)
     finally:

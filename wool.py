@@ -36,6 +36,7 @@ import collections
 import collections.abc
 import contextlib
 import contextvars
+import dataclasses
 import enum
 import functools
 import hashlib
@@ -63,19 +64,32 @@ from typing import Any, ParamSpec, Self, TypeVar, cast, overload
 
 import cloudpickle  # type: ignore[import-untyped]
 
-from wool_discovery import (
-    DiscoveryEvent,
-    LanDiscovery,
-    LanDiscoveryService,
-    LocalDiscovery,
-    LocalDiscoveryService,
-    WorkerInfo,
-)
+try:  # vendored as a package's submodule, wool_discovery is its sibling
+    from .wool_discovery import (  # type: ignore[import-not-found]
+        DiscoveryEvent,
+        DnsDiscoveryService,
+        LanDiscovery,
+        LanDiscoveryService,
+        LocalDiscovery,
+        LocalDiscoveryService,
+        WorkerInfo,
+    )
+except ImportError:
+    from wool_discovery import (  # type: ignore[no-redef]
+        DiscoveryEvent,
+        DnsDiscoveryService,
+        LanDiscovery,
+        LanDiscoveryService,
+        LocalDiscovery,
+        LocalDiscoveryService,
+        WorkerInfo,
+    )
 
 __all__ = [
     "AuthenticationError",
     "ContextVar",
     "DiscoveryEvent",
+    "DnsDiscoveryService",
     "LanDiscovery",
     "LanDiscoveryService",
     "LeastLoadedLoadBalancer",
@@ -505,16 +519,19 @@ class WorkerPool:
         self._state = _State.NEW
         self._spawner: _Spawner | None = None
         self._roster = _Roster(self)
+        self._who = "this pool"  # or, in a worker, "worker X's nested pool"
         self._changed = asyncio.Event()  # replaced by _notify() on each change
         self._waiting = 0  # calls waiting for a worker, or for room on one
         self._background: set[asyncio.Task] = set()
         self._token: contextvars.Token | None = None
 
     @classmethod
-    def _nested(cls, services: list, key: bytes, ssl) -> WorkerPool:
+    def _nested(cls, worker: Worker, services: list) -> WorkerPool:
         """A worker's pool for nested calls: the discovery services a caller's
         HELLO named, reached with the worker's own key and TLS settings."""
+        key, ssl = worker.authkey, worker.client_ssl
         pool = cls(size=0, authkey=key, ssl=ssl)
+        pool._who = f"worker {worker.info and worker.info.address}'s nested pool"
         sources = [_Source(s, key, ssl) for s in services]
         pool._roster.follow(sources, _pickle((services, True)))
         pool._state = _State.READY
@@ -753,7 +770,7 @@ class _Roster:
             )
         if self.refused and len(self.refused) >= len(self.listed):
             raise AuthenticationError(
-                "every worker refused the key: "
+                f"every worker refused {self.pool._who}: "
                 + "; ".join(str(e) for e in self.refused.values())
             )
 
@@ -786,7 +803,8 @@ class _Roster:
             pool._notify()
 
     def find(self, uid: str) -> _Connection | None:
-        return next((c for i, c in self.conns.items() if i.uid == uid), None)
+        """The connection of the link for listed worker `uid`."""
+        return next((c for c in self.conns.values() if c.listed_as == uid), None)
 
     async def link(self, uid: str):
         """Keep a connection to worker `uid` while it is listed, reconnecting
@@ -801,12 +819,17 @@ class _Roster:
                         continue
                     self.leased.add(uid)
                 try:
+                    if info.secure and source.ssl is None:
+                        raise AuthenticationError(
+                            f"worker {info.address} speaks TLS; give "
+                            f"{pool._who} ssl= (an ssl.SSLContext)"
+                        )
                     conn = await _Connection.open(
                         info, source, self.hello, pool.max_frame, pool._room
                     )
                 except AuthenticationError as e:
-                    if uid not in self.refused:
-                        log.warning("%s", e)
+                    if uid not in self.refused:  # once, not at each retry
+                        log.warning("%s: %s", pool._who, e)
                     self.refused[uid] = e
                     pool._notify()
                 except (OSError, asyncio.IncompleteReadError, WoolError) as e:
@@ -815,6 +838,9 @@ class _Roster:
                     log.debug("worker %s did not answer in time", info.address)
                 else:
                     self.refused.pop(uid, None)
+                    conn.listed_as, delay = uid, RECONNECT[0]
+                    if await self.unwanted(conn, source, info):
+                        continue
                     self.conns[conn.info] = conn
                     pool._notify()
                     try:
@@ -823,7 +849,6 @@ class _Roster:
                         conn.close()
                         self.conns.pop(conn.info, None)
                         pool._notify()
-                    delay = RECONNECT[0]
                     continue
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT[1])
@@ -831,6 +856,23 @@ class _Roster:
             if uid in self.leased:
                 self.leased.discard(uid)
                 pool._notify()
+
+
+    async def unwanted(self, conn: _Connection, source: _Source, info: WorkerInfo):
+        """Whether to drop a new connection: its worker (as it says who it is)
+        fails the source's filter, or is connected already at another of its
+        addresses (a dual-stack host). If so, wait until that may change."""
+        filter = getattr(source.service, "filter", None)
+        rejected = filter is not None and not filter(conn.info)
+        uid, real = conn.listed_as, conn.info.uid
+        if not rejected and real not in {i.uid for i in self.conns}:
+            return False
+        conn.close()
+        while self.listed.get(uid, (None,))[0] == info and (
+            rejected or real in {i.uid for i in self.conns}
+        ):
+            await self.pool._changed.wait()
+        return True
 
 
 class _Source:
@@ -886,8 +928,9 @@ RESULT = 18  # body: (value returned or yielded, context values the task set)
 ERROR = 19  # body: (type name, message, traceback text, pickled exception)
 STOP = 20  # no body: the generator finished
 GOODBYE = 21  # no body, rid 0: the worker is stopping; send nothing more
+INFO = 22  # body: the worker's WorkerInfo as JSON, its first frame; rid 0
 
-_TO_CALLER = frozenset({ACCEPTED, REFUSED, RESULT, ERROR, STOP, GOODBYE})
+_TO_CALLER = frozenset({ACCEPTED, REFUSED, RESULT, ERROR, STOP, GOODBYE, INFO})
 _URGENT = frozenset({ACCEPTED, REFUSED, GOODBYE})  # sent ahead of queued replies
 
 
@@ -1011,7 +1054,16 @@ def _ref(fn) -> tuple[tuple[str, str] | int, bytes | None]:
 
 
 def _lookup(module: str, qualname: str):
-    obj = sys.modules.get(module) or importlib.import_module(module)
+    try:
+        obj = sys.modules.get(module) or importlib.import_module(module)
+    except ImportError as e:
+        where = f"worker {me.address}" if (me := _current_worker.get()) else "here"
+        raise ModuleNotFoundError(
+            f"{where} cannot import {module!r} for {qualname}(): {e}. Start the "
+            f"worker where {module!r} imports (its working directory), or give "
+            f"it --path DIR or --preload {module}",
+            name=module,
+        ) from e
     for part in qualname.split("."):
         obj = getattr(obj, part)
     return getattr(obj, "__func__", obj)  # a classmethod's function
@@ -1163,7 +1215,7 @@ async def _authenticate_worker(reader, writer, key: bytes, address: str):
     data = await reader.readexactly(len(MAGIC) + NONCE)
     if data[: len(MAGIC)] != MAGIC:
         if data[:4] == MAGIC[:4]:
-            raise ProtocolError(
+            raise AuthenticationError(
                 f"worker {address} speaks wool protocol {data[4:6].hex()}, this "
                 f"caller {MAGIC[4:].hex()}; run one wool version on both"
             )
@@ -1176,12 +1228,12 @@ async def _authenticate_worker(reader, writer, key: bytes, address: str):
         verdict = b"-"
     if verdict != b"+":
         raise AuthenticationError(
-            f"worker {address} refused the key; give the pool its key "
-            "(authkey= or WOOL_AUTHKEY)"
+            f"worker {address} refused the key; give callers and workers the same "
+            "key (authkey=, --authkey-file or WOOL_AUTHKEY)"
         )
     proof = await reader.readexactly(DIGEST)
     if not hmac.compare_digest(proof, _digest(key, b"worker", nonce)):
-        raise AuthenticationError(f"worker {address} does not hold the pool's key")
+        raise AuthenticationError(f"worker {address} does not hold our key")
     return _session(key, their_nonce, nonce, b"caller")
 
 
@@ -1669,7 +1721,10 @@ class Worker:
         if self.state in (_State.STOPPING, _State.STOPPED):
             writer.transport.abort()
             return
-        self._peers.add(_Peer(self, writer, seals, address))
+        peer = _Peer(self, writer, seals, address)
+        self._peers.add(peer)
+        assert self.info is not None
+        peer.out.send(INFO, 0, self.info.to_json())  # who answers here
         log.info("connection from %s opened", address)
 
     def _nested_pool(self, peer: _Peer) -> WorkerPool:
@@ -1682,7 +1737,7 @@ class Worker:
         """
         entry = self._nested.get(peer.hello)
         if entry is None:
-            pool = WorkerPool._nested(peer.services, self.authkey, self.client_ssl)
+            pool = WorkerPool._nested(self, peer.services)
             entry = self._nested[peer.hello] = (pool, set())
         if not peer.nested or not entry[1]:
             entry[1].add(peer)
@@ -2014,10 +2069,15 @@ class _Spawner:
 
     async def spawn(self):
         pool = self.pool
-        code = "import sys; sys.path.insert(0, sys.argv[1]); import wool; wool._spawned()"
-        here = os.path.dirname(os.path.abspath(__file__))
+        # Import this module under the name the caller knows it by (vendored,
+        # it may be `myproject._vendor.wool`): one copy of its state.
+        code = "import importlib, sys; sys.path.insert(0, sys.argv[1]); "
+        code += "importlib.import_module(sys.argv[2])._spawned()"
+        root = os.path.abspath(__file__)
+        for _ in range(__name__.count(".") + 1):
+            root = os.path.dirname(root)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", code, here,
+            sys.executable, "-c", code, root, __name__,
             stdin=asyncio.subprocess.PIPE,
             start_new_session=True,  # Ctrl-C reaches the caller, which stops us
         )  # fmt: skip
@@ -2115,6 +2175,7 @@ class _Connection:
         self.defined: set[int] = set()  # functions sent by value on this connection
         self.defined_bytes = 0
         self.lost: str | None = None
+        self.listed_as = info.uid  # the discovery record it was opened for
         self.goodbye = self.retiring = False
         self.closed = self.loop.create_future()
         _, self.out = _switch(writer, seals, max_frame, self._on_frame, self._lose)
@@ -2126,16 +2187,32 @@ class _Connection:
     @classmethod
     async def open(cls, info, source: _Source, hello: bytes, max_frame: int, on_change):
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-            reader, writer = await asyncio.open_connection(
-                info.host, info.port, ssl=source.ssl
-            )
+            try:
+                reader, writer = await asyncio.open_connection(
+                    info.host, info.port, ssl=source.ssl
+                )
+            except ssl.SSLError as e:
+                raise _tls_refused(info.address, e) from None
             try:
                 seals = await _authenticate_worker(
                     reader, writer, source.key, info.address
                 )
+            except (ssl.SSLError, asyncio.IncompleteReadError) as e:
+                writer.close()
+                cut = isinstance(e, ssl.SSLError) or not e.partial  # no MAGIC
+                if source.ssl is None or not cut:
+                    raise
+                raise _tls_refused(info.address, e) from None
             except BaseException:
                 writer.close()
                 raise
+            try:
+                record = await _read_info(reader, seals[0])
+            except (ValueError, TypeError, KeyError) as e:  # JSON that is not ours
+                writer.close()
+                raise ProtocolError(f"worker {info.address} sent no record: {e}")
+        # Who answers here, at the address discovery gave.
+        info = dataclasses.replace(record, host=info.host, port=info.port)
         conn = cls(info, writer, seals, max_frame, on_change)
         conn.out.send(HELLO, 0, hello)
         return conn
@@ -2146,6 +2223,8 @@ class _Connection:
         if kind == GOODBYE:
             self.goodbye = True
             return self.retire()
+        if kind == INFO:
+            raise ProtocolError("a second INFO frame")
         call = self.pending.get(rid)
         if call is None:
             return  # a reply to a call that was cancelled
@@ -2241,6 +2320,36 @@ class _Connection:
             if self.lost is None:
                 self.out.send(CANCEL, rid)
             self.finish(rid)
+
+
+async def _read_info(reader: asyncio.StreamReader, seal: _Seal) -> WorkerInfo:
+    """The worker's first frame, INFO: its own record, as data."""
+    header = await reader.readexactly(HEADER.size)
+    size, kind, _ = decode_header(header, LARGE - 1)
+    body = await reader.readexactly(size)
+    if kind != INFO or not hmac.compare_digest(
+        seal.tag(header, body), await reader.readexactly(TAG)
+    ):
+        raise ValueError(f"a frame of kind {kind} that is not a sealed INFO")
+    return WorkerInfo.from_json(body)
+
+
+def _tls_refused(address: str, error: Exception) -> AuthenticationError:
+    """What a failed TLS handshake with a worker means, and what to do."""
+    reason = getattr(error, "reason", None) or ""
+    if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE"):
+        why = "does not speak TLS; do not give its pool ssl="
+    elif reason == "CERTIFICATE_VERIFY_FAILED":
+        why = (
+            f"has a certificate we do not trust ({error}); load the CA that "
+            "signed it into ssl= (cafile=)"
+        )
+    else:  # a TLS 1.3 server refuses a client certificate after the handshake
+        why = (
+            "refused our TLS client certificate, or wants one: load one from "
+            f"its CA into ssl= (context.load_cert_chain) ({error!r})"
+        )
+    return AuthenticationError(f"worker {address} {why}")
 
 
 class _RemoteGenerator(collections.abc.AsyncGenerator):
@@ -2403,6 +2512,12 @@ def main(argv: list[str] | None = None) -> int:
         "--max-tasks", type=int, help="tasks run at once (default: no limit)"
     )
     worker.add_argument("--max-frame", type=int, default=MAX_FRAME, help="bytes")
+    worker.add_argument(
+        "--path", action="append", default=[], help="put DIR on sys.path (repeatable)"
+    )
+    worker.add_argument(
+        "--preload", action="append", default=[], help="import MODULE at start"
+    )
 
     ls = commands.add_parser("ls", help="list the workers a discovery service sees")
     ls.add_argument("--wait", type=float, help="seconds to listen (lan 2, local 0.1)")
@@ -2457,6 +2572,15 @@ def _tls(cert, key, ca, purpose):
 
 
 async def _serve_cli(args) -> int:
+    # As `python -m` does: the working directory first, so the user's task
+    # modules import; then --path.
+    sys.path[:0] = [os.getcwd(), *map(os.path.abspath, args.path)]
+    for module in args.preload:
+        try:
+            importlib.import_module(module)
+        except Exception as e:
+            print(f"wool worker: cannot preload {module!r}: {e!r}", file=sys.stderr)
+            return 2
     authkey = None
     if args.authkey_file:
         with open(args.authkey_file, "rb") as f:
@@ -2562,8 +2686,7 @@ async def _demo(size: int) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m wool` runs this file as __main__; use the real `wool` module so
-    # tasks and the CLI share one copy of the module's state.
-    import wool
-
-    sys.exit(wool.main())
+    # `python -m wool` runs this file as __main__; use the module by its real
+    # name (`wool`, or a vendored `pkg._vendor.wool`), so tasks and the CLI
+    # share one copy of the module's state.
+    sys.exit(importlib.import_module(__spec__.name if __spec__ else "wool").main())

@@ -5,18 +5,21 @@
     async for event in service.subscribe():                        # a pool
         ...  # "worker-added" | "worker-updated" | "worker-dropped"
 
-Two services, both picklable descriptions (a task can carry "its pool" to a
+Three services, all picklable descriptions (a task can carry "its pool" to a
 worker, which then opens the same service to dispatch nested calls):
 
     LocalDiscoveryService(namespace)   shared memory on this machine
     LanDiscoveryService(filter)        DNS-SD over mDNS, `_wool._tcp.local.`
+    DnsDiscoveryService(*names)        what DNS names resolve to (clouds,
+                                       Kubernetes), or fixed addresses
 
 Any object with an async `subscribe()` yielding DiscoveryEvents (and, where
 workers announce themselves through it, an async `publish(event)`) works as
 `WorkerPool(discovery=...)`. Discovery only says where a worker *is*: whether
 it is alive is learnt from its TCP connection, never from these records.
 
-Sections: worker records, local discovery (shared memory), LAN discovery.
+Sections: worker records, local discovery (shared memory), LAN discovery,
+DNS discovery.
 
 wool is licensed Apache-2.0; https://github.com/wool-labs/wool
 """
@@ -27,9 +30,12 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import ipaddress
 import json
+import logging
 import os
 import re
+import socket
 import struct
 import sys
 import time
@@ -39,6 +45,7 @@ from typing import Any, Literal
 
 __all__ = [
     "DiscoveryEvent",
+    "DnsDiscoveryService",
     "LanDiscovery",
     "LanDiscoveryService",
     "LocalDiscovery",
@@ -556,3 +563,92 @@ class LanDiscoveryService:
 
 
 LanDiscovery = LanDiscoveryService
+
+
+# -- DNS discovery: what names resolve to ------------------------------------------
+#
+# Orchestrators publish workers as DNS names (a Kubernetes headless service
+# resolves to one address per ready pod). A record here is only an address:
+# who answers there is learnt from the worker itself, after the handshake, and
+# that is what `filter` sees (the pool applies it).
+
+log = logging.getLogger("wool")
+
+
+def _split(name: str, port: int | None) -> tuple[str, int]:
+    """(host, port) of "host", "host:port", "[v6]:port" or a bare IPv6 address."""
+    host, given = name, None
+    if name.startswith("["):
+        host, _, rest = name[1:].partition("]")
+        given = rest[1:] if rest.startswith(":") else None
+    elif name.count(":") == 1:
+        host, _, given = name.partition(":")
+    if given is not None:
+        if not given.isdigit():
+            raise ValueError(f"{name!r}: the port must be a number")
+        return host, int(given)
+    if port is None:
+        raise ValueError(f"{name!r} has no port; write {name}:PORT or give port=")
+    return host, port
+
+
+class DnsDiscoveryService:
+    """Workers at the addresses DNS names resolve to, re-resolved every
+    `interval` seconds.
+
+        DnsDiscoveryService("wool-workers.default.svc.cluster.local", port=7000)
+        DnsDiscoveryService("10.0.0.5:7000", "10.0.0.6:7000", "[fd00::7]:7000")
+
+    Each name is a DNS name or an address, with `:port` (`[v6]:port` for IPv6
+    literals) or the `port` given. Every address a name resolves to (A and
+    AAAA, through the event loop's getaddrinfo) is a worker: added when it
+    appears, dropped when it is gone from the answers. A name that does not
+    resolve is logged (once per change) and tried again; it fails nothing.
+    Records carry no uid, pid or tags: the pool learns them from the worker
+    after the handshake, and applies `filter` then.
+    """
+
+    def __init__(
+        self, *names: str, port: int | None = None, interval: float = 5.0, filter=None
+    ):
+        if not names:
+            raise TypeError("DnsDiscoveryService needs at least one name or address")
+        if not interval > 0:
+            raise ValueError(f"interval must be seconds > 0, not {interval!r}")
+        self.names, self.port, self.interval = names, port, interval
+        self.filter = filter
+        self.targets = [_split(name, port) for name in names]
+
+    def __repr__(self):
+        return _describe("DnsDiscoveryService", ", ".join(map(repr, self.names)), self.filter)
+
+    async def resolve(self, errors: dict[str, str] | None = None) -> dict[str, WorkerInfo]:
+        """What the names resolve to now: a record per address, by its uid
+        ("address:port"). A name that fails is logged when its error changes
+        (`errors` remembers: name -> last error)."""
+        loop, found = asyncio.get_running_loop(), {}
+        errors = {} if errors is None else errors
+        for host, port in self.targets:
+            try:
+                answers = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as e:  # socket.gaierror: no such name, no DNS server
+                if errors.get(host) != str(e):
+                    log.warning("%r: %s does not resolve (%s); trying again", self, host, e)
+                errors[host] = str(e)
+                continue
+            if errors.pop(host, None) is not None:
+                log.warning("%r: %s resolves again", self, host)
+            for *_, sockaddr in answers:
+                address = ipaddress.ip_address(str(sockaddr[0]).split("%")[0]).compressed
+                uid = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+                found[uid] = WorkerInfo(uid, address, port, 0, "")
+        return found
+
+    async def subscribe(self) -> AsyncIterator[DiscoveryEvent]:
+        """Events for the addresses: those resolved first, as added."""
+        known: dict[str, WorkerInfo] = {}
+        errors: dict[str, str] = {}
+        while True:
+            for event in _changes(known, await self.resolve(errors), None):
+                yield event
+            await asyncio.sleep(self.interval)
