@@ -13,6 +13,7 @@ import datetime
 import ipaddress
 import logging
 import os
+import pickle
 import signal
 import ssl
 import subprocess
@@ -56,6 +57,7 @@ def cli_worker(*args: str, env=None, cwd=HERE, argv0=(sys.executable, "-m", "woo
     try:
         line = proc.stdout.readline()
         assert "listening on" in line, line + proc.stderr.read()
+        proc.port = int(line.split()[5].rpartition(":")[2])
         yield proc, line.split()[2]
     finally:
         if proc.poll() is None:
@@ -241,12 +243,19 @@ def test_cli_reports_a_missing_key_file():
     )
 
 
-def test_cli_rejects_an_unknown_discovery():
+@pytest.mark.parametrize(
+    "command, spec", [("ls", "dns"), ("ls", "none"), ("worker", "dns:workers:7000")]
+)
+def test_cli_rejects_an_unknown_discovery(command, spec):
     result = subprocess.run(
-        [sys.executable, "-m", "wool", "ls", "--discovery", "dns"],
+        [sys.executable, "-m", "wool", command, "--discovery", spec],
         cwd=HERE, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
-    assert result.returncode == 2 and "use lan, local or local:NAME" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"wool {command}: --discovery {spec!r}: use lan, local, local:NAME, "
+        "dns:NAME[:PORT] (ls) or none (worker)\n"
+    )
 
 
 # -- Pools over discovery ---------------------------------------------------------
@@ -463,8 +472,8 @@ async def _listed(namespace):
         await events.aclose()
 
 
-class FixedWorkers:  # as in README.md
-    """Workers at known host:port addresses."""
+class FixedWorkers:
+    """A hand-written discovery: workers at known host:port addresses."""
 
     def __init__(self, *addresses):
         self.addresses = addresses
@@ -481,13 +490,13 @@ async def nested_add(a, b):
     return await add(a, b)
 
 
-async def test_custom_discovery_from_the_readme():
+async def test_a_custom_discovery_needs_only_uid_host_and_port():
     async with wool.Worker(authkey=b"k") as w1, wool.Worker(authkey=b"k") as w2:
         fixed = FixedWorkers(w1.info.address, w2.info.address)
         async with wool.WorkerPool(discovery=fixed, authkey=b"k") as pool:
             assert await nested_add(2, 3) == 5  # nested: the worker opens `fixed` too
             await pool.wait_for_workers(2)
-            assert {w.port for w in pool.workers} == {w1.info.port, w2.info.port}
+            assert set(pool.workers) == {w1.info, w2.info}  # who they say they are
 
 
 async def test_a_filter_that_raises_fails_calls_at_once_with_its_error(namespace):
@@ -637,3 +646,112 @@ async def test_a_refused_key_is_logged_once_per_worker_saying_who_saw_it(
         "refused the key; give callers and workers the same key (authkey=, "
         "--authkey-file or WOOL_AUTHKEY)",
     ])
+
+
+# -- DNS discovery ---------------------------------------------------------------------
+
+
+async def test_dns_names_and_addresses_find_workers_who_say_who_they_are(caplog):
+    caplog.set_level(logging.DEBUG, logger="wool")
+    async with (
+        wool.Worker("a", RUN, authkey=b"k") as a,
+        wool.Worker("b", RUN, host="0.0.0.0", authkey=b"k") as b,  # two addresses
+    ):
+        dns = wool.DnsDiscoveryService(
+            f"localhost:{a.info.port}", f"127.0.0.1:{b.info.port}",
+            f"127.0.0.2:{b.info.port}", interval=0.2, filter=mine,
+        )  # fmt: skip
+        async with wool.WorkerPool(discovery=dns, authkey=b"k") as pool:
+            found = {w.uid: w for w in await pool.wait_for_workers(2)}
+            assert set(found) == {a.uid, b.uid}  # their own uids, not addresses
+            assert found[a.uid].tags == {"a", RUN} and found[a.uid].pid == os.getpid()
+            await until(lambda: any("another address" in r.getMessage() for r in caplog.records))
+            assert len(pool.workers) == 2  # b, at two addresses, counts once
+            assert len(pool._roster.listed) == 3
+            assert {await where_uid() for _ in range(20)} == {a.uid, b.uid}
+
+
+async def test_a_dns_filter_sees_the_workers_own_tags():
+    async with (
+        wool.Worker("gpu", authkey=b"k") as gpu,
+        wool.Worker("cpu", authkey=b"k") as cpu,
+    ):
+        dns = wool.DnsDiscoveryService(
+            gpu.info.address, cpu.info.address, filter=lambda w: "gpu" in w.tags
+        )
+        async with wool.WorkerPool(discovery=dns, authkey=b"k") as pool:
+            assert [w.uid for w in await pool.wait_for_workers(1)] == [gpu.uid]
+            assert {await where_uid() for _ in range(10)} == {gpu.uid}
+            assert pool.workers == [gpu.info]
+
+
+async def test_a_name_that_does_not_resolve_is_logged_once_and_fails_nothing(caplog):
+    caplog.set_level(logging.WARNING, logger="wool")
+    async with wool.Worker(authkey=b"k") as w:
+        dns = wool.DnsDiscoveryService("no-such-host.invalid:7000", w.info.address)
+        errors: dict[str, str] = {}
+        for _ in range(3):  # three rounds of resolving, as subscribe() does
+            assert list(await dns.resolve(errors)) == [w.info.address]
+        async with wool.WorkerPool(discovery=dns, authkey=b"k"):
+            assert await add(1, 2) == 3  # the other name serves
+    lines = [r.getMessage() for r in caplog.records if "no-such-host" in r.getMessage()]
+    assert len(lines) == 2, lines  # one per subscriber: the loop above, the pool
+    assert "no-such-host.invalid does not resolve" in lines[0]
+
+
+def test_dns_names_are_checked():
+    with pytest.raises(ValueError, match="'workers' has no port; write workers:PORT"):
+        wool.DnsDiscoveryService("workers")
+    with pytest.raises(ValueError, match="the port must be a number"):
+        wool.DnsDiscoveryService("workers:http")
+    with pytest.raises(TypeError, match="needs at least one name"):
+        wool.DnsDiscoveryService()
+    service = wool.DnsDiscoveryService("[fd00::7]:7000", "10.0.0.5", port=7001)
+    assert service.targets == [("fd00::7", 7000), ("10.0.0.5", 7001)]
+    assert pickle.loads(pickle.dumps(service)).targets == service.targets
+
+
+async def test_a_worker_of_another_protocol_version_is_refused_naming_both():
+    async def old_worker(reader, writer):
+        writer.write(b"wool\x00\x01" + bytes(wool.NONCE))
+        await reader.read()
+
+    server = await asyncio.start_server(old_worker, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        dns = wool.DnsDiscoveryService(f"127.0.0.1:{port}")
+        async with wool.WorkerPool(discovery=dns, wait=5):
+            with pytest.raises(
+                wool.AuthenticationError,
+                match=r"speaks wool protocol 0001, this caller 0002; run one wool",
+            ):
+                await add(1)
+    finally:
+        server.close()
+
+
+def test_wool_ls_dials_dns_listed_workers_given_the_key(keyfile):
+    with cli_worker("--tag", RUN, "--discovery", "none", "--authkey-file", str(keyfile)) as (proc, uid):
+        port = proc.port
+        (bare,) = ls("--discovery", f"dns:localhost:{port}")
+        assert bare.startswith(f"127.0.0.1:{port}  127.0.0.1:{port}  pid 0")
+        (dialled,) = ls("--discovery", f"dns:localhost:{port}", "--authkey-file", str(keyfile))
+        assert dialled.startswith(f"{uid}  127.0.0.1:{port}  pid {proc.pid}  tags {RUN}")
+
+
+def test_the_kubernetes_example_parses():
+    yaml = pytest.importorskip("yaml")
+    documents = list(yaml.safe_load_all((HERE / "deploy" / "kubernetes.yaml").read_text()))
+    kinds = {d["kind"]: d for d in documents}
+    assert set(kinds) == {"Secret", "Deployment", "Service"}
+    assert kinds["Service"]["spec"]["clusterIP"] == "None"  # headless
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["wool"]
+    args = wool._parser().parse_args(container["args"])
+    assert (args.command, args.host, args.port) == ("worker", "0.0.0.0", 7000)
+    assert args.authkey_file == "/etc/wool/key" and args.discovery == "none"
+    assert args.grace < pod["terminationGracePeriodSeconds"]
+    (mount,) = container["volumeMounts"]
+    assert Path(args.authkey_file).parent == Path(mount["mountPath"])
+    assert container["readinessProbe"]["tcpSocket"]["port"] == container["ports"][0]["name"]

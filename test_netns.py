@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -92,6 +93,7 @@ class Lan:
     def destroy(self):
         for ns in reversed(self.made):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+            shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
 
 
 @pytest.fixture
@@ -108,10 +110,10 @@ def lan():
 
 CALLER = """
 import asyncio, sys, wool
-from test_durable import where, forever
+from test_durable import where, forever, slow_add
 
 async def main():
-    lan = wool.LanDiscoveryService(lambda w: {run!r} in w.tags, interfaces=[{address!r}])
+    lan = {discovery}
     async with wool.WorkerPool(discovery=lan, authkey=b"s3cret") as pool:
         loop = asyncio.get_running_loop()
         stdin = asyncio.StreamReader()
@@ -125,6 +127,14 @@ async def main():
                 hanging = [asyncio.ensure_future(forever()) for _ in range(n)]
                 await pool._until(lambda: sum(c.load for c in pool._roster.conns.values()) == n, 10)
                 hosts = [w.host for w in pool.workers]
+            elif verb == "info":  # who the workers say they are
+                hosts = [f"{{w.pid}}:{{','.join(sorted(w.tags))}}" for w in pool.workers]
+            elif verb == "slow":  # n calls in flight for a while
+                slow = [asyncio.ensure_future(slow_add(i, 1)) for i in range(n)]
+                await pool._until(lambda: sum(c.load for c in pool._roster.conns.values()) == n, 10)
+                hosts = ["started"]
+            elif verb == "finished":  # the slow calls' results
+                hosts = [str(sum(await asyncio.gather(*slow)))]
             elif verb == "lost":  # wait for n hanging calls to fail; how, how fast
                 start = loop.time()
                 while sum(c.done() for c in hanging) < n:
@@ -156,9 +166,9 @@ def test_discovery_dispatch_cut_and_heal_across_hosts(lan, tmp_path):
         workers.append(proc)
         assert "listening on" in proc.stdout.readline()
 
-    caller = lan.run(
-        "c", sys.executable, "-c", CALLER.format(run=RUN, address=ADDRESSES["c"])
-    )
+    discovery = f"wool.LanDiscoveryService(lambda w: {RUN!r} in w.tags, "
+    discovery += f"interfaces=[{ADDRESSES['c']!r}])"
+    caller = lan.run("c", sys.executable, "-c", CALLER.format(discovery=discovery))
 
     def ask(line: str) -> str:
         caller.stdin.write(line + "\n")
@@ -185,6 +195,56 @@ def test_discovery_dispatch_cut_and_heal_across_hosts(lan, tmp_path):
         assert ask("run 30") == "h1 h2 h3"
     finally:
         for proc in [caller, *workers]:
+            proc.kill()
+            proc.wait()
+
+
+def test_dns_discovery_follows_a_name_across_hosts(lan, tmp_path):
+    """The caller's namespace resolves workers.test through its own hosts file
+    (ip netns exec bind-mounts /etc/netns/NS/hosts over /etc/hosts)."""
+    key = tmp_path / "key"
+    key.write_bytes(b"s3cret")
+    hosts = Path("/etc/netns") / lan.ns("c") / "hosts"
+    hosts.parent.mkdir(parents=True, exist_ok=True)
+
+    def resolve_to(*names: str):  # rewritten in place: the mount follows the inode
+        lines = ["127.0.0.1 localhost"] + [f"{ADDRESSES[h]} workers.test" for h in names]
+        with open(hosts, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    resolve_to("h1", "h2", "h3")
+    workers = {}
+    for host in ("h1", "h2", "h3"):
+        workers[host] = lan.run(
+            host, sys.executable, "-m", "wool", "worker", "--host", ADDRESSES[host],
+            "--port", "7000", "--tag", RUN, "--tag", host, "--discovery", "none",
+            "--authkey-file", str(key),
+        )  # fmt: skip
+        assert "listening on" in workers[host].stdout.readline()
+    discovery = "wool.DnsDiscoveryService('workers.test', port=7000, interval=0.5)"
+    caller = lan.run("c", sys.executable, "-c", CALLER.format(discovery=discovery))
+
+    def ask(line: str) -> str:
+        caller.stdin.write(line + "\n")
+        caller.stdin.flush()
+        return caller.stdout.readline().strip()
+
+    try:
+        assert ask("workers 3") == "10.77.0.11 10.77.0.12 10.77.0.13"
+        assert ask("info 0") == " ".join(
+            sorted(f"{p.pid}:{h},{RUN}" for h, p in workers.items())
+        )  # their real pids and tags, learnt from the workers themselves
+        assert ask("run 30") == "h1 h2 h3"
+        assert ask("slow 6") == "started"  # two on each worker
+        resolve_to("h1", "h3")  # h2 leaves the name
+        assert ask("workers 2") == "10.77.0.11 10.77.0.13"
+        assert ask("finished 0") == str(sum(range(1, 7)))  # in flight: finished
+        assert ask("run 20") == "h1 h3"
+        resolve_to("h1", "h2", "h3")  # and comes back
+        assert ask("workers 3") == "10.77.0.11 10.77.0.12 10.77.0.13"
+    finally:
+        hosts.unlink(missing_ok=True)
+        for proc in [caller, *workers.values()]:
             proc.kill()
             proc.wait()
 

@@ -867,6 +867,8 @@ class _Roster:
         uid, real = conn.listed_as, conn.info.uid
         if not rejected and real not in {i.uid for i in self.conns}:
             return False
+        why = "fails the filter" if rejected else "is connected at another address"
+        log.debug("worker %s at %s %s: not used", real, conn.info.address, why)
         conn.close()
         while self.listed.get(uid, (None,))[0] == info and (
             rejected or real in {i.uid for i in self.conns}
@@ -1713,6 +1715,9 @@ class Worker:
             elif not self._shaking.get(writer) and isinstance(
                 e, (asyncio.IncompleteReadError, ConnectionError)
             ):
+                if isinstance(e, asyncio.IncompleteReadError) and not e.partial:
+                    log.info("connection from %s closed before the handshake", address)
+                    return  # a probe (a readiness check, a port scan): no harm
                 why = "it closed the connection during the handshake"
             self._log.warning(address, "closed connection from %s: %s", address, why)
             return
@@ -2491,54 +2496,7 @@ async def _serve_spawned(config):
 
 def main(argv: list[str] | None = None) -> int:
     """The `wool` command: `wool worker`, `wool ls`, `wool demo`."""
-    parser = argparse.ArgumentParser(prog="wool", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"wool {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    worker = commands.add_parser("worker", help="serve tasks until SIGTERM or SIGINT")
-    worker.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
-    worker.add_argument("--port", type=int, default=0, help="default: any free port")
-    worker.add_argument("--advertise", help="address callers use (default: --host)")
-    worker.add_argument("--tag", action="append", default=[], help="repeatable")
-    worker.add_argument("--authkey-file", help="the key (else WOOL_AUTHKEY)")
-    worker.add_argument("--tls-cert", help="this worker's certificate (PEM)")
-    worker.add_argument("--tls-key", help="its private key (PEM)")
-    worker.add_argument("--tls-ca", help="CA that callers' certificates must chain to")
-    worker.add_argument(
-        "--insecure", action="store_true", help="allow no key off loopback"
-    )
-    worker.add_argument("--grace", type=float, default=GRACE, help="seconds to drain")
-    worker.add_argument(
-        "--max-tasks", type=int, help="tasks run at once (default: no limit)"
-    )
-    worker.add_argument("--max-frame", type=int, default=MAX_FRAME, help="bytes")
-    worker.add_argument(
-        "--path", action="append", default=[], help="put DIR on sys.path (repeatable)"
-    )
-    worker.add_argument(
-        "--preload", action="append", default=[], help="import MODULE at start"
-    )
-
-    ls = commands.add_parser("ls", help="list the workers a discovery service sees")
-    ls.add_argument("--wait", type=float, help="seconds to listen (lan 2, local 0.1)")
-    for command in (worker, ls):
-        command.add_argument(
-            "--discovery",
-            default="local",
-            help="lan, local or local:NAME (default local)",
-        )
-        command.add_argument(
-            "--interface", action="append", help="mDNS interface address (repeatable)"
-        )
-
-    demo = commands.add_parser("demo", help="run the quick start on a local pool")
-    demo.add_argument(
-        "--size", type=int, default=2, help="worker processes (default 2)"
-    )
-    for command in (worker, ls, demo):
-        command.add_argument("--log-level", default="WARNING", help="default WARNING")
-
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="wool: %(message)s")
     try:
         if args.command == "worker":
@@ -2551,12 +2509,59 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _discovery(spec: str, interfaces: list[str] | None):
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wool", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"wool {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    worker = commands.add_parser("worker", help="serve tasks until SIGTERM or SIGINT")
+    ls = commands.add_parser("ls", help="list the workers a discovery service sees")
+    demo = commands.add_parser("demo", help="run the quick start on a local pool")
+    add = worker.add_argument
+    add("--host", default="127.0.0.1", help="default 127.0.0.1")
+    add("--port", type=int, default=0, help="default: any free port")
+    add("--advertise", help="address callers use (default: --host)")
+    add("--tag", action="append", default=[], help="repeatable")
+    add("--tls-cert", help="this worker's certificate (PEM)")
+    add("--tls-key", help="its private key (PEM)")
+    add("--insecure", action="store_true", help="allow no key off loopback")
+    add("--grace", type=float, default=GRACE, help="seconds to drain")
+    add("--max-tasks", type=int, help="tasks run at once (default: no limit)")
+    add("--max-frame", type=int, default=MAX_FRAME, help="bytes")
+    add("--path", action="append", default=[], help="put DIR on sys.path")
+    add("--preload", action="append", default=[], help="import MODULE at start")
+    ls.add_argument("--wait", type=float, help="seconds to listen (lan 2, else 0.1)")
+    for command in (worker, ls):
+        add = command.add_argument
+        add("--discovery", default="local", help=DISCOVERY_HELP)
+        add("--interface", action="append", help="mDNS interface address")
+        add("--authkey-file", help="the key (else WOOL_AUTHKEY)")
+        add("--tls-ca", help="CA of the peers' certificates (mutual TLS)")
+    demo.add_argument("--size", type=int, default=2, help="worker processes")
+    for command in (worker, ls, demo):
+        command.add_argument("--log-level", default="WARNING", help="default WARNING")
+    return parser
+
+
+DISCOVERY_HELP = "lan, local, local:NAME, dns:NAME[:PORT] (ls) or none (worker)"
+
+
+def _discovery(spec: str, interfaces: list[str] | None, publish: bool):
     if spec == "lan":
         return LanDiscoveryService(interfaces=interfaces)
     if spec == "local" or spec.startswith("local:"):
         return LocalDiscoveryService(spec.partition(":")[2] or None)
-    raise ValueError(f"--discovery {spec!r}: use lan, local or local:NAME")
+    if spec.startswith("dns:") and not publish:
+        return DnsDiscoveryService(spec[4:])
+    if spec == "none" and publish:
+        return None
+    raise ValueError(f"--discovery {spec!r}: use {DISCOVERY_HELP}")
+
+
+def _authkey_file(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read().rstrip(b"\r\n")
 
 
 def _tls(cert, key, ca, purpose):
@@ -2581,10 +2586,7 @@ async def _serve_cli(args) -> int:
         except Exception as e:
             print(f"wool worker: cannot preload {module!r}: {e!r}", file=sys.stderr)
             return 2
-    authkey = None
-    if args.authkey_file:
-        with open(args.authkey_file, "rb") as f:
-            authkey = f.read().rstrip(b"\r\n")
+    authkey = _authkey_file(args.authkey_file)
     worker = Worker(
         *args.tag,
         host=args.host,
@@ -2595,7 +2597,7 @@ async def _serve_cli(args) -> int:
         client_ssl=_tls(
             args.tls_cert, args.tls_key, args.tls_ca, ssl.Purpose.SERVER_AUTH
         ),
-        discovery=_discovery(args.discovery, args.interface),
+        discovery=_discovery(args.discovery, args.interface, publish=True),
         insecure=args.insecure,
         grace=args.grace,
         max_frame=args.max_frame,
@@ -2615,23 +2617,30 @@ async def _serve_cli(args) -> int:
 
 
 async def _ls(args) -> int:
-    service = _discovery(args.discovery, args.interface)
-    wait = (
-        args.wait if args.wait is not None else 2.0 if args.discovery == "lan" else 0.1
-    )
+    """List what a discovery service sees; given a key, dial each worker and
+    show who answers there (the only way to know a DNS-listed worker)."""
+    service = _discovery(args.discovery, args.interface, publish=False)
+    wait = args.wait if args.wait is not None else 2.0 if args.discovery == "lan" else 0.1
     workers: dict[str, WorkerInfo] = {}
-
-    async def listen():
-        async for event in service.subscribe():
-            if event.type == "worker-dropped":
-                workers.pop(event.info.uid, None)
-            else:
-                workers[event.info.uid] = event.info
-
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(wait):
-            await listen()
+            async for event in service.subscribe():
+                if event.type == "worker-dropped":
+                    workers.pop(event.info.uid, None)
+                else:
+                    workers[event.info.uid] = event.info
+    key = _authkey_file(args.authkey_file) or _authkey(None)
+    context = _tls(None, None, args.tls_ca, ssl.Purpose.SERVER_AUTH)
     for w in sorted(workers.values(), key=lambda w: (w.host, w.port)):
+        if key or context:
+            try:
+                source = _Source(service, key, context)
+                conn = await _Connection.open(w, source, _pickle(([], False)), LARGE, bool)
+                w = conn.info
+                conn.close()
+            except (OSError, WoolError, TimeoutError) as e:
+                print(f"{w.address}  does not answer: {e}")
+                continue
         tags = ",".join(sorted(w.tags)) or "-"
         tls = " tls" if w.secure else ""
         print(f"{w.uid}  {w.address}  pid {w.pid}  tags {tags}  v{w.version}{tls}")
