@@ -131,7 +131,7 @@ ATTACKS = {
     ),
     "another protocol version": (
         lambda w, m: send_raw(w, b"wool\x00\x01" + bytes(64)),
-        "a caller of another wool protocol version",
+        "caller speaks wool protocol 0001, this worker 0002; run one wool version",
     ),
     "the wrong key": (wrong_key, "the caller does not hold this worker's key"),
     "nothing at all": (lambda w, m: send_raw(w, b""), "no handshake within 0.5 s"),
@@ -226,7 +226,7 @@ async def test_a_flood_of_bad_connections_logs_a_few_lines_and_a_count(caplog):
     lines = [r.getMessage() for r in caplog.records]
     closed_lines = [line for line in lines if line.startswith("closed connection")]
     assert len(closed_lines) == wool.LOG_BURST
-    assert "more warnings about 127.0.0.1 in the next 60 s are counted" in lines[5]
+    assert lines[5] == "more warnings about 127.0.0.1 for 60 s: counted"
     assert lines[-1] == f"{60 - wool.LOG_BURST} more warnings about 127.0.0.1 were not logged"
 
 

@@ -64,26 +64,19 @@ from typing import Any, ParamSpec, Self, TypeVar, cast, overload
 
 import cloudpickle  # type: ignore[import-untyped]
 
-try:  # vendored as a package's submodule, wool_discovery is its sibling
-    from .wool_discovery import (  # type: ignore[import-not-found]
-        DiscoveryEvent,
-        DnsDiscoveryService,
-        LanDiscovery,
-        LanDiscoveryService,
-        LocalDiscovery,
-        LocalDiscoveryService,
-        WorkerInfo,
+if __package__:  # vendored as a package's submodule: use its sibling
+    sys.modules.setdefault(
+        "wool_discovery", importlib.import_module(f"{__package__}.wool_discovery")
     )
-except ImportError:
-    from wool_discovery import (  # type: ignore[no-redef]
-        DiscoveryEvent,
-        DnsDiscoveryService,
-        LanDiscovery,
-        LanDiscoveryService,
-        LocalDiscovery,
-        LocalDiscoveryService,
-        WorkerInfo,
-    )
+from wool_discovery import (  # noqa: E402
+    DiscoveryEvent,
+    DnsDiscoveryService,
+    LanDiscovery,
+    LanDiscoveryService,
+    LocalDiscovery,
+    LocalDiscoveryService,
+    WorkerInfo,
+)
 
 __all__ = [
     "AuthenticationError",
@@ -558,7 +551,9 @@ class WorkerPool:
                 key, service = self._spawner.key, self._spawner.service
                 sources.append(_Source(service, key, None, False))  # loopback only
             if self.discovery is not None:
-                sources.append(_Source(self.discovery, _authkey(self.authkey), self.ssl))
+                sources.append(
+                    _Source(self.discovery, _authkey(self.authkey), self.ssl)
+                )
             self._roster.follow(sources, _pickle(([s.service for s in sources], False)))
             if self._spawner is not None:
                 await self._spawner.start()
@@ -683,7 +678,9 @@ class WorkerPool:
             # Wait for a worker to appear or one of our tasks to end; workers
             # that refused (full with others' tasks) get asked again after a
             # pause that doubles each time.
-            await self._wait_change(min(deadline - now, pause) if exclude else deadline - now)
+            await self._wait_change(
+                min(deadline - now, pause) if exclude else deadline - now
+            )
             if exclude:
                 exclude.clear()
                 pause = min(pause * 2, ASK_AGAIN[1])
@@ -735,7 +732,6 @@ class WorkerPool:
             exclude.add(conn.info.uid)
 
 
-
 class _Roster:
     """The workers a pool's discovery sources list, and its connections to
     them. Liveness comes from a connection, never from discovery records (a
@@ -766,7 +762,9 @@ class _Roster:
         if self.failed and len(self.failed) == len(self.sources):
             raise NoWorkersAvailable(
                 f"no worker for {task.fn.__qualname__}(): discovery failed: "
-                + "; ".join(f"{s.service!r}: {self.failed[id(s)]!r}" for s in self.sources)
+                + "; ".join(
+                    f"{s.service!r}: {self.failed[id(s)]!r}" for s in self.sources
+                )
             )
         if self.refused and len(self.refused) >= len(self.listed):
             raise AuthenticationError(
@@ -856,7 +854,6 @@ class _Roster:
             if uid in self.leased:
                 self.leased.discard(uid)
                 pool._notify()
-
 
     async def unwanted(self, conn: _Connection, source: _Source, info: WorkerInfo):
         """Whether to drop a new connection: its worker (as it says who it is)
@@ -1105,8 +1102,10 @@ def _dump_task(fn, args, kwargs, max_frame: int) -> tuple[bytes, tuple | None]:
         raise TypeError(f"cannot send {fn.__qualname__}() to a worker: {e}") from e
     body = _pickle(
         (ref, args, kwargs, context, _time_limit(fn)),
-        lambda: f"{fn.__qualname__}() and its arguments to a worker"
-        + _unpicklable_variable(context),
+        lambda: (
+            f"{fn.__qualname__}() and its arguments to a worker"
+            + _unpicklable_variable(context)
+        ),
         max_frame,
     )
     return body, None if definition is None else (ref, definition)
@@ -1116,8 +1115,10 @@ def _dump_value(value, changes: dict | None, fn, max_frame: int) -> bytes:
     """A RESULT body: (value, the wool.ContextVar values the task set)."""
     return _pickle(
         (value, changes),
-        lambda: f"the value of {fn.__qualname__}() back to the caller"
-        + _unpicklable_variable(changes),
+        lambda: (
+            f"the value of {fn.__qualname__}() back to the caller"
+            + _unpicklable_variable(changes)
+        ),
         max_frame,
     )
 
@@ -1187,7 +1188,23 @@ def _session(key: bytes, worker_nonce: bytes, caller_nonce: bytes, inbound: byte
     names the side: b"caller" or b"worker"."""
     secret = _digest(key, b"session", worker_nonce + caller_nonce)
     outbound = b"caller" if inbound == b"worker" else b"worker"
-    return _Seal(_digest(secret, b"to ", inbound)), _Seal(_digest(secret, b"to ", outbound))
+    return _Seal(_digest(secret, b"to ", inbound)), _Seal(
+        _digest(secret, b"to ", outbound)
+    )
+
+
+def _check_magic(data: bytes, peer: str, mismatch: type[WoolError]):
+    """That `peer` ("caller", or "worker ADDRESS") opened with our MAGIC."""
+    if data[: len(MAGIC)] == MAGIC:
+        return
+    us = "worker" if peer == "caller" else "caller"
+    if data[:4] == MAGIC[:4]:  # refuse each other, naming both versions
+        raise mismatch(
+            f"{peer} speaks wool protocol {data[4:6].hex()}, this {us} "
+            f"{MAGIC[4:].hex()}; run one wool version on both"
+        )
+    who = "not a wool caller" if us == "worker" else f"{peer[7:]} is not a wool worker"
+    raise ProtocolError(f"{who} (it sent {data[:8]!r}...)")
 
 
 async def _authenticate_caller(reader, writer, key: bytes):
@@ -1196,13 +1213,7 @@ async def _authenticate_caller(reader, writer, key: bytes):
     nonce = secrets.token_bytes(NONCE)
     writer.write(MAGIC + nonce)
     data = await reader.readexactly(len(MAGIC) + DIGEST + NONCE)
-    if data[: len(MAGIC)] != MAGIC:
-        if data[:4] == MAGIC[:4]:
-            raise ProtocolError(
-                f"a caller of another wool protocol version ({data[4:6].hex()}, "
-                f"this worker speaks {MAGIC[4:].hex()}); run one wool version"
-            )
-        raise ProtocolError(f"not a wool caller (it sent {data[:8]!r}...)")
+    _check_magic(data, "caller", ProtocolError)
     proof, their_nonce = data[len(MAGIC) : -NONCE], data[-NONCE:]  # DIGEST, NONCE
     if not hmac.compare_digest(proof, _digest(key, b"caller", nonce)):
         writer.write(b"-")
@@ -1215,13 +1226,7 @@ async def _authenticate_worker(reader, writer, key: bytes, address: str):
     """Caller side: answer the worker's challenge, then check its answer.
     Returns the session's seals (received, sent)."""
     data = await reader.readexactly(len(MAGIC) + NONCE)
-    if data[: len(MAGIC)] != MAGIC:
-        if data[:4] == MAGIC[:4]:
-            raise AuthenticationError(
-                f"worker {address} speaks wool protocol {data[4:6].hex()}, this "
-                f"caller {MAGIC[4:].hex()}; run one wool version on both"
-            )
-        raise ProtocolError(f"{address} is not a wool worker (it sent {data[:8]!r}...)")
+    _check_magic(data, f"worker {address}", AuthenticationError)
     their_nonce, nonce = data[len(MAGIC) :], secrets.token_bytes(NONCE)
     writer.write(MAGIC + _digest(key, b"caller", their_nonce) + nonce)
     try:
@@ -1280,7 +1285,9 @@ class _Frames(asyncio.BufferedProtocol):
             if self.large is None:
                 self.end += nbytes
             else:
-                self.mac.update(memoryview(self.large)[self.filled : self.filled + nbytes])
+                self.mac.update(
+                    memoryview(self.large)[self.filled : self.filled + nbytes]
+                )
                 self.filled += nbytes
                 if self.filled == len(self.large):
                     self.untagged, self.large = (*self.head, self.large), None
@@ -1966,11 +1973,15 @@ class _Peer:
                 except StopAsyncIteration:
                     return await self.reply(STOP, rid, bytes)
                 except BaseException as e:
-                    return await self.reply(ERROR, rid, lambda: _dump_error(e, max_frame))
+                    return await self.reply(
+                        ERROR, rid, lambda: _dump_error(e, max_frame)
+                    )
                 await self.reply(
                     RESULT,
                     rid,
-                    lambda: _dump_value(value, _context_changes(changed), fn, max_frame),
+                    lambda: _dump_value(
+                        value, _context_changes(changed), fn, max_frame
+                    ),
                 )
         finally:
             await agen.aclose()  # runs the generator's `finally` if it is open
@@ -1988,39 +1999,31 @@ def _peer_address(writer) -> str:
 class _LogLimit:
     """Warnings about peers, at most LOG_BURST per peer host per LOG_WINDOW
     seconds: a flood of bad connections must not flood the log. What it held
-    back is counted and logged when the window ends (or at flush())."""
+    back is counted, and the count logged when the window ends or at flush()."""
 
     def __init__(self):
-        self.hosts: dict[str, list] = {}  # host -> [window start, logged, held back]
+        self.hosts: dict[str, list] = {}  # host -> [window start, lines, held back]
 
     def warning(self, address: str, message: str, *args):
         host, now = address.rpartition(":")[0] or address, time.monotonic()
-        entry = self.hosts.get(host)
-        if entry is None or now - entry[0] > LOG_WINDOW:
-            if entry is not None:
-                self.report(host, entry)
-            if len(self.hosts) >= 4096:  # bounded, whatever the addresses
-                self.flush()
-            entry = self.hosts[host] = [now, 0, 0]
-        if entry[1] < LOG_BURST:
-            entry[1] += 1
-            log.warning(message, *args)
-            if entry[1] == LOG_BURST:
-                log.warning(
-                    "more warnings about %s in the next %g s are counted, not logged",
-                    host, LOG_WINDOW,
-                )  # fmt: skip
-        else:
+        if host in self.hosts and now - self.hosts[host][0] > LOG_WINDOW:
+            self.flush(host)
+        if len(self.hosts) >= 4096:  # bounded, whatever the addresses
+            self.flush()
+        entry = self.hosts.setdefault(host, [now, 0, 0])
+        entry[1] += 1
+        if entry[1] > LOG_BURST:
             entry[2] += 1
+            return
+        log.warning(message, *args)
+        if entry[1] == LOG_BURST:
+            log.warning("more warnings about %s for %g s: counted", host, LOG_WINDOW)
 
-    def report(self, host: str, entry: list):
-        if entry[2]:
-            log.warning("%d more warnings about %s were not logged", entry[2], host)
-
-    def flush(self):
-        for host, entry in self.hosts.items():
-            self.report(host, entry)
-        self.hosts.clear()
+    def flush(self, *hosts: str):
+        """Log the counts held back (for `hosts`, or all) and forget them."""
+        for host in hosts or list(self.hosts):
+            if held := self.hosts.pop(host)[2]:
+                log.warning("%d more warnings about %s were not logged", held, host)
 
 
 # -- Pool internals: spawned workers, connections, generators ---------------------
@@ -2620,7 +2623,9 @@ async def _ls(args) -> int:
     """List what a discovery service sees; given a key, dial each worker and
     show who answers there (the only way to know a DNS-listed worker)."""
     service = _discovery(args.discovery, args.interface, publish=False)
-    wait = args.wait if args.wait is not None else 2.0 if args.discovery == "lan" else 0.1
+    wait = (
+        args.wait if args.wait is not None else 2.0 if args.discovery == "lan" else 0.1
+    )
     workers: dict[str, WorkerInfo] = {}
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(wait):
@@ -2635,7 +2640,9 @@ async def _ls(args) -> int:
         if key or context:
             try:
                 source = _Source(service, key, context)
-                conn = await _Connection.open(w, source, _pickle(([], False)), LARGE, bool)
+                conn = await _Connection.open(
+                    w, source, _pickle(([], False)), LARGE, bool
+                )
                 w = conn.info
                 conn.close()
             except (OSError, WoolError, TimeoutError) as e:

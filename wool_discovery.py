@@ -620,9 +620,13 @@ class DnsDiscoveryService:
         self.targets = [_split(name, port) for name in names]
 
     def __repr__(self):
-        return _describe("DnsDiscoveryService", ", ".join(map(repr, self.names)), self.filter)
+        return _describe(
+            "DnsDiscoveryService", ", ".join(map(repr, self.names)), self.filter
+        )
 
-    async def resolve(self, errors: dict[str, str] | None = None) -> dict[str, WorkerInfo]:
+    async def resolve(
+        self, errors: dict[str, str] | None = None
+    ) -> dict[str, WorkerInfo]:
         """What the names resolve to now: a record per address, by its uid
         ("address:port"). A name that fails is logged when its error changes
         (`errors` remembers: name -> last error)."""
@@ -633,13 +637,17 @@ class DnsDiscoveryService:
                 answers = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except OSError as e:  # socket.gaierror: no such name, no DNS server
                 if errors.get(host) != str(e):
-                    log.warning("%r: %s does not resolve (%s); trying again", self, host, e)
+                    log.warning(
+                        "%r: %s does not resolve (%s); trying again", self, host, e
+                    )
                 errors[host] = str(e)
                 continue
             if errors.pop(host, None) is not None:
                 log.warning("%r: %s resolves again", self, host)
             for *_, sockaddr in answers:
-                address = ipaddress.ip_address(str(sockaddr[0]).split("%")[0]).compressed
+                address = ipaddress.ip_address(
+                    str(sockaddr[0]).split("%")[0]
+                ).compressed
                 uid = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
                 found[uid] = WorkerInfo(uid, address, port, 0, "")
         return found
