@@ -26,7 +26,7 @@ import pytest
 import wool
 import wool_discovery
 from conftest import HERE, in_flight, until
-from test_wool import add
+from test_wool import add, echo
 
 RUN = f"run-{os.getpid()}"
 LOOPBACK = ["127.0.0.1"]
@@ -445,6 +445,8 @@ async def test_mutual_tls_accepts_the_right_certificates_and_refuses_others(
         ):
             pid, _ = await where()
             assert pid == proc.pid
+            data = os.urandom(10 * 2**20)  # large messages through TLS too
+            assert await echo(data) == data
 
         no_cert = ssl.create_default_context(cafile=certs["ca.crt"])
         info = next(iter(await _listed(namespace)))

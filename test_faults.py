@@ -297,8 +297,11 @@ async def test_a_caller_that_stops_reading_stalls_only_itself(worker, slow):
     for _ in range(400):  # the worker works on; the bound holds all along
         await asyncio.sleep(0)
         assert queued(peer) <= bound
-    await until(lambda: peer.out.paused and peer.frames.held)
-    assert len(ran) == 200 if slow else len(ran) < 200  # fast: it stopped reading
+    await until(peer.out.full)
+    if slow:
+        assert len(ran) == 200  # all had started; their replies wait, unpickled
+    else:
+        assert peer.frames.held and len(ran) < 200  # it stopped reading
     await good_client(worker)
     writer.close()
 
@@ -650,7 +653,7 @@ async def test_accepted_leaves_ahead_of_queued_replies(worker):
     session = await hello_session(worker, *((wool.TASK, r, big) for r in range(1, 41)))
     await until(lambda: len(worker._peers) == 1)
     (peer,) = worker._peers
-    await until(lambda: peer.out.paused)  # replies wait: nobody reads them
+    await until(lambda: peer.out.full())  # replies wait: nobody reads them
     session.send(wool.TASK, 100, TASK_BODY)
     replies_before = 0
     while (frame := await session.read())[:2] != (wool.ACCEPTED, 100):

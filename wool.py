@@ -929,6 +929,9 @@ STOP = 20  # no body: the generator finished
 GOODBYE = 21  # no body, rid 0: the worker is stopping; send nothing more
 INFO = 22  # body: the worker's WorkerInfo as JSON, its first frame; rid 0
 
+BUFFERS = 0x80  # kind flag: the body is a _Parts (pickle and out-of-band buffers)
+_VALUES = frozenset({TASK, STREAM, NEXT, RESULT})  # the kinds that may carry them
+
 _TO_CALLER = frozenset({ACCEPTED, REFUSED, RESULT, ERROR, STOP, GOODBYE, INFO})
 _URGENT = frozenset({ACCEPTED, REFUSED, GOODBYE})  # sent ahead of queued replies
 
@@ -977,7 +980,100 @@ def decode_header(data, max_frame: int, at: int = 0) -> tuple[int, int, int]:
     return size, kind, rid
 
 
-_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+class _Parts:
+    """A message whose large buffers travel beside its pickle, not inside it
+    (pickle protocol 5, PEP 574): on the wire a table (count, then each
+    buffer's length), the pickle, then the buffers. len() is its size."""
+
+    __slots__ = ("buffers", "pickle", "size")
+
+    def __init__(self, data, buffers: list):
+        self.pickle, self.buffers = data, buffers
+        self.size = 4 + 8 * len(buffers) + len(data) + sum(b.nbytes for b in buffers)
+
+    def __len__(self):
+        return self.size
+
+    def wire(self) -> list:
+        """The parts to write, none of them copied."""
+        n = len(self.buffers)
+        table = struct.pack(f"!I{n}Q", n, *(b.nbytes for b in self.buffers))
+        return [table + self.pickle, *self.buffers]
+
+    @classmethod
+    def read(cls, body: bytearray) -> _Parts:
+        """The parts of a received body: views of it, no copy. Raises
+        ProtocolError when its lengths do not add up."""
+        view = memoryview(body)
+        try:
+            (n,) = struct.unpack_from("!I", view)
+            lengths = struct.unpack_from(f"!{n}Q", view, 4)
+        except (struct.error, MemoryError):
+            raise ProtocolError("a frame's buffer table is cut short") from None
+        start = end = len(view) - sum(lengths)
+        if start < 4 + 8 * n:
+            raise ProtocolError(f"a frame's {n} buffers are longer than the frame")
+        buffers = []
+        for length in lengths:
+            buffers.append(view[start : start + length])
+            start += length
+        return cls(view[4 + 8 * n : end], buffers)
+
+
+class _Bytes:
+    """Large `bytes`, or a memoryview, in a message: its buffer travels out of
+    band (pickle keeps bytes inside the pickle, a copy each way, and cannot
+    pickle memoryviews); rebuilt on arrival, bytes with one copy, a
+    memoryview as a view of the received memory."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | memoryview):
+        self.data = data
+
+    def __reduce_ex__(self, protocol):
+        return type(self.data), (pickle.PickleBuffer(self.data),)
+
+
+def _lift(obj):
+    """`obj`, and the tuple or dict it is (a call's args, kwargs), with its
+    large bytes and its memoryviews ready to travel out of band."""
+    kind = type(obj)
+    if kind is bytes and len(obj) >= LARGE or kind is memoryview:
+        return _Bytes(obj)
+    if kind is tuple:
+        return tuple(map(_lift, obj)) if any(map(_big, obj)) else obj
+    if kind is dict:
+        return (
+            {k: _lift(v) for k, v in obj.items()}
+            if any(map(_big, obj.values()))
+            else obj
+        )
+    return obj
+
+
+def _big(obj) -> bool:
+    return type(obj) is bytes and len(obj) >= LARGE or type(obj) is memoryview
+
+
+def _split(kind: int, body):
+    """The body of a received frame: a _Parts if it carries buffers."""
+    if not kind & BUFFERS:
+        return body
+    if kind & ~BUFFERS not in _VALUES:
+        raise ProtocolError(f"frame kind {kind & ~BUFFERS} cannot carry buffers")
+    return _Parts.read(body)
+
+
+def _loads(body):
+    """Unpickle a received body with its buffers (if any) given back in
+    place: an array arrives as a writable view of the received memory."""
+    if type(body) is _Parts:
+        return pickle.loads(body.pickle, buffers=body.buffers)
+    return pickle.loads(body)
+
+
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None), _Bytes})
 
 
 def _plain(obj, depth: int = 2) -> bool:
@@ -1002,16 +1098,32 @@ def _plain(obj, depth: int = 2) -> bool:
     return False
 
 
-def _pickle(obj, what: Callable[[], str] | None = None, max_frame=MAX_FRAME) -> bytes:
+def _pickle(
+    obj, what: Callable[[], str] | None = None, max_frame=MAX_FRAME, oob=False
+) -> Any:
     """The one way wool pickles: plain pickle for builtin data, else
     cloudpickle (functions and classes from __main__ travel by value, at
-    about five times the cost). A failure, or a pickle over max_frame, is a
-    TypeError saying what could not be sent (`what()`, asked only then)."""
+    about five times the cost). With `oob`, buffers of LARGE bytes or more
+    (arrays, bytearrays, _Bytes) stay out of band: a _Parts, else bytes. A
+    failure, or a message over max_frame, is a TypeError saying what could
+    not be sent (`what()`, asked only then)."""
+    buffers: list = []
+
+    def aside(buffer: pickle.PickleBuffer) -> bool:  # False: out of band
+        view = buffer.raw()
+        if view.nbytes < LARGE:
+            return True
+        buffers.append(view)
+        return False
+
+    callback = aside if oob else None
     try:
         if _plain(obj):
-            data = pickle.dumps(obj, 5)
+            data: Any = pickle.dumps(obj, 5, buffer_callback=callback)
         else:
-            data = cloudpickle.dumps(obj, protocol=5)
+            data = cloudpickle.dumps(obj, protocol=5, buffer_callback=callback)
+        if buffers:
+            data = _Parts(data, buffers)
     except Exception as e:
         if what is None:
             raise
@@ -1092,7 +1204,7 @@ def _unpicklable_variable(values: dict | None) -> str:
     return ""
 
 
-def _dump_task(fn, args, kwargs, max_frame: int) -> tuple[bytes, tuple | None]:
+def _dump_task(fn, args, kwargs, max_frame: int) -> tuple[Any, tuple | None]:
     """A TASK body: (function reference, args, kwargs, context, timeout), and
     the function's (id, definition) when it travels by value."""
     context = _context_values()
@@ -1101,25 +1213,27 @@ def _dump_task(fn, args, kwargs, max_frame: int) -> tuple[bytes, tuple | None]:
     except Exception as e:
         raise TypeError(f"cannot send {fn.__qualname__}() to a worker: {e}") from e
     body = _pickle(
-        (ref, args, kwargs, context, _time_limit(fn)),
+        (ref, _lift(args), _lift(kwargs), context, _time_limit(fn)),
         lambda: (
             f"{fn.__qualname__}() and its arguments to a worker"
             + _unpicklable_variable(context)
         ),
         max_frame,
+        oob=True,
     )
     return body, None if definition is None else (ref, definition)
 
 
-def _dump_value(value, changes: dict | None, fn, max_frame: int) -> bytes:
+def _dump_value(value, changes: dict | None, fn, max_frame: int) -> Any:
     """A RESULT body: (value, the wool.ContextVar values the task set)."""
     return _pickle(
-        (value, changes),
+        (_lift(value), changes),
         lambda: (
             f"the value of {fn.__qualname__}() back to the caller"
             + _unpicklable_variable(changes)
         ),
         max_frame,
+        oob=True,
     )
 
 
@@ -1153,7 +1267,7 @@ def _load_reply(kind: int, data, fn):
     if kind == ERROR:
         raise _load_error(data)
     try:
-        value, changes = pickle.loads(data)
+        value, changes = _loads(data)
     except Exception as e:
         raise TypeError(
             f"cannot load the value of {fn.__qualname__}() in the caller: {e}"
@@ -1245,6 +1359,7 @@ async def _authenticate_worker(reader, writer, key: bytes, address: str):
 
 
 LARGE = 64 * 2**10  # bytes; a larger body is received into its own buffer
+CHUNK = 256 * 2**10  # bytes of a large message handed to the kernel at a time
 BUFFER = 256 * 2**10  # bytes of a connection's reusable receive buffer
 
 
@@ -1304,7 +1419,7 @@ class _Frames(asyncio.BufferedProtocol):
                 (kind, rid, body), self.untagged = self.untagged, None
                 self.start += TAG
                 self.check(self.mac.digest()[:TAG], buf[self.start - TAG : self.start])
-                self.on_frame(kind, rid, body)
+                self.on_frame(kind & ~BUFFERS, rid, _split(kind, body))
                 continue
             if self.end - self.start < HEADER.size:
                 break
@@ -1325,7 +1440,7 @@ class _Frames(asyncio.BufferedProtocol):
                 header, self.start = buf[self.start : at], at + size + TAG
                 body = bytes(buf[at : at + size])
                 self.check(self.seal.tag(header, body), buf[at + size : self.start])
-                self.on_frame(kind, rid, body)
+                self.on_frame(kind & ~BUFFERS, rid, _split(kind, body))
         if self.start == self.end:
             self.start = self.end = 0
 
@@ -1385,28 +1500,33 @@ class _Outbox:
 
     No added latency and few syscalls: the first frame of an event-loop turn
     goes out at once, the rest of the turn's frames together at its end.
-    While the transport is paused (over HIGH_WATER unsent) frames wait here,
-    urgent ones (_URGENT) ahead of the rest, and `on_pause`/`on_resume` tell
-    the owner. Bytes already handed to the transport cannot be overtaken.
-    A large body is written at once and its tag computed in a thread
-    (hashlib lets go of the GIL), so the event loop sends the body
-    meanwhile; frames behind it wait for the tag.
+    Frames wait here while the transport has bytes it could not send yet,
+    urgent ones (_URGENT) ahead of the rest; bytes handed to the transport
+    cannot be overtaken. A large message is fed to the transport a CHUNK at
+    a time, each once the last is sent, so the kernel takes it whole (no
+    copy into the transport's buffer, which Python 3.11 would make), while
+    a thread computes its tag (hashlib lets go of the GIL); frames behind it
+    wait for the tag. `full()` past HIGH_WATER unsent; `on_resume` when not.
     """
 
-    def __init__(self, transport, seal: _Seal, on_pause=None, on_resume=None):
-        self.transport, self.seal = transport, seal
-        self.on_pause, self.on_resume = on_pause, on_resume
+    def __init__(self, transport, seal: _Seal, on_resume=None):
+        self.transport, self.seal, self.on_resume = transport, seal, on_resume
         self.loop = asyncio.get_running_loop()
         self.queue: collections.deque[tuple[int, int, Any]] = collections.deque()
         self.urgent = 0  # how many frames at the queue's head are urgent
         self.queued = 0  # bytes of the bodies in the queue
         self.parts: list = []  # sealed small frames, written together
-        self.corked = self.paused = self.sealing = self.closed = False
+        self.large: collections.deque[memoryview] | None = None  # left to feed
+        self.left, self.tag = 0, b""  # its bytes left, its tag once computed
+        self.corked = self.paused = self.closed = False
         self.writable: asyncio.Future | None = None  # resolved by wake()
-        transport.set_write_buffer_limits(high=HIGH_WATER)
+        # Paused while it has a backlog: then chunks go to the kernel whole. A
+        # TLS transport keeps its own buffer and is left its default limits.
+        if transport.get_extra_info("sslcontext") is None:
+            transport.set_write_buffer_limits(high=0)
 
     def send(self, kind: int, rid: int, body=b""):
-        if self.corked or self.paused or self.sealing:
+        if self.corked or self.paused or self.large is not None:
             self.queued += len(body)
             if kind in _URGENT:
                 self.queue.insert(self.urgent, (kind, rid, body))
@@ -1422,7 +1542,7 @@ class _Outbox:
     def flush(self):
         self.corked = False
         queue = self.queue
-        while queue and not (self.paused or self.sealing):
+        while queue and not self.paused and self.large is None:
             kind, rid, body = queue.popleft()
             self.urgent = max(0, self.urgent - 1)
             self.queued -= len(body)
@@ -1437,20 +1557,36 @@ class _Outbox:
         if len(body) < LARGE:
             self.parts += encode(kind, rid, body, self.seal)
             return
+        parts = [body]
+        if type(body) is _Parts:
+            kind, parts = kind | BUFFERS, body.wire()
         header = HEADER.pack(len(body), kind, rid)
         mac = self.seal.begin(header, len(body))
         self.parts.append(header)
         self.write()
-        if not (self.closed or self.transport.is_closing()):
-            self.transport.write(body)  # alone: writelines would copy it
-        self.sealing = True
-        done = self.loop.run_in_executor(None, mac.update, body)
-        done.add_done_callback(lambda _: self.sealed(mac))
+        self.large = collections.deque(memoryview(p).cast("B") for p in parts)
+        self.left, self.tag = len(body), b""
+        done = self.loop.run_in_executor(None, _feed, mac, parts)
+        done.add_done_callback(lambda _: self.sealed(mac.digest()[:TAG]))
+        self.feed()
 
-    def sealed(self, mac):
-        self.sealing = False
-        self.parts.append(mac.digest()[:TAG])
-        self.flush()
+    def feed(self):
+        large = self.large
+        while large and not self.paused:
+            chunk, large[0] = large[0][:CHUNK], large[0][CHUNK:]
+            if not large[0]:
+                large.popleft()
+            self.left -= len(chunk)
+            if not (self.closed or self.transport.is_closing()):
+                self.transport.write(chunk)
+        if large is not None and not large and self.tag:
+            self.parts.append(self.tag)
+            self.large = None
+            self.flush()
+
+    def sealed(self, tag: bytes):
+        self.tag = tag
+        self.feed()
 
     def write(self):
         parts, self.parts = self.parts, []
@@ -1463,24 +1599,23 @@ class _Outbox:
 
     def pause(self):
         self.paused = True
-        if self.on_pause is not None:
-            self.on_pause()
 
     def resume(self):
         self.paused = False
+        self.feed()
         self.flush()
 
     def close(self):
         """Drop what is queued and every later frame; wake those waiting."""
         self.closed = True
         self.queue.clear()
-        self.queued = 0
+        self.queued, self.large = 0, None
         self.wake()
 
     def full(self) -> bool:
         """Whether HIGH_WATER bytes wait here or in the transport."""
-        unsent = self.queued + self.transport.get_write_buffer_size()
-        return self.paused or unsent >= HIGH_WATER
+        unsent = self.queued + self.left + self.transport.get_write_buffer_size()
+        return unsent >= HIGH_WATER
 
     def wake(self):
         """No longer full: wake those waiting, tell the owner."""
@@ -1498,6 +1633,11 @@ class _Outbox:
             if self.writable is None:
                 self.writable = self.loop.create_future()
             await self.writable
+
+
+def _feed(mac, parts: list):
+    for part in parts:
+        mac.update(part)
 
 
 def _tune(writer: asyncio.StreamWriter):
@@ -1797,7 +1937,7 @@ class _Peer:
         self.loop = asyncio.get_running_loop()
         self.frames, self.out = _switch(
             writer, seals, worker.max_frame, self.on_frame, self.on_lost,
-            on_pause=self.hold, on_resume=self.release,
+            on_resume=self.release,
         )  # fmt: skip
         self.hello, self.nested = b"", False  # from HELLO
         self.services: list = []
@@ -1895,9 +2035,6 @@ class _Peer:
         self.burst = 0
         self.release()
 
-    def hold(self):
-        self.frames.hold()
-
     def release(self):
         """Read again, unless a burst is still to run or replies pile up."""
         if self.frames.held and self.burst < ACCEPT_BURST and not self.out.full():
@@ -1936,7 +2073,7 @@ class _Peer:
     async def run(self, rid: int, body, generator: bool):
         max_frame = self.worker.max_frame
         try:
-            ref, args, kwargs, context, seconds = pickle.loads(body)
+            ref, args, kwargs, context, seconds = _loads(body)
             fn, is_generator = self.resolve(ref)
             if is_generator != generator:
                 raise TypeError(
@@ -1965,7 +2102,7 @@ class _Peer:
                     if kind == CLOSE:
                         await agen.aclose()
                         return await self.reply(STOP, rid, bytes)
-                    value = pickle.loads(body) if body else None
+                    value = _loads(body) if len(body) else None
                     if kind == NEXT:
                         value = await agen.asend(value)
                     else:
@@ -2417,7 +2554,8 @@ class _RemoteGenerator(collections.abc.AsyncGenerator):
             raise TypeError(
                 "can't send non-None value to a just-started async generator"
             )
-        return await self._step(NEXT, b"" if value is None else _pickle(value))
+        body = b"" if value is None else _pickle(_lift(value), oob=True)
+        return await self._step(NEXT, body)
 
     async def athrow(self, typ, val=None, tb=None):
         if isinstance(typ, BaseException):
