@@ -6,7 +6,11 @@ instead, in one run on this machine, and print ratios.
 Measures, each the median of --rounds rounds, with 2 worker processes:
   latency     one no-op call, awaited alone (µs)
   throughput  20,000 concurrent no-op calls (calls/s)
-  payload     a 10 MB bytes echo (MB/s, counting both directions' bytes once)
+  payload     a 10 MB bytes echo (MB/s, counting one direction's bytes)
+  array       an 80 MB float64 numpy array echo (MB/s, likewise), and the
+              caller's peak RSS during it above its baseline (x the payload)
+  socket      the ceiling: a raw TCP echo of the same bytes between two
+              processes (sendall, recv_into a preallocated buffer)
   fanout      fib(15) where every call is a task (1,973 tasks; s)
   startup     WorkerPool(size=2) to the first result, and exit (s)
   memory      caller RSS growth over 100,000 tasks after warm-up (MiB)
@@ -27,8 +31,10 @@ import os
 import pickle
 import statistics
 import struct
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +44,7 @@ import wool  # noqa: E402
 
 CALLS = 20_000
 PAYLOAD = 10 * 10**6
+ARRAY = 80 * 10**6
 
 
 @wool.work
@@ -83,9 +90,34 @@ async def measure(call, latency_n=2000):
 # -- wool ------------------------------------------------------------------------
 
 
+async def echo_array(call) -> tuple[float, float]:
+    """(MB/s, peak RSS growth / payload) of an 80 MB float64 array echo."""
+    import numpy as np
+
+    array = np.random.default_rng(0).random(ARRAY // 8)
+    assert np.array_equal(await call(array), array)
+    base, peak, done = rss(), [0], threading.Event()
+
+    def sample():  # the caller's RSS, every millisecond, during the echoes
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    t = time.perf_counter()
+    for _ in range(3):
+        await call(array)
+    elapsed = time.perf_counter() - t
+    done.set()
+    sampler.join()
+    return 3 * ARRAY / elapsed / 1e6, (peak[0] - base) / ARRAY
+
+
 async def bench_wool():
     async with wool.WorkerPool(size=2):
         latency, throughput, payload = await measure(noop)
+        array, array_rss = await echo_array(noop)
         await fib(10)
         t = time.perf_counter()
         assert await fib(15) == 610
@@ -108,6 +140,8 @@ async def bench_wool():
         "latency_us": latency,
         "throughput": throughput,
         "payload_mbs": payload,
+        "array_mbs": array,
+        "array_rss_x": array_rss,
         "fanout_s": fanout,
         "startup_s": startup,
         "exit_s": shutdown,
@@ -204,7 +238,63 @@ async def bench_executor():
             return await loop.run_in_executor(executor, plain_noop, x)
 
         latency, throughput, payload = await measure(call, latency_n=500)
-    return {"latency_us": latency, "throughput": throughput, "payload_mbs": payload}
+        array, _ = await echo_array(call)
+    return {
+        "latency_us": latency,
+        "throughput": throughput,
+        "payload_mbs": payload,
+        "array_mbs": array,
+    }
+
+
+SOCKET_ECHO = """
+import socket, struct, sys
+server = socket.create_server(("127.0.0.1", 0))
+print(server.getsockname()[1], flush=True)
+conn, _ = server.accept()
+buffer = bytearray(int(sys.argv[1]))
+while True:
+    head = conn.recv(8, socket.MSG_WAITALL)
+    if len(head) < 8:
+        break
+    (n,) = struct.unpack("!Q", head)
+    view = memoryview(buffer)[:n]
+    got = 0
+    while got < n:
+        got += conn.recv_into(view[got:])
+    conn.sendall(head)
+    conn.sendall(view)
+"""
+
+
+def bench_socket() -> dict:
+    """The ceiling: the same echoes over a plain socket, blocking calls, no
+    serialization, into buffers allocated once."""
+    server = subprocess.Popen(
+        [sys.executable, "-c", SOCKET_ECHO, str(ARRAY)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        conn = socket.create_connection(("127.0.0.1", int(server.stdout.readline())))
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buffer = bytearray(ARRAY)
+
+        def rate(size: int, rounds: int) -> float:
+            data, view = os.urandom(size), memoryview(buffer)[:size]
+            t = time.perf_counter()
+            for _ in range(rounds):
+                conn.sendall(struct.pack("!Q", size))
+                conn.sendall(data)
+                conn.recv(8, socket.MSG_WAITALL)
+                got = 0
+                while got < size:
+                    got += conn.recv_into(view[got:])
+            return rounds * size / (time.perf_counter() - t) / 1e6
+
+        rate(PAYLOAD, 2)
+        return {"payload_mbs": rate(PAYLOAD, 5), "array_mbs": rate(ARRAY, 3)}
+    finally:
+        conn.close()
+        server.wait()
 
 
 # -- Optional peers ----------------------------------------------------------------------
@@ -256,6 +346,10 @@ TARGETS = [
     ("startup", lambda r: r["wool"]["startup_s"] < 0.5, "< 0.5 s"),
     ("exit", lambda r: r["wool"]["exit_s"] < 0.3, "< 0.3 s"),
     ("memory", lambda r: r["wool"]["memory_mib"] < 5, "< 5 MiB over 100k tasks"),
+    ("array vs socket", lambda r: r["wool"]["array_mbs"] >= 0.5 * r["socket"]["array_mbs"], ">= 0.5x socket, 80 MB array"),
+    ("array vs executor", lambda r: r["wool"]["array_mbs"] >= 4 * r["executor"]["array_mbs"], ">= 4x executor, 80 MB array"),
+    ("bytes vs executor", lambda r: r["wool"]["payload_mbs"] >= 2 * r["executor"]["payload_mbs"], ">= 2x executor, 10 MB bytes"),
+    ("array memory", lambda r: r["wool"]["array_rss_x"] <= 3, "caller peak <= 3x payload"),
 ]  # fmt: skip
 
 
@@ -308,6 +402,7 @@ def main():
         rounds = args.rounds if name in ("wool", "raw", "executor") else 1
         results[name] = median_of([asyncio.run(fn()) for _ in range(rounds)])
         print(f"measured {name}", file=sys.stderr)
+    socket_rates = median_of([bench_socket() for _ in range(args.rounds)])
 
     floor = results["raw"]
     print(
@@ -319,7 +414,16 @@ def main():
             f"{r['throughput']:>9.0f} {r['throughput'] / floor['throughput']:>6.2f} "
             f"{r['payload_mbs']:>7.0f}"
         )
+    print(f"\n{'large data, MB/s':<20} {'10 MB bytes':>12} {'80 MB array':>12}")
+    for name, r in [*results.items(), ("socket", socket_rates)]:
+        array = f"{r['array_mbs']:>12.0f}" if "array_mbs" in r else f"{'-':>12}"
+        print(f"{name:<20} {r['payload_mbs']:>12.0f} {array}")
+    results["socket"] = socket_rates
     w = results["wool"]
+    print(
+        f"wool's caller peak RSS during the 80 MB echo: {w['array_rss_x']:.2f}x the "
+        "payload above its baseline"
+    )
     print(
         f"\nwool fib(15), 1,973 tasks: {w['fanout_s']:.2f} s; start-up to first result "
         f"{w['startup_s']:.2f} s, exit {w['exit_s']:.2f} s; caller RSS growth over "
