@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import collections
 import collections.abc
+import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
@@ -83,6 +84,7 @@ __all__ = [
     "ContextVar",
     "DiscoveryEvent",
     "DnsDiscoveryService",
+    "Executor",
     "LanDiscovery",
     "LanDiscoveryService",
     "LeastLoadedLoadBalancer",
@@ -257,8 +259,8 @@ async def _dispatch(fn, args, kwargs):
 
 def _pool_for(fn) -> WorkerPool:
     """The pool a call of `fn` goes to: the current one, or in a worker the
-    one that sent the running task."""
-    pool = _current_pool.get()
+    one that sent the running task, or else the last one start()ed."""
+    pool = _current_pool.get() or (_started[-1] if _started else None)
     if pool is None:
         raise NoWorkersAvailable(
             f"{fn.__qualname__}() was called outside a WorkerPool; call it inside "
@@ -428,6 +430,7 @@ class _State(enum.Enum):
     STOPPED = "stopped"
 
 
+_started: list[WorkerPool] = []  # pools start()ed and not stopped, oldest first
 _current_pool: contextvars.ContextVar[WorkerPool | _NestedPool | None]
 _current_pool = contextvars.ContextVar("wool.pool", default=None)
 _current_worker: contextvars.ContextVar[WorkerInfo | None]
@@ -540,10 +543,30 @@ class WorkerPool:
         return [i for i, conn in self._roster.conns.items() if not conn.retiring]
 
     async def __aenter__(self) -> Self:
-        if self._state is not _State.NEW:
-            raise RuntimeError(f"{self!r} cannot be entered twice")
-        self._state = _State.STARTING
+        await self._start()
         self._token = _current_pool.set(self)
+        return self
+
+    async def __aexit__(self, *exc_info):
+        await self._stop()
+
+    async def start(self) -> Self:
+        """Start the pool without a block, as in a notebook: `pool = await
+        WorkerPool().start()`, later `await pool.stop()`. Calls made where no
+        pool is set in the context (another cell, another task) go to the
+        pool of this process that was started last and still runs."""
+        await self._start()
+        _started.append(self)
+        return self
+
+    async def stop(self):
+        """Stop a started pool, as leaving its block would."""
+        await self._stop()
+
+    async def _start(self):
+        if self._state is not _State.NEW:
+            raise RuntimeError(f"{self!r} cannot be started twice")
+        self._state = _State.STARTING
         try:
             sources = []
             if self.size:
@@ -561,10 +584,6 @@ class WorkerPool:
             await self._stop()
             raise
         self._state = _State.READY
-        return self
-
-    async def __aexit__(self, *exc_info):
-        await self._stop()
 
     async def wait_for_workers(
         self, n: int = 1, timeout: float | None = None
@@ -584,6 +603,46 @@ class WorkerPool:
                 f" waited on {self._waited_on()}"
             ) from None
         return self.workers
+
+    async def map(self, fn, iterable, *, concurrency: int | None = None, ordered=True):
+        """Call `fn` on each item of `iterable` (or async iterable) on this
+        pool's workers, and yield the results: in input order, or as they
+        complete with `ordered=False`.
+
+        `iterable` is consumed lazily, with at most `concurrency` calls in
+        flight (default: 4 per connected worker, at least 4), so a map over
+        millions of items holds few of them at a time. The first exception
+        stops the map, cancels the calls in flight, and is raised. `fn` is
+        any function Executor.submit takes.
+        """
+        task, running = _as_task(fn), collections.deque[asyncio.Task]()
+        limit = concurrency or 4 * max(1, len(self.workers))
+        if limit < 1:
+            raise ValueError(f"concurrency must be >= 1, not {concurrency!r}")
+        items = aiter(iterable) if hasattr(iterable, "__aiter__") else _aiter(iterable)
+        try:
+            while True:
+                while len(running) < limit:
+                    try:
+                        item = await anext(items)
+                    except StopAsyncIteration:
+                        limit = 0  # exhausted
+                        break
+                    running.append(asyncio.ensure_future(self._run(task, (item,), {})))
+                if not running:
+                    return
+                if ordered:
+                    yield await running.popleft()
+                    continue
+                done, _ = await asyncio.wait(
+                    running, return_when=asyncio.FIRST_COMPLETED
+                )
+                for call in done:
+                    running.remove(call)
+                    yield call.result()
+        finally:
+            for call in running:
+                call.cancel()
 
     async def _until(self, ready: Callable[[], bool], seconds: float):
         """Wait until `ready()`, rechecked at each change of the pool; raises
@@ -622,6 +681,8 @@ class WorkerPool:
             if conns:
                 await asyncio.wait([c.closed for c in conns], timeout=PATIENCE)
         finally:
+            with contextlib.suppress(ValueError):
+                _started.remove(self)
             if self._spawner is not None:
                 self._spawner.service.remove_segment()
             if self._token is not None:
@@ -872,6 +933,120 @@ class _Roster:
         ):
             await self.pool._changed.wait()
         return True
+
+
+class Executor(concurrent.futures.Executor):
+    """A concurrent.futures.Executor over a WorkerPool, for synchronous code.
+
+        with wool.Executor(size=4) as executor:
+            print(list(executor.map(pow, [2, 3], [10, 10])))
+
+    Takes WorkerPool's arguments and runs the pool on an event loop in a
+    thread of its own. `submit(fn, /, *args, **kwargs)` takes plain functions
+    (run in a thread on the worker, so it keeps answering) and `async def`
+    ones, decorated with @work or not, and returns a concurrent.futures
+    Future. Cancelling a future before it finishes cancels its task, on the
+    worker too (an async one sees CancelledError there). `map` and
+    `shutdown` behave as the standard library documents, and it can be
+    handed to `loop.run_in_executor`. Raises TypeError at submit for a
+    function that can be neither imported nor pickled.
+    """
+
+    def __init__(self, *tags: str, **options):
+        self._pool = WorkerPool(*tags, **options)  # checks them in the caller
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._serve, name="wool.Executor")
+        self._futures: set[concurrent.futures.Future] = set()
+        self._lock = threading.Lock()  # guards _futures and _shutdown
+        self._shutdown = False
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self._pool._start(), self._loop).result()
+        except BaseException:
+            self._close()
+            raise
+
+    def __repr__(self):
+        return f"<wool.Executor {self._pool!r}>"
+
+    def _serve(self):
+        self._loop.run_forever()
+        self._loop.close()
+
+    def submit(self, fn, /, *args, **kwargs) -> concurrent.futures.Future:
+        task = _as_task(fn)
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future = asyncio.run_coroutine_threadsafe(
+                self._pool._run(task, args, kwargs), self._loop
+            )
+            self._futures.add(future)
+        future.add_done_callback(self._forget)
+        return future
+
+    def _forget(self, future: concurrent.futures.Future):
+        with self._lock:
+            self._futures.discard(future)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False):
+        with self._lock:
+            self._shutdown, pending = True, list(self._futures)
+        if cancel_futures:
+            for future in pending:
+                future.cancel()
+        if wait:
+            concurrent.futures.wait(pending)
+            self._close()
+        elif self._thread.is_alive():
+            threading.Thread(target=self._close, args=(pending,)).start()
+
+    def _close(self, pending=()):
+        """Stop the pool once `pending` are done, then the loop's thread."""
+        concurrent.futures.wait(pending)
+        if self._loop.is_running():
+            stop = asyncio.run_coroutine_threadsafe(self._pool._stop(), self._loop)
+            with contextlib.suppress(Exception):
+                stop.result()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+
+_adapted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _as_task(fn) -> Callable:
+    """`fn` as a @work function: itself if it is one; an `async def` wrapped;
+    a plain function made to run in a thread on the worker. Raises TypeError
+    if it can be neither imported nor pickled for a worker."""
+    if hasattr(fn, "__wool_work__"):
+        return fn
+    with contextlib.suppress(KeyError, TypeError):
+        return _adapted[fn]
+    if not callable(fn) or inspect.isasyncgenfunction(fn):
+        raise TypeError(f"{fn!r} is not a function that returns a value")
+    task = work(
+        fn if inspect.iscoroutinefunction(fn) else functools.partial(_in_thread, fn)
+    )
+    task.__qualname__ = getattr(fn, "__qualname__", repr(fn))
+    try:
+        _ref(task)
+    except Exception as e:
+        raise TypeError(f"{task.__qualname__} can be neither imported nor pickled: {e}")
+    with contextlib.suppress(TypeError):
+        _adapted[fn] = task
+    return task
+
+
+async def _in_thread(fn, *args, **kwargs):
+    """On a worker: a plain function, in a thread, so the worker keeps answering."""
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+async def _aiter(iterable):
+    for item in iterable:
+        yield item
 
 
 class _Source:

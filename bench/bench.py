@@ -9,6 +9,8 @@ Measures, each the median of --rounds rounds, with 2 worker processes:
   payload     a 10 MB bytes echo (MB/s, counting one direction's bytes)
   array       an 80 MB float64 numpy array echo (MB/s, likewise), and the
               caller's peak RSS during it above its baseline (x the payload)
+  sync map    Executor.map of 20,000 no-op sync calls (calls/s), against
+              ProcessPoolExecutor.map with chunksize 1 and 100
   socket      the ceiling: a raw TCP echo of the same bytes between two
               processes (sendall, recv_into a preallocated buffer)
   fanout      fib(15) where every call is a task (1,973 tasks; s)
@@ -91,11 +93,11 @@ async def measure(call, latency_n=2000):
 
 
 async def echo_array(call) -> tuple[float, float]:
-    """(MB/s, peak RSS growth / payload) of an 80 MB float64 array echo."""
+    """(MB/s, peak RSS growth / payload) of an 80 MB float64 array echo; the
+    growth counts from before the array was made, so it includes the array
+    and the one that comes back."""
     import numpy as np
 
-    array = np.random.default_rng(0).random(ARRAY // 8)
-    assert np.array_equal(await call(array), array)
     base, peak, done = rss(), [0], threading.Event()
 
     def sample():  # the caller's RSS, every millisecond, during the echoes
@@ -105,6 +107,8 @@ async def echo_array(call) -> tuple[float, float]:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
+    array = np.random.default_rng(0).random(ARRAY // 8)
+    assert np.array_equal(await call(array), array)
     t = time.perf_counter()
     for _ in range(3):
         await call(array)
@@ -267,6 +271,21 @@ while True:
 """
 
 
+def bench_sync_map() -> dict:
+    """Executor.map of CALLS no-op sync calls: wool's and the standard one's."""
+
+    def rate(executor, chunksize=1) -> float:
+        list(executor.map(plain_noop, range(200), chunksize=chunksize))  # warm
+        t = time.perf_counter()
+        assert len(list(executor.map(plain_noop, range(CALLS), chunksize=chunksize))) == CALLS
+        return CALLS / (time.perf_counter() - t)
+
+    with wool.Executor(size=2) as executor:
+        wool_rate = rate(executor)
+    with concurrent.futures.ProcessPoolExecutor(2) as executor:
+        return {"wool": wool_rate, "executor_1": rate(executor), "executor_100": rate(executor, 100)}
+
+
 def bench_socket() -> dict:
     """The ceiling: the same echoes over a plain socket, blocking calls, no
     serialization, into buffers allocated once."""
@@ -350,6 +369,7 @@ TARGETS = [
     ("array vs executor", lambda r: r["wool"]["array_mbs"] >= 4 * r["executor"]["array_mbs"], ">= 4x executor, 80 MB array"),
     ("bytes vs executor", lambda r: r["wool"]["payload_mbs"] >= 2 * r["executor"]["payload_mbs"], ">= 2x executor, 10 MB bytes"),
     ("array memory", lambda r: r["wool"]["array_rss_x"] <= 3, "caller peak <= 3x payload"),
+    ("sync map", lambda r: r["sync_map"]["wool"] >= r["sync_map"]["executor_1"], ">= executor, chunksize 1"),
 ]  # fmt: skip
 
 
@@ -403,6 +423,7 @@ def main():
         results[name] = median_of([asyncio.run(fn()) for _ in range(rounds)])
         print(f"measured {name}", file=sys.stderr)
     socket_rates = median_of([bench_socket() for _ in range(args.rounds)])
+    sync_map = median_of([bench_sync_map() for _ in range(args.rounds)])
 
     floor = results["raw"]
     print(
@@ -419,6 +440,12 @@ def main():
         array = f"{r['array_mbs']:>12.0f}" if "array_mbs" in r else f"{'-':>12}"
         print(f"{name:<20} {r['payload_mbs']:>12.0f} {array}")
     results["socket"] = socket_rates
+    print(
+        f"\nExecutor.map, 20,000 no-op sync calls: wool {sync_map['wool']:.0f}/s, "
+        f"ProcessPoolExecutor {sync_map['executor_1']:.0f}/s (chunksize 1), "
+        f"{sync_map['executor_100']:.0f}/s (chunksize 100)"
+    )
+    results["sync_map"] = sync_map
     w = results["wool"]
     print(
         f"wool's caller peak RSS during the 80 MB echo: {w['array_rss_x']:.2f}x the "
