@@ -45,6 +45,8 @@ import hmac
 import importlib
 import inspect
 import itertools
+import json
+import linecache
 import logging
 import os
 import pickle
@@ -101,6 +103,7 @@ __all__ = [
     "WorkerLost",
     "WorkerPool",
     "current_worker",
+    "retries",
     "routine",
     "timeout",
     "work",
@@ -180,14 +183,16 @@ class RemoteError(WoolError):
 
 
 class _RemoteTraceback(Exception):
-    """The worker's traceback, attached as `__cause__` (as concurrent.futures)."""
+    """The worker's traceback, attached as `__cause__` (as concurrent.futures):
+    one part per worker the failure passed through, deepest first, each
+    headed by the worker's pid and address."""
 
     def __init__(self, tb: str):
         super().__init__(tb)
         self.tb = tb.rstrip("\n")
 
     def __str__(self):
-        return self.tb
+        return "\n" + self.tb
 
 
 class _NotSent(Exception):
@@ -201,9 +206,9 @@ class _NotSent(Exception):
 def work(fn: Callable[P, R], /) -> Callable[P, R]: ...
 @overload
 def work(
-    *, timeout: float | None = None
+    *, timeout: float | None = None, retries: int = 0
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
-def work(fn=None, /, *, timeout=None):
+def work(fn=None, /, *, timeout=None, retries=0):
     """Make an async function (or async generator) run as a task on a worker.
 
     Calling the result returns what the function would: a coroutine, which
@@ -214,14 +219,20 @@ def work(fn=None, /, *, timeout=None):
 
     `@work(timeout=s)` bounds each call's run on the worker: past `s`
     seconds the task is cancelled there and the caller gets TimeoutError
-    (`with wool.timeout(s):` overrides it for the calls made in a block).
-    On methods, `@work` is the innermost decorator (`@classmethod` above it).
-    Raises TypeError at decoration time for anything but `async def`.
+    (`with wool.timeout(s):` overrides it for the calls made in a block); for
+    a generator it bounds each step, from the request for a value to its
+    arrival. `@work(retries=n)` sends a call again, to another worker where
+    there is one, up to `n` times after WorkerLost: for idempotent tasks only
+    (`with wool.retries(n):` likewise). On methods, `@work` is the innermost
+    decorator (`@classmethod` above it). Raises TypeError at decoration time
+    for anything but `async def`.
     """
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be a number of seconds > 0, not {timeout!r}")
+    if not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be a whole number >= 0, not {retries!r}")
     if fn is None:
-        return functools.partial(work, timeout=timeout)
+        return functools.partial(work, timeout=timeout, retries=retries)
     wrapper: Any
     if inspect.isasyncgenfunction(fn):
 
@@ -244,7 +255,7 @@ def work(fn=None, /, *, timeout=None):
             f"not {fn!r}{hint}"
         )
     wrapper.__wool_work__ = fn  # what the worker runs
-    wrapper.__wool_timeout__ = timeout
+    wrapper.__wool_timeout__, wrapper.__wool_retries__ = timeout, retries
     return wrapper
 
 
@@ -286,9 +297,26 @@ def timeout(seconds: float | None):
         _timeout.reset(token)
 
 
+@contextlib.contextmanager
+def retries(n: int):
+    """Within the block, each @work call is sent again up to `n` times after
+    WorkerLost (to another worker where there is one), overriding
+    `@work(retries=)`. For idempotent tasks only: a lost task may have run."""
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"retries must be a whole number >= 0, not {n!r}")
+    token = _retries.set(n)
+    try:
+        yield
+    finally:
+        _retries.reset(token)
+
+
 _MISSING: Any = object()
 _timeout: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "wool.timeout", default=_MISSING
+)
+_retries: contextvars.ContextVar[int] = contextvars.ContextVar(
+    "wool.retries", default=_MISSING
 )
 _registry: dict[str, contextvars.ContextVar] = {}  # wool.ContextVar name -> var
 _set_by_task: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar(
@@ -604,6 +632,12 @@ class WorkerPool:
             ) from None
         return self.workers
 
+    async def status(self) -> list[dict]:
+        """What each connected worker is doing, one dict each (see
+        Worker.status), asked over its authenticated connection."""
+        conns = [c for c in self._roster.conns.values() if not c.retiring]
+        return list(await asyncio.gather(*(conn.status() for conn in conns)))
+
     async def map(self, fn, iterable, *, concurrency: int | None = None, ordered=True):
         """Call `fn` on each item of `iterable` (or async iterable) on this
         pool's workers, and yield the results: in input order, or as they
@@ -709,10 +743,10 @@ class WorkerPool:
     # Dispatch.
 
     async def _connection(
-        self, task: Task, exclude: set[str], deadline: float
+        self, task: Task, exclude: set[str], deadline: float, avoid=frozenset()
     ) -> _Connection:
         """A connected worker with room for `task`, waiting until `deadline`
-        (time.monotonic()) for one."""
+        (time.monotonic()) for one; one not in `avoid` (uids) if there is."""
         pause, cap, roster = ASK_AGAIN[0], self.max_tasks_per_worker, self._roster
         while True:
             loads = {
@@ -722,6 +756,8 @@ class WorkerPool:
                 and info.uid not in exclude
                 and (cap is None or conn.load < cap)
             }
+            if avoid and any(info.uid not in avoid for info in loads):
+                loads = {i: n for i, n in loads.items() if i.uid not in avoid}
             if loads:
                 info = self.loadbalancer.select(types.MappingProxyType(loads), task)
                 if info not in loads:
@@ -773,11 +809,13 @@ class WorkerPool:
         provably did not start (REFUSED, or never sent), for up to `wait`
         seconds."""
         body, definition = _dump_task(fn, args, kwargs, self.max_frame)
-        task, exclude = Task(fn, args, kwargs), set[str]()
+        task, exclude, lost = Task(fn, args, kwargs), set[str](), set[str]()
         deadline = time.monotonic() + self.wait
         seconds = None if generator else _time_limit(fn)
+        retries = _retries.get()
+        retries = fn.__wool_retries__ if retries is _MISSING else retries
         while True:
-            conn = await self._connection(task, exclude, deadline)
+            conn = await self._connection(task, exclude, deadline, lost)
             try:
                 rid, call = conn.start(body, definition, generator)
                 reply = conn.answer(rid, call)
@@ -786,6 +824,17 @@ class WorkerPool:
                 kind, data = await reply
             except _NotSent:
                 kind = REFUSED
+            except WorkerLost as e:
+                if len(lost) >= retries:
+                    if retries:
+                        e.args = (
+                            f"{e}; sent {len(lost) + 1} times (retries={retries})",
+                        )
+                    raise
+                log.warning("%s; sending %s() again", e, fn.__qualname__)
+                lost.add(conn.info.uid)
+                deadline = time.monotonic() + self.wait
+                continue
             else:
                 if kind != REFUSED:
                     return conn, rid, call, (kind, data)
@@ -1095,6 +1144,7 @@ CLOSE = 5  # no body: close the generator
 CANCEL = 6  # no body: cancel the task
 DEFINE = 7  # body: a function pickled by value; rid: the number TASKs name it by
 STREAM = 8  # body as TASK, for an async generator; its first NEXT is implied
+STATUS = 9  # no body: what is the worker doing? Answered by a RESULT at once
 # worker -> caller
 ACCEPTED = 16  # no body: the task runs here; it will not run anywhere else
 REFUSED = 17  # no body: not accepted (stopping or full); try another worker
@@ -1334,7 +1384,11 @@ def _ref(fn) -> tuple[tuple[str, str] | int, bytes | None]:
             by_value = _lookup(module, name) is not fn
         except Exception:
             by_value = True
-    ref = (next(_function_ids), _pickle(fn)) if by_value else ((module, name), None)
+    ref: tuple = ((module, name), None)
+    if by_value:  # with its file's name and lines, for readable tracebacks
+        code = getattr(_target(fn), "__code__", None)
+        where = code.co_filename if code else ""
+        ref = (next(_function_ids), _pickle((fn, where, linecache.getlines(where))))
     _refs[fn] = ref
     return ref
 
@@ -1359,8 +1413,38 @@ def _lookup(module: str, qualname: str):
 def _resolve(ref: tuple[str, str] | bytes) -> tuple[Callable, bool]:
     """The function a worker runs for a (module, qualname) or a definition,
     and whether it is an async generator function."""
-    fn = (pickle.loads(ref) if isinstance(ref, bytes) else _lookup(*ref)).__wool_work__
+    if not isinstance(ref, bytes):
+        fn = _lookup(*ref).__wool_work__
+        return fn, inspect.isasyncgenfunction(fn)
+    wrapper, where, lines = pickle.loads(ref)
+    # cloudpickle names the code it rebuilds "<dynamic-code>": name it again
+    # (and the @work functions that came along in its globals, which nested
+    # calls send on), and give linecache the file's lines if it is not here.
+    fn, target = wrapper.__wool_work__, _target(wrapper)
+    for other in [wrapper, *(getattr(target, "__globals__", {}).values())]:
+        if hasattr(other, "__wool_work__") and (code := _target(other)) is not None:
+            if code.__code__.co_filename == "<dynamic-code>" and where:
+                code.__code__ = _relabel(code.__code__, where)
+                other.__code__ = _relabel(other.__code__, __file__)
+    if lines and where and not os.path.exists(where):
+        linecache.cache[where] = (sum(map(len, lines)), None, lines, where)
     return fn, inspect.isasyncgenfunction(fn)
+
+
+def _target(fn):
+    """The user's function in a @work function (or in an Executor's adapter)."""
+    fn = getattr(fn, "__wool_work__", fn)
+    if isinstance(fn, functools.partial) and fn.func is _in_thread:
+        fn = fn.args[0]
+    return fn if hasattr(fn, "__code__") else None
+
+
+def _relabel(code: types.CodeType, filename: str) -> types.CodeType:
+    consts = tuple(
+        _relabel(c, filename) if isinstance(c, types.CodeType) else c
+        for c in code.co_consts
+    )
+    return code.replace(co_filename=filename, co_consts=consts)
 
 
 def _time_limit(fn) -> float | None:
@@ -1412,8 +1496,27 @@ def _dump_value(value, changes: dict | None, fn, max_frame: int) -> Any:
     )
 
 
+def _traceback(exc: BaseException) -> str:
+    """The traceback text of `exc` on this worker, after that of the workers
+    it came from (a remote cause): each hop once, headed by where it ran,
+    without wool's own frames."""
+    earlier, cause = "", exc.__cause__
+    if isinstance(cause, _RemoteTraceback):
+        earlier, exc.__cause__ = cause.tb + "\n\n", None
+    try:
+        report = traceback.TracebackException.from_exception(exc)
+    finally:
+        exc.__cause__ = cause
+    report.stack = traceback.StackSummary.from_list(
+        [frame for frame in report.stack if frame.filename != __file__]
+    )
+    me = _current_worker.get()
+    where = f"on worker pid {me.pid} at {me.address}" if me else f"in pid {os.getpid()}"
+    return f"{earlier}[{where}]\n" + "".join(report.format())
+
+
 def _dump_error(exc: BaseException, max_frame: int = MAX_FRAME) -> bytes:
-    tb = "".join(traceback.format_exception(exc))
+    tb = _traceback(exc)
     try:
         message = str(exc)
     except Exception:
@@ -1898,7 +2001,8 @@ class Worker:
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
         self.max_tasks = max_tasks  # running at once; more are REFUSED
-        self.running = 0  # tasks running now; only _Peer counts them
+        self.running = 0  # tasks running now; only _Peer counts them,
+        self.done = self.failed = 0  # and those that ended, since start
         self.uid = uuid.uuid4().hex
         self.info: WorkerInfo | None = None
         self.state = _State.NEW
@@ -1932,7 +2036,7 @@ class Worker:
                 "WOOL_AUTHKEY or authkey=), or TLS with client certificates "
                 "(--tls-ca), or pass --insecure"
             )
-        self.state = _State.STARTING
+        self.state, self._started = _State.STARTING, time.monotonic()
         self._server = await asyncio.start_server(
             self._serve,
             self.host,
@@ -2008,6 +2112,30 @@ class Worker:
     async def stopped(self):
         """Wait until the worker has stopped."""
         await self._stopped.wait()
+
+    def status(self) -> dict:
+        """What this worker is doing, as plain data: uid, address, pid,
+        version, tags, uptime (s), the tasks running now (function, age in
+        s), tasks done and failed since start, connections, RSS (bytes)."""
+        now, info = time.monotonic(), self.info
+        assert info is not None
+        running = [
+            {"function": name, "age": round(now - start, 3)}
+            for peer in self._peers
+            for name, start in peer.running.values()
+        ]
+        try:
+            pages = int(open("/proc/self/statm").read().split()[1])
+            rss: int | None = pages * os.sysconf("SC_PAGE_SIZE")
+        except OSError:  # not Linux
+            rss = None
+        return {
+            "uid": self.uid, "address": info.address, "pid": info.pid,
+            "version": info.version, "tags": sorted(self.tags),
+            "uptime": round(now - self._started, 3), "running": running,
+            "done": self.done, "failed": self.failed,
+            "connections": len(self._peers), "rss": rss,
+        }  # fmt: skip
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         """Authenticate a new connection, then hand it to a _Peer."""
@@ -2118,6 +2246,7 @@ class _Peer:
         self.services: list = []
         self.context: contextvars.Context | None = None  # tasks run in copies
         self.tasks: dict[int, asyncio.Task] = {}
+        self.running: dict[int, tuple[str, float]] = {}  # rid -> function, start
         self.streams: dict[int, asyncio.Queue] = {}  # generators' next step
         self.functions: dict[int, Any] = {}  # DEFINE'd bytes, then resolved
         self.defined = 0  # bytes DEFINE'd on this connection
@@ -2156,6 +2285,8 @@ class _Peer:
         elif kind == CANCEL:
             if (task := self.tasks.get(rid)) is not None:
                 task.cancel()
+        elif kind == STATUS:
+            self.out.send(RESULT, rid, _pickle((self.worker.status(), None)))
         elif kind == DEFINE:
             self.defined += len(body)
             if self.defined > MAX_DEFINED:
@@ -2204,6 +2335,7 @@ class _Peer:
     def done(self, rid: int, task: asyncio.Task):
         del self.tasks[rid]
         self.streams.pop(rid, None)
+        self.running.pop(rid, None)
         self.worker.running -= 1
 
     def breathe(self):
@@ -2246,10 +2378,13 @@ class _Peer:
         self.out.send(kind, rid, make())
 
     async def run(self, rid: int, body, generator: bool):
-        max_frame = self.worker.max_frame
+        worker, start, name, outcome = self.worker, time.monotonic(), "?", "done"
+        max_frame = worker.max_frame
         try:
             ref, args, kwargs, context, seconds = _loads(body)
             fn, is_generator = self.resolve(ref)
+            name = getattr(_target(fn), "__qualname__", repr(fn))
+            self.running[rid] = (name, start)  # for status
             if is_generator != generator:
                 raise TypeError(
                     f"{fn.__qualname__} is {'not ' * generator}an async generator "
@@ -2257,7 +2392,8 @@ class _Peer:
                 )
             changed = _enter_context(context)
             if generator:
-                return await self.drive(rid, fn, fn(*args, **kwargs), changed)
+                outcome = await self.drive(rid, fn, fn(*args, **kwargs), changed)
+                return
             async with asyncio.timeout(seconds):
                 value = await fn(*args, **kwargs)
             if self.out.full():  # pickle the value only once there is room
@@ -2265,10 +2401,23 @@ class _Peer:
             reply = _dump_value(value, _context_changes(changed), fn, max_frame)
             self.out.send(RESULT, rid, reply)
         except BaseException as e:  # CancelledError too: the caller may be waiting
-            await self.reply(ERROR, rid, lambda: _dump_error(e, max_frame))
+            outcome = f"failed: {type(e).__name__}"
+            await self.reply(ERROR, rid, functools.partial(_dump_error, e, max_frame))
+        finally:
+            failed = outcome != "done"
+            worker.done, worker.failed = (
+                worker.done + (not failed),
+                worker.failed + failed,
+            )
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "task %d %s() from %s: %s in %.3f s",
+                    rid, name, self.address, outcome, time.monotonic() - start,
+                )  # fmt: skip
 
-    async def drive(self, rid: int, fn, agen, changed: set[str]):
-        """Run a generator one step per NEXT/THROW; CLOSE or cancel closes it."""
+    async def drive(self, rid: int, fn, agen, changed: set[str]) -> str:
+        """Run a generator one step per NEXT/THROW; CLOSE or cancel closes it.
+        Returns how it ended."""
         steps, max_frame = self.streams[rid], self.worker.max_frame
         try:
             while True:
@@ -2276,18 +2425,21 @@ class _Peer:
                 try:
                     if kind == CLOSE:
                         await agen.aclose()
-                        return await self.reply(STOP, rid, bytes)
+                        await self.reply(STOP, rid, bytes)
+                        return "done"
                     value = _loads(body) if len(body) else None
                     if kind == NEXT:
                         value = await agen.asend(value)
                     else:
                         value = await agen.athrow(value)
                 except StopAsyncIteration:
-                    return await self.reply(STOP, rid, bytes)
+                    await self.reply(STOP, rid, bytes)
+                    return "done"
                 except BaseException as e:
-                    return await self.reply(
-                        ERROR, rid, lambda: _dump_error(e, max_frame)
+                    await self.reply(
+                        ERROR, rid, functools.partial(_dump_error, e, max_frame)
                     )
+                    return f"failed: {type(e).__name__}"
                 await self.reply(
                     RESULT,
                     rid,
@@ -2628,6 +2780,17 @@ class _Connection:
         self.out.send(kind, rid, body)
         return await self.answer(rid, call)
 
+    async def status(self) -> dict:
+        """The worker's status (Worker.status())."""
+        rid = next(self.rids)
+        call = self.pending[rid] = _Call(self.loop.create_future())
+        self.out.send(STATUS, rid)
+        try:
+            _, data = await self.answer(rid, call)
+        finally:
+            self.finish(rid)
+        return _loads(data)[0]
+
     def finish(self, rid: int):
         """The call got its last reply, or is abandoned."""
         if self.pending.pop(rid, None) is not None:
@@ -2678,7 +2841,8 @@ class _RemoteGenerator(collections.abc.AsyncGenerator):
     The task is sent on the first step, to the pool current at that time.
     `asend`, `athrow` and `aclose` reach the generator on the worker, one
     step at a time (as a native generator, a second concurrent step raises
-    RuntimeError); a generator dropped unfinished is closed there.
+    RuntimeError); a generator dropped unfinished, or whose step ran past the
+    call's timeout, is closed there. retries= apply before its first value only.
     """
 
     def __init__(self, fn, args, kwargs):
@@ -2694,17 +2858,18 @@ class _RemoteGenerator(collections.abc.AsyncGenerator):
         if self._running:
             raise RuntimeError(f"{self!r} is already running: one step at a time")
         self._running = True
-        try:
-            if self._conn is None:
-                pool = _pool_for(self._fn)
-                self._conn, self._rid, self._call, reply = await pool._place(
-                    self._fn, self._args, self._kwargs, True
-                )
-                reply_kind, data = reply
-            else:
-                reply_kind, data = await self._conn.step(
-                    self._rid, self._call, kind, body
-                )
+        try:  # each step within the call's time limit; past it, closed there
+            async with asyncio.timeout(_time_limit(self._fn)):
+                if self._conn is None:
+                    pool = _pool_for(self._fn)
+                    self._conn, self._rid, self._call, reply = await pool._place(
+                        self._fn, self._args, self._kwargs, True
+                    )
+                    reply_kind, data = reply
+                else:
+                    reply_kind, data = await self._conn.step(
+                        self._rid, self._call, kind, body
+                    )
         except BaseException:
             self._finish()
             raise
@@ -2811,18 +2976,17 @@ async def _serve_spawned(config):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The `wool` command: `wool worker`, `wool ls`, `wool demo`."""
+    """The `wool` command: `wool worker`, `wool ls`, `wool status`, `wool demo`."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="wool: %(message)s")
+    command = {"worker": _serve_cli, "ls": _ls, "status": _status, "demo": _demo}
     try:
-        if args.command == "worker":
-            return asyncio.run(_serve_cli(args))
-        if args.command == "ls":
-            return asyncio.run(_ls(args))
-        return asyncio.run(_demo(args.size))
-    except (ValueError, OSError) as e:
+        return asyncio.run(command[args.command](args))
+    except (ValueError, OSError, WoolError) as e:
         print(f"wool {args.command}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C ends `wool status --watch`
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -2831,6 +2995,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     worker = commands.add_parser("worker", help="serve tasks until SIGTERM or SIGINT")
     ls = commands.add_parser("ls", help="list the workers a discovery service sees")
+    status = commands.add_parser("status", help="what each worker is doing")
     demo = commands.add_parser("demo", help="run the quick start on a local pool")
     add = worker.add_argument
     add("--host", default="127.0.0.1", help="default 127.0.0.1")
@@ -2845,15 +3010,18 @@ def _parser() -> argparse.ArgumentParser:
     add("--max-frame", type=int, default=MAX_FRAME, help="bytes")
     add("--path", action="append", default=[], help="put DIR on sys.path")
     add("--preload", action="append", default=[], help="import MODULE at start")
-    ls.add_argument("--wait", type=float, help="seconds to listen (lan 2, else 0.1)")
-    for command in (worker, ls):
+    for command in (ls, status):
+        command.add_argument("--wait", type=float, help="seconds to listen (lan 2)")
+    status.add_argument("--watch", action="store_true", help="refresh every second")
+    status.add_argument("--json", action="store_true", help="one JSON line per worker")
+    for command in (worker, ls, status):
         add = command.add_argument
         add("--discovery", default="local", help=DISCOVERY_HELP)
         add("--interface", action="append", help="mDNS interface address")
         add("--authkey-file", help="the key (else WOOL_AUTHKEY)")
         add("--tls-ca", help="CA of the peers' certificates (mutual TLS)")
     demo.add_argument("--size", type=int, default=2, help="worker processes")
-    for command in (worker, ls, demo):
+    for command in (worker, ls, status, demo):
         command.add_argument("--log-level", default="WARNING", help="default WARNING")
     return parser
 
@@ -2936,9 +3104,7 @@ async def _ls(args) -> int:
     """List what a discovery service sees; given a key, dial each worker and
     show who answers there (the only way to know a DNS-listed worker)."""
     service = _discovery(args.discovery, args.interface, publish=False)
-    wait = (
-        args.wait if args.wait is not None else 2.0 if args.discovery == "lan" else 0.1
-    )
+    wait = _listen(args)
     workers: dict[str, WorkerInfo] = {}
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(wait):
@@ -2967,6 +3133,53 @@ async def _ls(args) -> int:
     return 0
 
 
+def _listen(args) -> float:
+    """Seconds to listen to discovery: --wait, else long enough for mDNS."""
+    return (
+        args.wait if args.wait is not None else 2.0 if args.discovery == "lan" else 0.1
+    )
+
+
+async def _status(args) -> int:
+    """`wool status`: one line per worker (or JSON), once or every second."""
+    pool = WorkerPool(
+        discovery=_discovery(args.discovery, args.interface, publish=False),
+        authkey=_authkey_file(args.authkey_file),
+        ssl=_tls(None, None, args.tls_ca, ssl.Purpose.SERVER_AUTH),
+    )
+    async with pool:
+        roster = pool._roster
+        await asyncio.sleep(_listen(args))  # what discovery lists by then
+        with contextlib.suppress(TimeoutError):  # ... has answered
+            await pool._until(
+                lambda: len(roster.conns) + len(roster.refused) >= len(roster.listed),
+                HANDSHAKE_TIMEOUT,
+            )
+        if roster.refused and not pool.workers:
+            raise AuthenticationError(
+                f"a key is needed: {next(iter(roster.refused.values()))}; give "
+                "--authkey-file F, or WOOL_AUTHKEY"
+            )
+        while True:
+            for s in sorted(await pool.status(), key=lambda s: s["address"]):
+                print(json.dumps(s) if args.json else _status_line(s), flush=True)
+            if not args.watch:
+                return 0
+            await asyncio.sleep(1.0)
+            print(flush=True)
+
+
+def _status_line(s: dict) -> str:
+    running = ", ".join(f"{r['function']} {r['age']:.1f}s" for r in s["running"])
+    rss = f"{s['rss'] / 2**20:.0f} MiB" if s["rss"] is not None else "?"
+    return (
+        f"{s['uid']}  {s['address']}  pid {s['pid']}  up {s['uptime']:.0f}s  "
+        f"running {len(s['running'])}{f' ({running})' if running else ''}  "
+        f"done {s['done']}  failed {s['failed']}  connections {s['connections']}  "
+        f"rss {rss}  tags {','.join(s['tags']) or '-'}  v{s['version']}"
+    )
+
+
 @work
 async def _demo_fibonacci(n: int) -> int:
     if n <= 1:
@@ -2990,8 +3203,8 @@ async def _demo_fail() -> None:
     raise ValueError("raised in a worker, caught in the caller")
 
 
-async def _demo(size: int) -> int:
-    start = time.perf_counter()
+async def _demo(args) -> int:
+    size, start = args.size, time.perf_counter()
     async with WorkerPool(size=size) as pool:
         ready = time.perf_counter()
         print(f"started {pool!r} in {ready - start:.2f} s (caller pid {os.getpid()})")
