@@ -11,14 +11,14 @@
 
 How a call travels (one TCP connection per pool and worker, many tasks on it):
 
-    caller ---- HELLO, DEFINE, TASK | STREAM, NEXT/THROW/CLOSE, CANCEL ---> worker
-      ^  <--- ACCEPTED | REFUSED, RESULT | ERROR | STOP, GOODBYE ----------'  |
-      '-- WorkerPool <- discovery (shared memory, mDNS) <- publish ----------'
+    caller -- HELLO, DEFINE, TASK | STREAM, NEXT/THROW/CLOSE, CANCEL, STATUS -> worker
+      ^  <-- INFO, ACCEPTED | REFUSED, RESULT | ERROR | STOP, GOODBYE -----'  |
+      '-- WorkerPool <- discovery (shared memory, mDNS, DNS) <- publish -----'
 
 Each frame is a fixed header (body length, kind, request id), a pickle body
-and a MAC. A connection opens with an HMAC challenge-response on a shared
-key; every frame after it carries a MAC under a key of that session alone,
-checked before its body is unpickled.
+(its large buffers out of band beside it) and a MAC. A connection opens with
+an HMAC challenge-response on a shared key; every frame after it carries a
+MAC under a key of that session alone, checked before its body is unpickled.
 
 Sections, top-down: errors; the public API (`work`, `timeout`, `ContextVar`,
 `WorkerPool`, load balancers); frames (pure); streams (handshake, receiving,
@@ -3157,8 +3157,7 @@ async def _status(args) -> int:
             )
         if roster.refused and not pool.workers:
             raise AuthenticationError(
-                f"a key is needed: {next(iter(roster.refused.values()))}; give "
-                "--authkey-file F, or WOOL_AUTHKEY"
+                f"a key is needed: {next(iter(roster.refused.values()))}"
             )
         while True:
             for s in sorted(await pool.status(), key=lambda s: s["address"]):
