@@ -150,6 +150,18 @@ asyncio.run(main())
 """
 
 
+def start_caller(lan, discovery: str):
+    """CALLER in the caller's namespace: (process, ask), ask(line) -> answer."""
+    caller = lan.run("c", sys.executable, "-c", CALLER.format(discovery=discovery))
+
+    def ask(line: str) -> str:
+        caller.stdin.write(line + "\n")
+        caller.stdin.flush()
+        return caller.stdout.readline().strip()
+
+    return caller, ask
+
+
 def test_discovery_dispatch_cut_and_heal_across_hosts(lan, tmp_path):
     key = tmp_path / "key"
     key.write_bytes(b"s3cret")
@@ -168,12 +180,7 @@ def test_discovery_dispatch_cut_and_heal_across_hosts(lan, tmp_path):
 
     discovery = f"wool.LanDiscoveryService(lambda w: {RUN!r} in w.tags, "
     discovery += f"interfaces=[{ADDRESSES['c']!r}])"
-    caller = lan.run("c", sys.executable, "-c", CALLER.format(discovery=discovery))
-
-    def ask(line: str) -> str:
-        caller.stdin.write(line + "\n")
-        caller.stdin.flush()
-        return caller.stdout.readline().strip()
+    caller, ask = start_caller(lan, discovery)
 
     try:
         start_worker("h1")
@@ -222,12 +229,7 @@ def test_dns_discovery_follows_a_name_across_hosts(lan, tmp_path):
         )  # fmt: skip
         assert "listening on" in workers[host].stdout.readline()
     discovery = "wool.DnsDiscoveryService('workers.test', port=7000, interval=0.5)"
-    caller = lan.run("c", sys.executable, "-c", CALLER.format(discovery=discovery))
-
-    def ask(line: str) -> str:
-        caller.stdin.write(line + "\n")
-        caller.stdin.flush()
-        return caller.stdout.readline().strip()
+    caller, ask = start_caller(lan, discovery)
 
     try:
         assert ask("workers 3") == "10.77.0.11 10.77.0.12 10.77.0.13"

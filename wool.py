@@ -529,16 +529,15 @@ class WorkerPool:
             )
         if authkey is not None and not isinstance(authkey, bytes):
             raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}")
-        self.tags = _check_tags(tags, "WorkerPool")
-        self.size = size or 0
-        self.discovery = discovery
-        self.lease = lease
+        self.tags, self.size = _check_tags(tags, "WorkerPool"), size or 0
+        self.discovery, self.lease, self.authkey, self.ssl = (
+            discovery,
+            lease,
+            authkey,
+            ssl,
+        )
         self.loadbalancer = loadbalancer or RoundRobinLoadBalancer()
-        self.authkey = authkey
-        self.ssl = ssl
-        self.wait = wait
-        self.grace = grace
-        self.max_frame = max_frame
+        self.wait, self.grace, self.max_frame = wait, grace, max_frame
         self.max_tasks_per_worker = max_tasks_per_worker
         self._state = _State.NEW
         self._spawner: _Spawner | None = None
@@ -750,11 +749,11 @@ class WorkerPool:
         pause, cap, roster = ASK_AGAIN[0], self.max_tasks_per_worker, self._roster
         while True:
             loads = {
-                info: conn.load
+                info: len(conn.pending)
                 for info, conn in roster.conns.items()
                 if not conn.retiring
                 and info.uid not in exclude
-                and (cap is None or conn.load < cap)
+                and (cap is None or len(conn.pending) < cap)
             }
             if avoid and any(info.uid not in avoid for info in loads):
                 loads = {i: n for i, n in loads.items() if i.uid not in avoid}
@@ -1182,9 +1181,15 @@ class _Seal:
         return mac
 
     def tag(self, header, body) -> bytes:
-        mac = self.begin(header, len(body))
+        if len(body) >= LARGE:
+            mac = self.begin(header, len(body))
+            mac.update(body)
+            return mac.digest()[:TAG]
+        mac = self.blake.copy()  # the hot path: begin(), inlined
+        mac.update(self.seq.to_bytes(8, "big") + header)
         mac.update(body)
-        return mac.digest()[:TAG]
+        self.seq += 1
+        return mac.digest()
 
 
 def encode(kind: int, rid: int, body: bytes, seal: _Seal) -> list[bytes]:
@@ -1266,19 +1271,24 @@ def _lift(obj):
     kind = type(obj)
     if kind is bytes and len(obj) >= LARGE or kind is memoryview:
         return _Bytes(obj)
-    if kind is tuple:
-        return tuple(map(_lift, obj)) if any(map(_big, obj)) else obj
-    if kind is dict:
-        return (
-            {k: _lift(v) for k, v in obj.items()}
-            if any(map(_big, obj.values()))
-            else obj
-        )
+    if kind is tuple or kind is dict:
+        items = obj if kind is tuple else obj.values()
+        if _LIFTED.isdisjoint(map(type, items)):  # the common case, at C speed
+            return obj
+        if kind is tuple:
+            return tuple(map(_lift, obj))
+        return {k: _lift(v) for k, v in obj.items()}
     return obj
 
 
-def _big(obj) -> bool:
-    return type(obj) is bytes and len(obj) >= LARGE or type(obj) is memoryview
+_LIFTED = frozenset({bytes, memoryview})
+
+
+def _forged() -> ProtocolError:
+    return ProtocolError(
+        "a frame failed its MAC check: it was not sent by the peer that "
+        "passed the handshake, or was altered on the way"
+    )
 
 
 def _split(kind: int, body):
@@ -1324,14 +1334,19 @@ def _plain(obj, depth: int = 2) -> bool:
 
 
 def _pickle(
-    obj, what: Callable[[], str] | None = None, max_frame=MAX_FRAME, oob=False
+    obj,
+    what: Callable[[], str] | None = None,
+    max_frame=MAX_FRAME,
+    oob=False,
+    plain=None,
 ) -> Any:
     """The one way wool pickles: plain pickle for builtin data, else
     cloudpickle (functions and classes from __main__ travel by value, at
     about five times the cost). With `oob`, buffers of LARGE bytes or more
     (arrays, bytearrays, _Bytes) stay out of band: a _Parts, else bytes. A
     failure, or a message over max_frame, is a TypeError saying what could
-    not be sent (`what()`, asked only then)."""
+    not be sent (`what()`, asked only then). `plain`: whether _plain(obj),
+    when the caller knows it more cheaply."""
     buffers: list = []
 
     def aside(buffer: pickle.PickleBuffer) -> bool:  # False: out of band
@@ -1343,7 +1358,7 @@ def _pickle(
 
     callback = aside if oob else None
     try:
-        if _plain(obj):
+        if _plain(obj) if plain is None else plain:
             data: Any = pickle.dumps(obj, 5, buffer_callback=callback)
         else:
             data = cloudpickle.dumps(obj, protocol=5, buffer_callback=callback)
@@ -1431,6 +1446,10 @@ def _resolve(ref: tuple[str, str] | bytes) -> tuple[Callable, bool]:
     return fn, inspect.isasyncgenfunction(fn)
 
 
+def _name(fn) -> str:
+    return getattr(_target(fn), "__qualname__", repr(fn))
+
+
 def _target(fn):
     """The user's function in a @work function (or in an Executor's adapter)."""
     fn = getattr(fn, "__wool_work__", fn)
@@ -1471,28 +1490,32 @@ def _dump_task(fn, args, kwargs, max_frame: int) -> tuple[Any, tuple | None]:
         ref, definition = _ref(fn)
     except Exception as e:
         raise TypeError(f"cannot send {fn.__qualname__}() to a worker: {e}") from e
+    args, kwargs = _lift(args), _lift(kwargs)
     body = _pickle(
-        (ref, _lift(args), _lift(kwargs), context, _time_limit(fn)),
+        (ref, args, kwargs, context, _time_limit(fn)),
         lambda: (
             f"{fn.__qualname__}() and its arguments to a worker"
             + _unpicklable_variable(context)
         ),
         max_frame,
-        oob=True,
+        oob=True,  # the reference and the timeout are plain data:
+        plain=_plain(args) and _plain(kwargs) and (not context or _plain(context)),
     )
     return body, None if definition is None else (ref, definition)
 
 
 def _dump_value(value, changes: dict | None, fn, max_frame: int) -> Any:
     """A RESULT body: (value, the wool.ContextVar values the task set)."""
+    value = _lift(value)
     return _pickle(
-        (_lift(value), changes),
+        (value, changes),
         lambda: (
             f"the value of {fn.__qualname__}() back to the caller"
             + _unpicklable_variable(changes)
         ),
         max_frame,
         oob=True,
+        plain=_plain(value) and (not changes or _plain(changes)),
     )
 
 
@@ -1696,7 +1719,9 @@ class _Frames(asyncio.BufferedProtocol):
                     break
                 (kind, rid, body), self.untagged = self.untagged, None
                 self.start += TAG
-                self.check(self.mac.digest()[:TAG], buf[self.start - TAG : self.start])
+                tag = buf[self.start - TAG : self.start]
+                if not hmac.compare_digest(self.mac.digest()[:TAG], tag):
+                    raise _forged()
                 self.on_frame(kind & ~BUFFERS, rid, _split(kind, body))
                 continue
             if self.end - self.start < HEADER.size:
@@ -1717,17 +1742,14 @@ class _Frames(asyncio.BufferedProtocol):
             else:
                 header, self.start = buf[self.start : at], at + size + TAG
                 body = bytes(buf[at : at + size])
-                self.check(self.seal.tag(header, body), buf[at + size : self.start])
-                self.on_frame(kind & ~BUFFERS, rid, _split(kind, body))
+                tag = buf[at + size : self.start]
+                if not hmac.compare_digest(self.seal.tag(header, body), tag):
+                    raise _forged()
+                if kind & BUFFERS:
+                    body = _split(kind, body)
+                self.on_frame(kind & ~BUFFERS, rid, body)
         if self.start == self.end:
             self.start = self.end = 0
-
-    def check(self, expected: bytes, tag):
-        if not hmac.compare_digest(expected, bytes(tag)):
-            raise ProtocolError(
-                "a frame failed its MAC check: it was not sent by the peer that "
-                "passed the handshake, or was altered on the way"
-            )
 
     def hold(self):
         self.held = True
@@ -1800,7 +1822,8 @@ class _Outbox:
         self.writable: asyncio.Future | None = None  # resolved by wake()
         # Paused while it has a backlog: then chunks go to the kernel whole. A
         # TLS transport keeps its own buffer and is left its default limits.
-        if transport.get_extra_info("sslcontext") is None:
+        self.tls = transport.get_extra_info("sslcontext") is not None
+        if not self.tls:
             transport.set_write_buffer_limits(high=0)
 
     def send(self, kind: int, rid: int, body=b""):
@@ -1891,8 +1914,11 @@ class _Outbox:
         self.wake()
 
     def full(self) -> bool:
-        """Whether HIGH_WATER bytes wait here or in the transport."""
-        unsent = self.queued + self.left + self.transport.get_write_buffer_size()
+        """Whether HIGH_WATER bytes wait here or in the transport (which
+        holds none while not paused, unless TLS keeps its own limits)."""
+        unsent = self.queued + self.left
+        if self.paused or self.tls:
+            unsent += self.transport.get_write_buffer_size()
         return unsent >= HIGH_WATER
 
     def wake(self):
@@ -1989,17 +2015,14 @@ class Worker:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         max_tasks: int | None = None,
     ):
-        self.tags = _check_tags(tags, "Worker")
-        self.host, self.port = host, port
-        self.authkey = _authkey(authkey)
-        self.ssl, self.client_ssl = ssl, client_ssl
-        self.discovery = discovery
-        self.advertise = advertise
-        self.insecure = insecure
-        self.grace = grace
-        self.max_frame = max_frame
-        self.max_connections = max_connections
-        self.handshake_timeout = handshake_timeout
+        self.tags, self.authkey = _check_tags(tags, "Worker"), _authkey(authkey)
+        self.host, self.port, self.advertise = host, port, advertise
+        self.ssl, self.client_ssl, self.insecure = ssl, client_ssl, insecure
+        self.discovery, self.grace, self.max_frame = discovery, grace, max_frame
+        self.max_connections, self.handshake_timeout = (
+            max_connections,
+            handshake_timeout,
+        )
         self.max_tasks = max_tasks  # running at once; more are REFUSED
         self.running = 0  # tasks running now; only _Peer counts them,
         self.done = self.failed = 0  # and those that ended, since start
@@ -2120,9 +2143,9 @@ class Worker:
         now, info = time.monotonic(), self.info
         assert info is not None
         running = [
-            {"function": name, "age": round(now - start, 3)}
+            {"function": _name(fn), "age": round(now - start, 3)}
             for peer in self._peers
-            for name, start in peer.running.values()
+            for fn, start in peer.running.values()
         ]
         try:
             pages = int(open("/proc/self/statm").read().split()[1])
@@ -2246,7 +2269,8 @@ class _Peer:
         self.services: list = []
         self.context: contextvars.Context | None = None  # tasks run in copies
         self.tasks: dict[int, asyncio.Task] = {}
-        self.running: dict[int, tuple[str, float]] = {}  # rid -> function, start
+        self.running: dict[int, tuple] = {}  # rid -> (function, start): status
+        self.debug = log.isEnabledFor(logging.DEBUG)  # a line per task
         self.streams: dict[int, asyncio.Queue] = {}  # generators' next step
         self.functions: dict[int, Any] = {}  # DEFINE'd bytes, then resolved
         self.defined = 0  # bytes DEFINE'd on this connection
@@ -2378,13 +2402,12 @@ class _Peer:
         self.out.send(kind, rid, make())
 
     async def run(self, rid: int, body, generator: bool):
-        worker, start, name, outcome = self.worker, time.monotonic(), "?", "done"
+        worker, start, fn, outcome = self.worker, time.monotonic(), None, "done"
         max_frame = worker.max_frame
         try:
             ref, args, kwargs, context, seconds = _loads(body)
             fn, is_generator = self.resolve(ref)
-            name = getattr(_target(fn), "__qualname__", repr(fn))
-            self.running[rid] = (name, start)  # for status
+            self.running[rid] = (fn, start)  # for status
             if is_generator != generator:
                 raise TypeError(
                     f"{fn.__qualname__} is {'not ' * generator}an async generator "
@@ -2404,15 +2427,14 @@ class _Peer:
             outcome = f"failed: {type(e).__name__}"
             await self.reply(ERROR, rid, functools.partial(_dump_error, e, max_frame))
         finally:
-            failed = outcome != "done"
-            worker.done, worker.failed = (
-                worker.done + (not failed),
-                worker.failed + failed,
-            )
-            if log.isEnabledFor(logging.DEBUG):
+            if outcome == "done":
+                worker.done += 1
+            else:
+                worker.failed += 1
+            if self.debug:
                 log.debug(
-                    "task %d %s() from %s: %s in %.3f s",
-                    rid, name, self.address, outcome, time.monotonic() - start,
+                    "task %d %s() from %s: %s in %.3f s", rid, _name(fn), self.address,
+                    outcome, time.monotonic() - start,
                 )  # fmt: skip
 
     async def drive(self, rid: int, fn, agen, changed: set[str]) -> str:
