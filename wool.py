@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import collections
 import collections.abc
 import concurrent.futures
@@ -141,8 +142,8 @@ R = TypeVar("R")
 #
 #   WoolError
 #   +-- NoWorkersAvailable   no worker could take the task within the wait
-#   +-- WorkerLost           the worker's connection died with the task on it
-#   +-- AuthenticationError  the key (or certificate) was refused
+#   +-- WorkerLost           the connection died after the task was sent
+#   +-- AuthenticationError  the key, a certificate or the protocol version was refused
 #   +-- ProtocolError        a peer sent bytes that are not wool frames
 #   +-- RemoteError          a worker's exception that could not be rebuilt here
 
@@ -161,7 +162,8 @@ class WorkerLost(WoolError):
 
 
 class AuthenticationError(WoolError):
-    """The peer refused our key, or did not prove it holds the same key."""
+    """The peer refused our key, TLS certificate or protocol version, or did
+    not prove it holds the same key: a configuration error, not retried."""
 
 
 class ProtocolError(WoolError):
@@ -1003,15 +1005,20 @@ class Executor(concurrent.futures.Executor):
     def __init__(self, *tags: str, **options):
         self._pool = WorkerPool(*tags, **options)  # checks them in the caller
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._serve, name="wool.Executor")
+        self._thread = threading.Thread(
+            target=self._serve,
+            name="wool.Executor",
+            daemon=True,  # no hang at exit
+        )
         self._futures: set[concurrent.futures.Future] = set()
         self._lock = threading.Lock()  # guards _futures and _shutdown
         self._shutdown = False
         self._thread.start()
+        atexit.register(self.shutdown)  # one left open stops well at exit
         try:
             asyncio.run_coroutine_threadsafe(self._pool._start(), self._loop).result()
         except BaseException:
-            self._close()
+            self.shutdown()
             raise
 
     def __repr__(self):
@@ -1038,6 +1045,7 @@ class Executor(concurrent.futures.Executor):
             self._futures.discard(future)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False):
+        atexit.unregister(self.shutdown)
         with self._lock:
             self._shutdown, pending = True, list(self._futures)
         if cancel_futures:
