@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import linecache
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import cloudpickle
 import pytest
 
 import wool
@@ -226,3 +228,36 @@ def test_a_three_deep_failure_reads_one_hop_per_worker(tmp_path):
         assert f'File "{script}", line {line}, in {name}' in err, err
     assert err.count("wool._RemoteTraceback") == 1
     assert "<dynamic-code>" not in err
+
+
+def test_wool_status_watch_refreshes_until_ctrl_c(namespace):
+    with cli_worker("--discovery", f"local:{namespace}") as (proc, uid):
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "wool", "status", "--discovery", f"local:{namespace}",
+             "--watch"],
+            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+        try:
+            first, gap, second = (watch.stdout.readline() for _ in range(3))
+            assert first.startswith(uid) and gap == "\n" and second.startswith(uid)
+            watch.send_signal(signal.SIGINT)
+            assert watch.wait(timeout=10) == 0
+            assert "Traceback" not in watch.stderr.read()
+        finally:
+            watch.kill()
+
+
+def test_a_function_sent_by_value_brings_its_lines_to_a_worker_without_its_file():
+    where = f"/nonexistent/{uuid.uuid4().hex}/tasks.py"
+    lines = ["async def job():\n", "    raise ValueError('from a file not here')\n"]
+    code = compile("".join(lines), where, "exec")
+    namespace: dict = {}
+    exec(code, namespace)
+    task = wool.work(namespace["job"])
+    # As a caller sends it by value (cloudpickle renames its code's file
+    # "<dynamic-code>"), with the file's name and lines beside it.
+    definition = cloudpickle.dumps((task, where, lines))
+    fn, _ = wool._resolve(definition)
+    assert fn.__code__.co_filename == where
+    assert linecache.getline(where, 2).strip() == "raise ValueError('from a file not here')"
