@@ -532,12 +532,8 @@ class WorkerPool:
         if authkey is not None and not isinstance(authkey, bytes):
             raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}")
         self.tags, self.size = _check_tags(tags, "WorkerPool"), size or 0
-        self.discovery, self.lease, self.authkey, self.ssl = (
-            discovery,
-            lease,
-            authkey,
-            ssl,
-        )
+        self.discovery, self.lease = discovery, lease
+        self.authkey, self.ssl = authkey, ssl
         self.loadbalancer = loadbalancer or RoundRobinLoadBalancer()
         self.wait, self.grace, self.max_frame = wait, grace, max_frame
         self.max_tasks_per_worker = max_tasks_per_worker
