@@ -188,6 +188,13 @@ async def test_map_stops_at_the_first_exception_and_cancels_the_rest(tmp_path):
         await until(lambda: not any(c.load for c in pool._roster.conns.values()))
 
 
+async def test_map_refuses_a_concurrency_below_one(local_pool):
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="concurrency must be a whole number >= 1"):
+            async for _ in local_pool.map(square, range(3), concurrency=bad):
+                pass
+
+
 async def boom_at_3(x):
     if x == 3:
         raise ValueError(f"boom {x}")

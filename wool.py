@@ -647,9 +647,11 @@ class WorkerPool:
         any function Executor.submit takes.
         """
         task, running = _as_task(fn), collections.deque[asyncio.Task]()
-        limit = concurrency or 4 * max(1, len(self.workers))
-        if limit < 1:
-            raise ValueError(f"concurrency must be >= 1, not {concurrency!r}")
+        limit = 4 * max(1, len(self.workers)) if concurrency is None else concurrency
+        if not isinstance(limit, int) or limit < 1:
+            raise ValueError(
+                f"concurrency must be a whole number >= 1, not {concurrency!r}"
+            )
         items = aiter(iterable) if hasattr(iterable, "__aiter__") else _aiter(iterable)
         try:
             while True:
