@@ -80,7 +80,7 @@ class Session:
         reader, writer = await asyncio.open_connection(info.host, info.port)
         seals = await wool._authenticate_worker(reader, writer, key, info.address)
         session = cls(reader, writer, seals)
-        session.info = await wool._read_info(reader, seals[0])  # the worker's record
+        session.info, _ = await wool._read_info(reader, seals[0])  # its record
         return session
 
     def send(self, kind: int, rid: int, body: bytes = b""):

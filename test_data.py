@@ -2,18 +2,26 @@
 
 Correctness, not speed (bench/bench.py measures that): arrays of many kinds
 round-trip equal and writable, in arguments, results, exceptions and
-generator steps; a message over max_frame is refused before it is sent; a
-frame whose buffer lengths lie is refused like any bad frame.
+generator steps, both through the socket and through shared files (memfd,
+between processes on one machine); a message over max_frame is refused
+before it is sent; a frame whose buffer lengths lie is refused like any bad
+frame; shared files are closed once taken, or when the peer dies.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
+import mmap
+import os
 import pickle
+import signal
 
 import pytest
 
 import wool
-from conftest import KEY, decode, frame
+from conftest import KEY, Session, decode, frame, until
 
 np = pytest.importorskip("numpy")
 
@@ -67,10 +75,34 @@ def arrays():
     }
 
 
-@pytest.fixture
-async def pool():
-    async with wool.WorkerPool(size=1) as pool:
-        yield pool
+@pytest.fixture(params=["shared", "socket"])
+async def pool(request, monkeypatch):
+    """A pool of one spawned worker. Its large buffers go by shared files
+    (the default on one machine) or, with WOOL_SHARE=0, through the socket."""
+    with monkeypatch.context() as env:
+        if request.param == "socket":
+            env.setenv("WOOL_SHARE", "0")
+        wool._machine.cache_clear()
+        async with wool.WorkerPool(size=1) as pool:
+            pool.path = request.param
+            yield pool
+    wool._machine.cache_clear()
+
+
+def no_more(before: set[str]) -> bool:
+    """Whether the shared files open are among those open `before`."""
+    gc.collect()  # arrays in reference cycles
+    return shared_files() <= before
+
+
+def shared_files() -> set[str]:
+    """The wool shared files (memfds) this process holds open, mapped too."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if (link := os.readlink(f"/proc/self/fd/{fd}")).startswith("/memfd:wool."):
+                found.add(f"{fd} {link}")
+    return found
 
 
 async def test_arrays_round_trip_equal_and_writable(pool, arrays):
@@ -81,6 +113,67 @@ async def test_arrays_round_trip_equal_and_writable(pool, arrays):
         assert back.flags.writeable, name
         back[...] = back  # writable in place, no copy needed
         assert await describe(array) == ("ndarray", True), name
+
+
+async def test_large_buffers_take_the_path_asked_for_and_leave_no_file_open(
+    pool, arrays
+):
+    before = shared_files()
+    back = await echo(arrays["float64 C"])
+    assert np.array_equal(back, arrays["float64 C"])
+    memory = back
+    while isinstance(memory, np.ndarray):
+        memory = memory.base
+    mapped = type(memoryview(memory).obj) is mmap.mmap  # a view of the file
+    assert mapped == (pool.path == "shared")
+    del memory
+    del back
+    # The file we sent was closed at the worker's TAKEN; the reply's mapping
+    # goes with the array (once the event loop lets go of the reply's future).
+    await until(lambda: no_more(before))
+
+
+async def test_a_killed_worker_leaves_no_shared_file_open(arrays):
+    before = shared_files()
+    async with wool.WorkerPool(size=1) as pool:
+        await pool.wait_for_workers(1, timeout=10)
+        conn = next(iter(pool._roster.conns.values()))
+        os.kill(conn.info.pid, signal.SIGSTOP)  # it will never say TAKEN
+        call = asyncio.ensure_future(echo(arrays["float64 C"]))
+        await until(lambda: conn.out.files)  # the file is made and its frame sent
+        assert shared_files() > before
+        os.kill(conn.info.pid, signal.SIGKILL)
+        with pytest.raises(wool.WorkerLost):
+            await call
+        assert no_more(before)
+
+
+async def test_shared_files_spoken_by_hand_are_taken_then_closed():
+    """A caller that says it shares the machine (HELLO's rid: its pid) sends
+    a TASK whose buffer is in a shared file: the worker maps it, says TAKEN,
+    and shares its reply the same way, holding that file until our TAKEN."""
+    array = np.arange(2**18, dtype=float)  # 2 MiB
+    async with wool.Worker(authkey=KEY) as worker:
+        session = await Session.open(worker.info, KEY)
+        session.send(wool.HELLO, os.getpid(), pickle.dumps(([], False)))
+        task = wool._pickle(((__name__, "echo"), (array,), {}, None, None), oob=True)
+        fd, serial = wool._share(task.buffers)
+        body = wool.FILE.pack(fd, serial) + task.table() + task.pickle
+        session.send(wool.TASK | wool.BUFFERS | wool.SHARED, 1, body)
+        replies = [await session.read() for _ in range(3)]
+        os.close(fd)
+        assert [kind for kind, _, _ in replies] == [
+            wool.TAKEN, wool.ACCEPTED, wool.RESULT | wool.BUFFERS | wool.SHARED
+        ]  # fmt: skip
+        assert replies[0][1] == serial
+        reply = replies[2][2]
+        value, _ = wool._loads(wool._Parts.read(reply, wool.MAX_FRAME, worker.info.pid))
+        assert np.array_equal(value, array) and value.flags.writeable
+        (peer,) = worker._peers
+        assert list(peer.out.files) == [wool.FILE.unpack_from(reply)[1]]
+        session.send(wool.TAKEN, wool.FILE.unpack_from(reply)[1])
+        await until(lambda: not peer.out.files)
+        session.writer.close()
 
 
 async def test_bytes_bytearray_and_memoryview_round_trip(pool):

@@ -78,10 +78,11 @@ async def send_raw(worker, data: bytes, close=False):
     return reader, writer
 
 
-async def hello_session(worker, *frames) -> Session:
-    """A session past HELLO that sends `frames` ((kind, rid, body))."""
+async def hello_session(worker, *frames, pid=0) -> Session:
+    """A session past HELLO that sends `frames` ((kind, rid, body)); `pid`:
+    the process it says shares the worker's machine (shared files)."""
     session = await Session.open(worker.info, KEY)
-    session.send(wool.HELLO, 0, pickle.dumps(([], False)))
+    session.send(wool.HELLO, pid, pickle.dumps(([], False)))
     for kind, rid, body in frames:
         session.send(kind, rid, body)
     return session
@@ -93,9 +94,9 @@ async def hello_raw(worker, body: bytes):
     return session.reader, session.writer
 
 
-async def after_hello(worker, *frames, raw=b"", close=False):
+async def after_hello(worker, *frames, raw=b"", close=False, pid=0):
     """hello_session(), then `raw` bytes: (reader, writer)."""
-    session = await hello_session(worker, *frames)
+    session = await hello_session(worker, *frames, pid=pid)
     session.writer.write(raw)
     if close:
         session.writer.write_eof()
@@ -121,6 +122,20 @@ async def no_hello(worker, marker):
 
 
 TASK_BODY = pickle.dumps((("test_wool", "add"), (1, 2), {}, None, None))
+
+
+NOT_SHARED = os.open(os.devnull, os.O_RDONLY)  # a descriptor, not a shared file
+
+
+def shared_task(fd_of, size=2**20):
+    """A TASK whose buffer of `size` bytes is said to be in shared file 1,
+    held by this (the worker's) process as descriptor `fd_of(worker)`."""
+    def send(w, m, pid=os.getpid()):
+        table = wool.FILE.pack(fd_of(w), 1) + struct.pack("!IQ", 1, size)
+        kind = wool.TASK | wool.BUFFERS | wool.SHARED
+        return after_hello(w, (kind, 1, table + TASK_BODY), pid=pid)
+    return send
+
 STREAM_BODY = pickle.dumps((("test_wool", "count"), (3,), {}, None, None))
 
 ATTACKS = {
@@ -165,6 +180,22 @@ ATTACKS = {
     "a generator step for a coroutine": (
         lambda w, m: after_hello(w, (wool.TASK, 1, TASK_BODY), (wool.NEXT, 1, b"")),
         "a generator step for task 1, a coroutine",
+    ),
+    "a shared file from a peer on another machine": (
+        lambda w, m: shared_task(lambda w: 3)(w, m, pid=0),
+        "a shared file from a peer on another machine",
+    ),
+    "a shared file that is not one": (
+        shared_task(lambda w: NOT_SHARED),
+        r"the shared file \d+ is not the one sent \(/dev/null\)",
+    ),
+    "a shared file over max_frame": (
+        shared_task(lambda w: 3, size=2**40),
+        r"frame of 1048576 MiB is over max_frame \(256 MiB\)",
+    ),
+    "TAKEN for a file never sent": (
+        lambda w, m: after_hello(w, (wool.TAKEN, 7, b"")),
+        "TAKEN for shared file 7, which was not sent",
     ),
     "two generator steps at once": (
         lambda w, m: after_hello(w, (wool.STREAM, 1, STREAM_BODY), (wool.NEXT, 1, b"")),

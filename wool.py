@@ -49,8 +49,10 @@ import itertools
 import json
 import linecache
 import logging
+import mmap
 import os
 import pickle
+import resource
 import secrets
 import signal
 import socket
@@ -246,7 +248,7 @@ def work(fn=None, /, *, timeout=None, retries=0):
 
         @functools.wraps(fn)
         async def wrapper(*args, **kwargs):
-            return await _dispatch(wrapper, args, kwargs)
+            return await _pool_for(wrapper)._run(wrapper, args, kwargs)
 
     else:
         hint = ""
@@ -266,10 +268,6 @@ routine = work  # the upstream project's name
 
 # The wrappers above name nothing but module-level functions and classes, so
 # a closure's wrapper pickles by value without dragging module state along.
-async def _dispatch(fn, args, kwargs):
-    return await _pool_for(fn)._run(fn, args, kwargs)
-
-
 def _pool_for(fn) -> WorkerPool:
     """The pool a call of `fn` goes to: the current one, or in a worker the
     one that sent the running task, or else the last one start()ed."""
@@ -447,6 +445,9 @@ class LeastLoadedLoadBalancer:
 
     def select(self, workers: Mapping[WorkerInfo, int], task: Task) -> WorkerInfo:
         return min(workers, key=workers.__getitem__)
+
+
+_NOBODY: Any = frozenset()  # no workers' uids; a set is made when one is needed
 
 
 class _State(enum.Enum):
@@ -796,19 +797,13 @@ class WorkerPool:
         sources = self._roster.sources
         return ", ".join(repr(s.service) for s in sources) or "no discovery"
 
-    async def _run(self, fn, args, kwargs):
-        conn, rid, _, (kind, data) = await self._place(fn, args, kwargs, False)
-        conn.finish(rid)
-        return _load_reply(kind, data, fn)
-
-    async def _place(self, fn, args, kwargs, generator: bool):
-        """Send a call to a worker that accepts it: (connection, request id,
-        call, first reply), the reply being a coroutine's result or a
-        generator's first step. Goes to another worker while the task
-        provably did not start (REFUSED, or never sent), for up to `wait`
-        seconds."""
+    async def _run(self, fn, args, kwargs, generator: bool = False):
+        """Send a call to a worker that accepts it: its value; or, for a
+        generator, (connection, request id, call, first step's reply). Goes
+        to another worker while the task provably did not start (REFUSED, or
+        never sent), for up to `wait` seconds."""
         body, definition = _dump_task(fn, args, kwargs, self.max_frame)
-        task, exclude, lost = Task(fn, args, kwargs), set[str](), set[str]()
+        task, exclude, lost = Task(fn, args, kwargs), _NOBODY, _NOBODY
         deadline = time.monotonic() + self.wait
         seconds = None if generator else _time_limit(fn)
         retries = _retries.get()
@@ -817,10 +812,14 @@ class WorkerPool:
             conn = await self._connection(task, exclude, deadline, lost)
             try:
                 rid, call = conn.start(body, definition, generator)
-                reply = conn.answer(rid, call)
-                if seconds is not None:  # the worker times out; this is in case
-                    reply = asyncio.wait_for(reply, seconds + PATIENCE)  # it hangs
-                kind, data = await reply
+                if seconds is None:  # as conn.answer(), without a coroutine
+                    kind, data = await call.reply
+                else:  # the worker times out; this is in case it hangs
+                    reply = conn.answer(rid, call)
+                    kind, data = await asyncio.wait_for(reply, seconds + PATIENCE)
+            except asyncio.CancelledError:
+                conn.cancel(rid)
+                raise
             except _NotSent:
                 kind = REFUSED
             except WorkerLost as e:
@@ -831,13 +830,16 @@ class WorkerPool:
                         )
                     raise
                 log.warning("%s; sending %s() again", e, fn.__qualname__)
-                lost.add(conn.info.uid)
+                lost |= {conn.info.uid}
                 deadline = time.monotonic() + self.wait
                 continue
             else:
-                if kind != REFUSED:
+                if kind != REFUSED and generator:
                     return conn, rid, call, (kind, data)
                 conn.finish(rid)
+                if kind != REFUSED:
+                    return _load_reply(kind, data, fn)
+            exclude = set() if exclude is _NOBODY else exclude
             exclude.add(conn.info.uid)
 
 
@@ -1138,10 +1140,12 @@ def _authkey(key: bytes | None) -> bytes:
 
 HEADER = struct.Struct("!IBQ")  # body length, kind, request id
 TAG = 16  # bytes of a frame's MAC
+FILE = struct.Struct("!IQ")  # a shared file: its sender's descriptor, its serial
 
 # caller -> worker
 HELLO = 1  # body: (the caller's discovery sources, for nested calls, and
-#           whether the caller is itself a worker's nested pool); rid 0
+#           whether the caller is itself a worker's nested pool); rid: the
+#           caller's pid if INFO showed it shares this machine, else 0
 TASK = 2  # body: (function reference, args, kwargs, context values, timeout)
 NEXT = 3  # body: value sent into a generator (empty: None)
 THROW = 4  # body: exception thrown into a generator
@@ -1158,22 +1162,26 @@ ERROR = 19  # body: (type name, message, traceback text, pickled exception)
 STOP = 20  # no body: the generator finished
 GOODBYE = 21  # no body, rid 0: the worker is stopping; send nothing more
 INFO = 22  # body: the worker's WorkerInfo as JSON, its first frame; rid 0
+# either way
+TAKEN = 23  # no body: the shared file numbered rid is mapped; its sender closes it
 
 BUFFERS = 0x80  # kind flag: the body is a _Parts (pickle and out-of-band buffers)
+SHARED = 0x40  # with BUFFERS: the buffers are in a shared file, not in the frame
 _VALUES = frozenset({TASK, STREAM, NEXT, RESULT})  # the kinds that may carry them
 
 _TO_CALLER = frozenset({ACCEPTED, REFUSED, RESULT, ERROR, STOP, GOODBYE, INFO})
-_URGENT = frozenset({ACCEPTED, REFUSED, GOODBYE})  # sent ahead of queued replies
+_URGENT = frozenset({ACCEPTED, REFUSED, GOODBYE, TAKEN})  # ahead of queued frames
 
 
 class _Seal:
     """One direction of a session: makes (sender) or checks (receiver) each
     frame's tag, numbering frames so that none can be dropped, replayed or
-    reordered unseen. Keyed BLAKE2b for small bodies (a third of HMAC's cost
-    per call), HMAC-SHA256 for large ones (twice BLAKE2b's speed where the
-    CPU has SHA instructions)."""
+    reordered unseen. Keyed BLAKE2b for bodies under SMALL bytes (a third of
+    HMAC's cost per call), HMAC-SHA256 for larger ones (twice BLAKE2b's speed
+    where the CPU has SHA instructions)."""
 
     __slots__ = ("blake", "hmac", "seq")
+    SMALL = 2**10
 
     def __init__(self, key: bytes):
         self.blake = hashlib.blake2b(key=_digest(key, b"blake2b", b""), digest_size=TAG)
@@ -1181,13 +1189,13 @@ class _Seal:
 
     def begin(self, header, size: int) -> Any:
         """The next frame's MAC, fed its number and header; feed it the body."""
-        mac: Any = self.blake.copy() if size < LARGE else self.hmac.copy()
+        mac: Any = self.blake.copy() if size < self.SMALL else self.hmac.copy()
         mac.update(self.seq.to_bytes(8, "big") + header)
         self.seq += 1
         return mac
 
     def tag(self, header, body) -> bytes:
-        if len(body) >= LARGE:
+        if len(body) >= self.SMALL:
             mac = self.begin(header, len(body))
             mac.update(body)
             return mac.digest()[:TAG]
@@ -1208,18 +1216,24 @@ def decode_header(data, max_frame: int, at: int = 0) -> tuple[int, int, int]:
     """(body length, kind, request id) of the header at data[at:]; checks the
     length before any body is read."""
     size, kind, rid = HEADER.unpack_from(data, at)
+    _check_size(size, max_frame)
+    return size, kind, rid
+
+
+def _check_size(size: int, max_frame: int):
     if size > max_frame:
         raise ProtocolError(
             f"frame of {size / 2**20:.0f} MiB is over max_frame "
             f"({max_frame / 2**20:.0f} MiB)"
         )
-    return size, kind, rid
 
 
 class _Parts:
     """A message whose large buffers travel beside its pickle, not inside it
     (pickle protocol 5, PEP 574): on the wire a table (count, then each
-    buffer's length), the pickle, then the buffers. len() is its size."""
+    buffer's length), the pickle, then the buffers. To a process on this
+    machine the buffers go in a shared file instead (see _share), and the
+    frame says which: FILE, then the table and the pickle. len() is its size."""
 
     __slots__ = ("buffers", "pickle", "size")
 
@@ -1230,30 +1244,40 @@ class _Parts:
     def __len__(self):
         return self.size
 
+    def table(self) -> bytes:
+        n = len(self.buffers)
+        return struct.pack(f"!I{n}Q", n, *(b.nbytes for b in self.buffers))
+
     def wire(self) -> list:
         """The parts to write, none of them copied."""
-        n = len(self.buffers)
-        table = struct.pack(f"!I{n}Q", n, *(b.nbytes for b in self.buffers))
-        return [table + self.pickle, *self.buffers]
+        return [self.table() + self.pickle, *self.buffers]
 
     @classmethod
-    def read(cls, body: bytearray) -> _Parts:
-        """The parts of a received body: views of it, no copy. Raises
+    def read(cls, body, max_frame: int, shared_by: int | None = None) -> _Parts:
+        """The parts of a received body: views of it, no copy, or of the
+        shared file it names, which process `shared_by` sent. Raises
         ProtocolError when its lengths do not add up."""
-        view = memoryview(body)
+        view, at = memoryview(body), FILE.size if shared_by else 0
         try:
-            (n,) = struct.unpack_from("!I", view)
-            lengths = struct.unpack_from(f"!{n}Q", view, 4)
+            (n,) = struct.unpack_from("!I", view, at)
+            lengths = struct.unpack_from(f"!{n}Q", view, at + 4)
         except (struct.error, MemoryError):
             raise ProtocolError("a frame's buffer table is cut short") from None
-        start = end = len(view) - sum(lengths)
-        if start < 4 + 8 * n:
-            raise ProtocolError(f"a frame's {n} buffers are longer than the frame")
+        at, size = at + 4 + 8 * n, sum(lengths)
+        if shared_by:
+            _check_size(len(view) + size, max_frame)
+            fd, serial = FILE.unpack_from(view)
+            memory, start, end = _map(shared_by, fd, serial, size), 0, None
+        else:
+            memory, start = view, len(view) - size
+            end = start
+            if start < at:
+                raise ProtocolError(f"a frame's {n} buffers are longer than the frame")
         buffers = []
         for length in lengths:
-            buffers.append(view[start : start + length])
+            buffers.append(memoryview(memory)[start : start + length])
             start += length
-        return cls(view[4 + 8 * n : end], buffers)
+        return cls(view[at:end], buffers)
 
 
 class _Bytes:
@@ -1295,15 +1319,6 @@ def _forged() -> ProtocolError:
         "a frame failed its MAC check: it was not sent by the peer that "
         "passed the handshake, or was altered on the way"
     )
-
-
-def _split(kind: int, body):
-    """The body of a received frame: a _Parts if it carries buffers."""
-    if not kind & BUFFERS:
-        return body
-    if kind & ~BUFFERS not in _VALUES:
-        raise ProtocolError(f"frame kind {kind & ~BUFFERS} cannot carry buffers")
-    return _Parts.read(body)
 
 
 def _loads(body):
@@ -1668,6 +1683,88 @@ async def _authenticate_worker(reader, writer, key: bytes, address: str):
 LARGE = 64 * 2**10  # bytes; a larger body is received into its own buffer
 CHUNK = 256 * 2**10  # bytes of a large message handed to the kernel at a time
 BUFFER = 256 * 2**10  # bytes of a connection's reusable receive buffer
+SHARE = 2**20  # bytes of buffers from which a message to this machine is shared
+
+# Between two processes on one machine, a message's large buffers skip the
+# socket and its MAC: the sender writes them to a memfd (an anonymous file in
+# memory, gone when its last descriptor closes: a killed process leaves
+# nothing behind), the frame names it by descriptor number and serial, and
+# the receiver opens it through /proc/PID/fd, checks its name and size, maps
+# it (arrays view the mapping: no copy) and says TAKEN, so the sender closes
+# its descriptor. Only peers that see the same machine token in INFO do so:
+# same boot, PID namespace and user, which may read each other's memory
+# anyway (a MAC would guard nothing there).
+
+
+@functools.cache
+def _machine() -> str | None:
+    """This machine, as far as sharing memory goes; None where we cannot
+    (or WOOL_SHARE=0 says not to)."""
+    if os.environ.get("WOOL_SHARE") == "0":
+        return None
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}/{os.getuid()}"
+    except OSError:
+        return None
+
+
+_serials = itertools.count(1)
+
+
+def _share(buffers: list) -> tuple[int, int]:
+    """Write `buffers` one after another into a new memfd: (descriptor,
+    serial). Runs in a thread (os.write lets go of the GIL)."""
+    serial = next(_serials)
+    fd = os.memfd_create(f"wool.{serial}", os.MFD_CLOEXEC)
+    try:
+        for buffer in buffers:
+            view = memoryview(buffer).cast("B")
+            while view:
+                view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, serial
+
+
+_mapped = 0  # live mappings holding a descriptor (Python < 3.13 keeps one each)
+
+
+def _unmapped():
+    global _mapped
+    _mapped -= 1
+
+
+def _map(pid: int, fd: int, serial: int, size: int):
+    """The shared file `serial` that process `pid` holds as `fd`, mapped
+    (or, where descriptors run short, copied)."""
+    global _mapped
+    try:
+        own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise ProtocolError(
+            f"cannot open the shared file of process {pid} ({e.strerror}); run "
+            "caller and worker as one user, or with WOOL_SHARE=0"
+        ) from None
+    try:
+        name = os.readlink(f"/proc/self/fd/{own}")
+        if name != f"/memfd:wool.{serial} (deleted)" or os.fstat(own).st_size != size:
+            raise ProtocolError(f"the shared file {fd} is not the one sent ({name})")
+        if sys.version_info >= (3, 13):
+            return mmap.mmap(own, size, trackfd=False)
+        mapping = mmap.mmap(own, size)
+        if _mapped >= resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4:
+            with mapping:  # descriptors run short: copy, and let it go
+                return bytearray(mapping)
+        _mapped += 1
+        weakref.finalize(mapping, _unmapped)
+        return mapping
+    except ValueError as e:  # an empty file
+        raise ProtocolError(f"the shared file {fd} cannot be mapped: {e}") from None
+    finally:
+        os.close(own)
 
 
 class _Frames(asyncio.BufferedProtocol):
@@ -1692,6 +1789,7 @@ class _Frames(asyncio.BufferedProtocol):
         self.mac: Any = None  # its MAC (fed as the bytes arrive, while they are hot)
         self.untagged: tuple | None = None  # then (kind, rid, body) until its tag
         self.held = self.lost = False
+        self.pid: int | None = None  # the peer's, once we know it shares the machine
 
     def get_buffer(self, sizehint: int):
         if self.large is not None:
@@ -1728,7 +1826,7 @@ class _Frames(asyncio.BufferedProtocol):
                 tag = buf[self.start - TAG : self.start]
                 if not hmac.compare_digest(self.mac.digest()[:TAG], tag):
                     raise _forged()
-                self.on_frame(kind & ~BUFFERS, rid, _split(kind, body))
+                self.give(kind, rid, body)
                 continue
             if self.end - self.start < HEADER.size:
                 break
@@ -1751,11 +1849,28 @@ class _Frames(asyncio.BufferedProtocol):
                 tag = buf[at + size : self.start]
                 if not hmac.compare_digest(self.seal.tag(header, body), tag):
                     raise _forged()
-                if kind & BUFFERS:
-                    body = _split(kind, body)
-                self.on_frame(kind & ~BUFFERS, rid, body)
+                if kind == TAKEN:
+                    self.out.taken(rid)
+                    continue
+                self.give(kind, rid, body)
         if self.start == self.end:
             self.start = self.end = 0
+
+    def give(self, kind: int, rid: int, body):
+        """Hand a checked frame on; if it carries buffers, as a _Parts."""
+        if kind & BUFFERS:
+            kind &= ~BUFFERS
+            if kind & ~SHARED not in _VALUES:
+                raise ProtocolError(f"frame kind {kind & ~SHARED} cannot carry buffers")
+            if not kind & SHARED:
+                body = _Parts.read(body, self.max_frame)
+            elif self.pid is None:
+                raise ProtocolError("a shared file from a peer on another machine")
+            else:
+                parts = _Parts.read(body, self.max_frame, self.pid)
+                self.out.send(TAKEN, FILE.unpack_from(body)[1])
+                kind, body = kind & ~SHARED, parts
+        self.on_frame(kind, rid, body)
 
     def hold(self):
         self.held = True
@@ -1826,6 +1941,8 @@ class _Outbox:
         self.left, self.tag = 0, b""  # its bytes left, its tag once computed
         self.corked = self.paused = self.closed = False
         self.writable: asyncio.Future | None = None  # resolved by wake()
+        self.share = False  # whether the peer shares the machine (see _share)
+        self.files: dict[int, int] = {}  # serial -> descriptor, until TAKEN
         # Paused while it has a backlog: then chunks go to the kernel whole. A
         # TLS transport keeps its own buffer and is left its default limits.
         self.tls = transport.get_extra_info("sslcontext") is not None
@@ -1866,9 +1983,18 @@ class _Outbox:
             return
         parts = [body]
         if type(body) is _Parts:
+            if self.share and body.size - len(body.pickle) >= SHARE:
+                self.large, self.tag = collections.deque(), b""  # frames behind wait
+                done = self.loop.run_in_executor(None, _share, body.buffers)
+                done.add_done_callback(functools.partial(self.shared, kind, rid, body))
+                return
             kind, parts = kind | BUFFERS, body.wire()
         header = HEADER.pack(len(body), kind, rid)
         mac = self.seal.begin(header, len(body))
+        if len(body) < CHUNK:  # sealed here: a thread would cost more than it saves
+            _feed(mac, parts)
+            self.parts += [header, *parts, mac.digest()[:TAG]]
+            return
         self.parts.append(header)
         self.write()
         self.large = collections.deque(memoryview(p).cast("B") for p in parts)
@@ -1895,6 +2021,33 @@ class _Outbox:
         self.tag = tag
         self.feed()
 
+    def shared(self, kind: int, rid: int, body: _Parts, done: asyncio.Future):
+        """The buffers of `body` are in a shared file: send its frame."""
+        self.large = None
+        try:
+            fd, serial = done.result()
+        except OSError as e:  # out of memory, of descriptors: the socket it is
+            log.warning("cannot share a message's buffers (%r); sending them", e)
+            self.share, fd = False, None
+        if self.closed:
+            if fd is not None:
+                os.close(fd)
+            return
+        if fd is None:
+            self.commit(kind, rid, body)
+        else:
+            self.files[serial] = fd
+            frame = FILE.pack(fd, serial) + body.table() + body.pickle
+            self.commit(kind | BUFFERS | SHARED, rid, frame)
+        self.flush()
+
+    def taken(self, serial: int):
+        """The peer mapped shared file `serial`: close our descriptor."""
+        if (fd := self.files.pop(serial, None)) is not None:
+            os.close(fd)
+        elif not self.closed:
+            raise ProtocolError(f"TAKEN for shared file {serial}, which was not sent")
+
     def write(self):
         parts, self.parts = self.parts, []
         if parts and not (self.closed or self.transport.is_closing()):
@@ -1917,6 +2070,9 @@ class _Outbox:
         self.closed = True
         self.queue.clear()
         self.queued, self.large = 0, None
+        for fd in self.files.values():
+            os.close(fd)
+        self.files.clear()
         self.wake()
 
     def full(self) -> bool:
@@ -2208,7 +2364,7 @@ class Worker:
         peer = _Peer(self, writer, seals, address)
         self._peers.add(peer)
         assert self.info is not None
-        peer.out.send(INFO, 0, self.info.to_json())  # who answers here
+        peer.out.send(INFO, 0, self.info.to_json(machine=_machine()))  # who answers
         log.info("connection from %s opened", address)
 
     def _nested_pool(self, peer: _Peer) -> WorkerPool:
@@ -2297,6 +2453,8 @@ class _Peer:
                 self.services, self.nested = pickle.loads(self.hello)
             except Exception as e:
                 raise ProtocolError(f"a HELLO that does not load: {e!r}") from None
+            if rid and _machine() is not None:  # the caller shares this machine
+                self.frames.pid, self.out.share = rid, True
             # Tasks run in copies of this context: nested calls go to the
             # caller's pool, and current_worker() answers.
             self.context = contextvars.copy_context()
@@ -2678,7 +2836,9 @@ class _Connection:
         self.listed_as = info.uid  # the discovery record it was opened for
         self.goodbye = self.retiring = False
         self.closed = self.loop.create_future()
-        _, self.out = _switch(writer, seals, max_frame, self._on_frame, self._lose)
+        self.frames, self.out = _switch(
+            writer, seals, max_frame, self._on_frame, self._lose
+        )
 
     @property
     def load(self) -> int:
@@ -2707,14 +2867,17 @@ class _Connection:
                 writer.close()
                 raise
             try:
-                record = await _read_info(reader, seals[0])
+                record, machine = await _read_info(reader, seals[0])
             except (ValueError, TypeError, KeyError) as e:  # JSON that is not ours
                 writer.close()
                 raise ProtocolError(f"worker {info.address} sent no record: {e}")
         # Who answers here, at the address discovery gave.
         info = dataclasses.replace(record, host=info.host, port=info.port)
         conn = cls(info, writer, seals, max_frame, on_change)
-        conn.out.send(HELLO, 0, hello)
+        shared = machine is not None and machine == _machine()
+        if shared:  # large buffers go by shared memory, both ways
+            conn.frames.pid, conn.out.share = record.pid, True
+        conn.out.send(HELLO, os.getpid() if shared else 0, hello)
         return conn
 
     def _on_frame(self, kind: int, rid: int, body):
@@ -2833,8 +2996,9 @@ class _Connection:
             self.finish(rid)
 
 
-async def _read_info(reader: asyncio.StreamReader, seal: _Seal) -> WorkerInfo:
-    """The worker's first frame, INFO: its own record, as data."""
+async def _read_info(reader: asyncio.StreamReader, seal: _Seal):
+    """The worker's first frame, INFO: (its own record, as data, and its
+    machine token; see _machine)."""
     header = await reader.readexactly(HEADER.size)
     size, kind, _ = decode_header(header, LARGE - 1)
     body = await reader.readexactly(size)
@@ -2842,7 +3006,7 @@ async def _read_info(reader: asyncio.StreamReader, seal: _Seal) -> WorkerInfo:
         seal.tag(header, body), await reader.readexactly(TAG)
     ):
         raise ValueError(f"a frame of kind {kind} that is not a sealed INFO")
-    return WorkerInfo.from_json(body)
+    return WorkerInfo.from_json(body), json.loads(body).get("machine")
 
 
 def _tls_refused(address: str, error: Exception) -> AuthenticationError:
@@ -2890,7 +3054,7 @@ class _RemoteGenerator(collections.abc.AsyncGenerator):
             async with asyncio.timeout(_time_limit(self._fn)):
                 if self._conn is None:
                     pool = _pool_for(self._fn)
-                    self._conn, self._rid, self._call, reply = await pool._place(
+                    self._conn, self._rid, self._call, reply = await pool._run(
                         self._fn, self._args, self._kwargs, True
                     )
                     reply_kind, data = reply

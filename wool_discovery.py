@@ -91,8 +91,8 @@ class WorkerInfo:
             else f"{self.host}:{self.port}"
         )
 
-    def to_json(self) -> bytes:
-        fields = dataclasses.asdict(self) | {"tags": sorted(self.tags)}
+    def to_json(self, **extra) -> bytes:
+        fields = dataclasses.asdict(self) | {"tags": sorted(self.tags)} | extra
         return json.dumps(fields, separators=(",", ":")).encode()
 
     @classmethod
