@@ -16,9 +16,11 @@ How a call travels (one TCP connection per pool and worker, many tasks on it):
       '-- WorkerPool <- discovery (shared memory, mDNS, DNS) <- publish -----'
 
 Each frame is a fixed header (body length, kind, request id), a pickle body
-(its large buffers out of band beside it) and a MAC. A connection opens with
-an HMAC challenge-response on a shared key; every frame after it carries a
-MAC under a key of that session alone, checked before its body is unpickled.
+(its large buffers out of band beside it, or, between processes on one
+machine, in a shared memory file the frame names) and a MAC. A connection
+opens with an HMAC challenge-response on a shared key; every frame after it
+carries a MAC under a key of that session alone, checked before its body is
+unpickled.
 
 Sections, top-down: errors; the public API (`work`, `timeout`, `ContextVar`,
 `WorkerPool`, load balancers); frames (pure); streams (handshake, receiving,
@@ -1155,7 +1157,8 @@ DEFINE = 7  # body: a function pickled by value; rid: the number TASKs name it b
 STREAM = 8  # body as TASK, for an async generator; its first NEXT is implied
 STATUS = 9  # no body: what is the worker doing? Answered by a RESULT at once
 # worker -> caller
-ACCEPTED = 16  # no body: the task runs here; it will not run anywhere else
+ACCEPTED = 16  # no body: the task runs here (sent after its first step, if that
+#              did not answer); it will not run anywhere else
 REFUSED = 17  # no body: not accepted (stopping or full); try another worker
 RESULT = 18  # body: (value returned or yielded, context values the task set)
 ERROR = 19  # body: (type name, message, traceback text, pickled exception)
@@ -2413,8 +2416,9 @@ class _Peer:
     """A worker's side of one authenticated caller's connection: the tasks it
     sent, run as asyncio tasks in the context HELLO set up.
 
-    Rules: every TASK/STREAM is answered ACCEPTED or REFUSED before its code
-    runs, then gets exactly one RESULT, ERROR or STOP per step. What a caller
+    Rules: every TASK/STREAM is answered REFUSED before its code runs, or
+    ACCEPTED after its first step (unless that step answered, see started),
+    and gets exactly one RESULT, ERROR or STOP per step. What a caller
     that does not read costs is bounded: reading stops while the outbox is
     paused, replies wait for room before they are pickled, a generator takes
     one step at a time, and DEFINEs are bounded by MAX_DEFINED.
@@ -2494,7 +2498,6 @@ class _Peer:
         if stopping or worker.running == worker.max_tasks:
             self.out.send(REFUSED, rid)  # the caller tries another worker
             return
-        self.out.send(ACCEPTED, rid)  # ahead of any queued reply
         if generator:
             self.streams[rid] = steps = asyncio.Queue[tuple[int, bytes]](1)
             steps.put_nowait((NEXT, b""))
@@ -2503,6 +2506,7 @@ class _Peer:
             self.run(rid, body, generator), context=self.context.copy()
         )
         task.add_done_callback(functools.partial(self.done, rid))
+        self.loop.call_soon(self.started, rid, task)
         worker.running += 1
         # Let the tasks just accepted run now and then, so a burst of TASKs
         # does not starve them; stop taking more while replies pile up.
@@ -2510,6 +2514,13 @@ class _Peer:
         if (self.burst >= ACCEPT_BURST or self.out.full()) and not self.frames.held:
             self.frames.hold()
             self.loop.call_soon(self.breathe)
+
+    def started(self, rid: int, task: asyncio.Task):
+        """After a task's first step: ACCEPTED, ahead of queued replies;
+        not needed when it is done and its answer is on its way (a frame
+        less per quick call)."""
+        if not task.done() or self.out.paused or self.out.large is not None:
+            self.out.send(ACCEPTED, rid)
 
     def resolve(self, ref) -> tuple[Callable, bool]:
         if type(ref) is not int:
