@@ -17,6 +17,7 @@ import mmap
 import os
 import pickle
 import signal
+import sys
 
 import pytest
 
@@ -131,6 +132,24 @@ async def test_large_buffers_take_the_path_asked_for_and_leave_no_file_open(
     # The file we sent was closed at the worker's TAKEN; the reply's mapping
     # goes with the array (once the event loop lets go of the reply's future).
     await until(lambda: no_more(before))
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 13), reason="3.13 maps without a descriptor")
+async def test_short_of_descriptors_a_receiver_copies_instead_of_mapping(
+    arrays, monkeypatch
+):
+    monkeypatch.setattr(wool, "_mapped", 10**9)  # past any descriptor limit
+    async with wool.WorkerPool(size=1) as pool:
+        await pool.wait_for_workers(1, timeout=10)
+        (conn,) = pool._roster.conns.values()
+        assert conn.out.share  # the reply comes in a shared file...
+        back = await echo(arrays["float64 C"])
+    assert np.array_equal(back, arrays["float64 C"]) and back.flags.writeable
+    memory = back
+    while isinstance(memory, np.ndarray):
+        memory = memory.base
+    copy = memoryview(memory).obj  # ... copied out of it: just the buffer
+    assert type(copy) is bytearray and len(copy) == back.nbytes
 
 
 async def test_a_killed_worker_leaves_no_shared_file_open(arrays):

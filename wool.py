@@ -1748,8 +1748,8 @@ def _map(pid: int, fd: int, serial: int, size: int):
         own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
         raise ProtocolError(
-            f"cannot open the shared file of process {pid} ({e.strerror}); run "
-            "caller and worker as one user, or with WOOL_SHARE=0"
+            f"cannot open the shared file of process {pid} ({e.strerror}); where "
+            "/proc/PID/fd is closed to a user's own processes, set WOOL_SHARE=0"
         ) from None
     try:
         name = os.readlink(f"/proc/self/fd/{own}")
@@ -2592,8 +2592,11 @@ class _Peer:
             if generator:
                 outcome = await self.drive(rid, fn, fn(*args, **kwargs), changed)
                 return
-            async with asyncio.timeout(seconds):
+            if seconds is None:
                 value = await fn(*args, **kwargs)
+            else:
+                async with asyncio.timeout(seconds):
+                    value = await fn(*args, **kwargs)
             if self.out.full():  # pickle the value only once there is room
                 await self.out.drained()
             reply = _dump_value(value, _context_changes(changed), fn, max_frame)
@@ -2885,8 +2888,12 @@ class _Connection:
         # Who answers here, at the address discovery gave.
         info = dataclasses.replace(record, host=info.host, port=info.port)
         conn = cls(info, writer, seals, max_frame, on_change)
-        shared = machine is not None and machine == _machine()
-        if shared:  # large buffers go by shared memory, both ways
+        shared = (  # large buffers go by shared memory, both ways
+            machine is not None
+            and machine == _machine()
+            and os.access(f"/proc/{record.pid}/fd", os.R_OK | os.X_OK)
+        )
+        if shared:
             conn.frames.pid, conn.out.share = record.pid, True
         conn.out.send(HELLO, os.getpid() if shared else 0, hello)
         return conn
