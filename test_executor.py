@@ -4,6 +4,7 @@ a pool started without a block (notebooks). Real worker processes."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import os
 import threading
@@ -15,6 +16,7 @@ import pytest
 
 import wool
 from conftest import until
+from test_control import read_and_set, request_id
 from test_wool import add, exists, fibonacci, wait_cancelled
 
 
@@ -67,6 +69,17 @@ def test_map_timeout_raises_timeout_error(executor):
     assert next(results) == 0
     with pytest.raises(TimeoutError):
         next(results)
+
+
+def test_the_submitting_threads_context_variables_travel(executor):
+    def submit_in_a_thread(value):
+        request_id.set(value)
+        seen = executor.submit(read_and_set, "set by the task").result()
+        return seen, request_id.get()  # a task's changes stay with its future
+
+    with concurrent.futures.ThreadPoolExecutor(2) as threads:
+        seen = list(threads.map(submit_in_a_thread, ["a", "b", "c", "d"]))
+    assert seen == [(v, v) for v in ["a", "b", "c", "d"]]
 
 
 def test_an_exception_carries_the_workers_traceback(executor):

@@ -1930,7 +1930,9 @@ class _Outbox:
     a time, each once the last is sent, so the kernel takes it whole (no
     copy into the transport's buffer, which Python 3.11 would make), while
     a thread computes its tag (hashlib lets go of the GIL); frames behind it
-    wait for the tag. `full()` past HIGH_WATER unsent; `on_resume` when not.
+    wait for the tag. To a peer on this machine (`share`), a thread writes a
+    message's buffers into a shared file instead, and frames behind it wait
+    for that. `full()` past HIGH_WATER unsent; `on_resume` when not.
     """
 
     def __init__(self, transport, seal: _Seal, on_resume=None):
@@ -2029,7 +2031,7 @@ class _Outbox:
         self.large = None
         try:
             fd, serial = done.result()
-        except OSError as e:  # out of memory, of descriptors: the socket it is
+        except Exception as e:  # out of memory, of descriptors: the socket it is
             log.warning("cannot share a message's buffers (%r); sending them", e)
             self.share, fd = False, None
         if self.closed:
