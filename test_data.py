@@ -18,6 +18,7 @@ import os
 import pickle
 import signal
 import sys
+import time
 
 import pytest
 
@@ -193,6 +194,20 @@ async def test_shared_files_spoken_by_hand_are_taken_then_closed():
         session.send(wool.TAKEN, wool.FILE.unpack_from(reply)[1])
         await until(lambda: not peer.out.files)
         session.writer.close()
+
+
+@wool.work
+async def occupy_threads(seconds: float):
+    """Fill the worker's default executor with blocking calls, as sync tasks do."""
+    loop = asyncio.get_running_loop()
+    for _ in range(40):  # more than it has threads
+        loop.run_in_executor(None, time.sleep, seconds)
+
+
+async def test_large_values_are_not_held_up_by_a_busy_default_executor(pool, arrays):
+    await occupy_threads(3)
+    async with asyncio.timeout(1.5):  # its threads are asleep for 3 s
+        assert np.array_equal(await echo(arrays["float64 C"]), arrays["float64 C"])
 
 
 async def test_bytes_bytearray_and_memoryview_round_trip(pool):

@@ -1687,6 +1687,9 @@ LARGE = 64 * 2**10  # bytes; a larger body is received into its own buffer
 CHUNK = 256 * 2**10  # bytes of a large message handed to the kernel at a time
 BUFFER = 256 * 2**10  # bytes of a connection's reusable receive buffer
 SHARE = 2**20  # bytes of buffers from which a message to this machine is shared
+# Threads of our own for tags and shared files: the event loop's default
+# executor may be full of a user's blocking calls (sync tasks on a worker).
+_THREADS = concurrent.futures.ThreadPoolExecutor(os.cpu_count(), "wool")
 
 # Between two processes on one machine, a message's large buffers skip the
 # socket and its MAC: the sender writes them to a memfd (an anonymous file in
@@ -1990,7 +1993,7 @@ class _Outbox:
         if type(body) is _Parts:
             if self.share and body.size - len(body.pickle) >= SHARE:
                 self.large, self.tag = collections.deque(), b""  # frames behind wait
-                done = self.loop.run_in_executor(None, _share, body.buffers)
+                done = self.loop.run_in_executor(_THREADS, _share, body.buffers)
                 done.add_done_callback(functools.partial(self.shared, kind, rid, body))
                 return
             kind, parts = kind | BUFFERS, body.wire()
@@ -2004,7 +2007,7 @@ class _Outbox:
         self.write()
         self.large = collections.deque(memoryview(p).cast("B") for p in parts)
         self.left, self.tag = len(body), b""
-        done = self.loop.run_in_executor(None, _feed, mac, parts)
+        done = self.loop.run_in_executor(_THREADS, _feed, mac, parts)
         done.add_done_callback(lambda _: self.sealed(mac.digest()[:TAG]))
         self.feed()
 
