@@ -422,8 +422,10 @@ def make_certs(tmp_path: Path) -> dict[str, str]:
 
 
 async def test_mutual_tls_accepts_the_right_certificates_and_refuses_others(
-    tmp_path, namespace
+    tmp_path, namespace, monkeypatch
 ):
+    # Large messages through TLS too, not beside it in shared memory.
+    monkeypatch.setattr(wool, "_machine", lambda: None)
     certs = make_certs(tmp_path)
     args = [
         "--tls-cert",
@@ -445,8 +447,10 @@ async def test_mutual_tls_accepts_the_right_certificates_and_refuses_others(
         ):
             pid, _ = await where()
             assert pid == proc.pid
-            data = os.urandom(10 * 2**20)  # large messages through TLS too
+            data = os.urandom(10 * 2**20)
             assert await echo(data) == data
+            (conn,) = wool._current_pool.get()._roster.conns.values()
+            assert not conn.out.share
 
         no_cert = ssl.create_default_context(cafile=certs["ca.crt"])
         info = next(iter(await _listed(namespace)))

@@ -85,9 +85,12 @@ class Lan:
         ip("-n", self.ns("br"), "link", "set", f"v-{host}", state)
 
     def run(self, host: str, *argv: str, **kw) -> subprocess.Popen:
+        """A process on `host`. Hosts are machines of their own here: large
+        buffers go through the network, not through shared memory."""
         return subprocess.Popen(
             ["ip", "netns", "exec", self.ns(host), *argv],
-            cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **kw,
+            cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, "WOOL_SHARE": "0"}, **kw,
         )  # fmt: skip
 
     def destroy(self):
