@@ -67,12 +67,16 @@ def cli_worker(*args: str, env=None, cwd=HERE, argv0=(sys.executable, "-m", "woo
         proc.stderr.close()
 
 
-def ls(*args: str) -> list[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "wool", "ls", *args],
-        cwd=HERE, capture_output=True, text=True, timeout=30, check=True,
+def wool_cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    """`python -m wool ARGS`, run to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "wool", *args],
+        cwd=HERE, capture_output=True, text=True, timeout=30, **kw,
     )  # fmt: skip
-    return result.stdout.splitlines()
+
+
+def ls(*args: str) -> list[str]:
+    return wool_cli("ls", *args, check=True).stdout.splitlines()
 
 
 @pytest.fixture
@@ -221,9 +225,8 @@ async def slow_add(a, b):
 
 
 def test_cli_refuses_a_public_address_without_a_key():
-    result = subprocess.run(
-        [sys.executable, "-m", "wool", "worker", "--host", "0.0.0.0"],
-        cwd=HERE, capture_output=True, text=True, timeout=30,
+    result = wool_cli(
+        "worker", "--host", "0.0.0.0",
         env={k: v for k, v in os.environ.items() if k != "WOOL_AUTHKEY"},
     )  # fmt: skip
     assert result.returncode == 2
@@ -232,10 +235,7 @@ def test_cli_refuses_a_public_address_without_a_key():
 
 
 def test_cli_reports_a_missing_key_file():
-    result = subprocess.run(
-        [sys.executable, "-m", "wool", "worker", "--authkey-file", "/nonexistent/key"],
-        cwd=HERE, capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+    result = wool_cli("worker", "--authkey-file", "/nonexistent/key")
     assert result.returncode == 2
     assert (
         "wool worker: [Errno 2] No such file or directory: '/nonexistent/key'"
@@ -247,10 +247,7 @@ def test_cli_reports_a_missing_key_file():
     "command, spec", [("ls", "dns"), ("ls", "none"), ("worker", "dns:workers:7000")]
 )
 def test_cli_rejects_an_unknown_discovery(command, spec):
-    result = subprocess.run(
-        [sys.executable, "-m", "wool", command, "--discovery", spec],
-        cwd=HERE, capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+    result = wool_cli(command, "--discovery", spec)
     assert result.returncode == 2
     assert result.stderr == (
         f"wool {command}: --discovery {spec!r}: use lan, local, local:NAME, "
@@ -598,10 +595,7 @@ async def test_a_task_module_the_worker_cannot_import_names_module_worker_and_fi
 
 
 def test_preloading_a_missing_module_stops_the_worker_with_one_line():
-    result = subprocess.run(
-        [sys.executable, "-m", "wool", "worker", "--preload", "no_such_module"],
-        cwd=HERE, capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+    result = wool_cli("worker", "--preload", "no_such_module")
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "wool worker: cannot preload 'no_such_module': "
