@@ -143,7 +143,7 @@ async def main():
                 while sum(c.done() for c in hanging) < n:
                     await asyncio.wait(hanging, return_when=asyncio.FIRST_COMPLETED)
                 failed = [type(c.exception()).__name__ for c in hanging if c.done()]
-                hosts = [*failed, "fast" if loop.time() - start < 6 else "slow"]
+                hosts = [*failed, "fast" if loop.time() - start < 10 else "slow"]
             else:  # run n tasks; the hosts they ran on
                 hosts = [t for _, tags in await asyncio.gather(*(where() for _ in range(n)))
                          for t in tags if t.startswith("h")]
@@ -292,9 +292,9 @@ def test_link_cuts_under_load_run_no_task_twice(lan, tmp_path):
         caller = lan.run("c", sys.executable, "-c", code)
         procs.append(caller)
         assert caller.stdout.readline() == "ready\n"
-        for host in ["h1", "h2", "h3", "h1", "h2"]:  # a link down for 4 s, in turn
+        for host in ["h1", "h2", "h3", "h1", "h2"]:  # a link down for 7 s, in turn
             lan.link(host, "down")
-            time.sleep(4.0)  # the outage itself
+            time.sleep(7.0)  # the outage itself, longer than wool.DEAD_AFTER
             lan.link(host, "up")
             time.sleep(1.0)  # load on a healed network
         caller.stdin.write("stop\n")
@@ -304,5 +304,48 @@ def test_link_cuts_under_load_run_no_task_twice(lan, tmp_path):
         assert caller.wait(timeout=30) == 0
     finally:
         for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+DEAD_HOST_CALLER = """
+import asyncio, wool
+from test_reliability import echo
+
+async def main():
+    listed = wool.DnsDiscoveryService("{address}:7000")
+    async with wool.WorkerPool(discovery=listed, authkey=b"s3cret") as pool:
+        await pool.wait_for_workers(1)
+        data = bytes(50 * 2**20)
+        print("ready", flush=True)
+        try:
+            while True:  # 50 MiB on the wire, one way then the other
+                assert await echo(data) == data
+        except wool.WorkerLost as e:
+            print(type(e).__name__, e, flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_link_cut_with_50_mib_in_flight_is_worker_lost_within_10_s(lan, tmp_path):
+    key = tmp_path / "key"
+    key.write_bytes(b"s3cret")
+    worker = lan.run(
+        "h1", sys.executable, "-m", "wool", "worker", "--host", ADDRESSES["h1"],
+        "--port", "7000", "--discovery", "none", "--authkey-file", str(key),
+    )  # fmt: skip
+    code = DEAD_HOST_CALLER.format(address=ADDRESSES["h1"])
+    caller = lan.run("c", sys.executable, "-c", code)
+    try:
+        assert "listening on" in worker.stdout.readline()
+        assert caller.stdout.readline() == "ready\n"
+        lan.link("h1", "down")  # silent: no FIN, no RST, the data unacknowledged
+        cut = time.monotonic()
+        line = caller.stdout.readline()
+        assert line.startswith("WorkerLost lost worker 10.77.0.11:7000 ("), line
+        assert time.monotonic() - cut < 10, line
+    finally:
+        for proc in [caller, worker]:
             proc.kill()
             proc.wait()

@@ -125,8 +125,9 @@ WAIT = 30.0  # seconds a call waits for a worker to appear before giving up
 GRACE = 5.0  # seconds in-flight tasks get to finish when a worker stops
 PATIENCE = 1.0  # seconds a peer gets to close, or a stuck worker to answer, first
 KEEPALIVE = 1.0  # seconds of silence before the kernel probes a peer ...
-DEAD_AFTER = 3.0  # ... and seconds without an answer before the link is dead
+DEAD_AFTER = 5.0  # ... and seconds its kernel may not answer: then it is gone
 HIGH_WATER = 4 * 2**20  # unsent bytes at which a connection holds its frames back
+TRIM = 2**16  # characters of an error's message, and of its traceback, that travel
 ACCEPT_BURST = 16  # tasks a worker takes from one connection before they get to run
 MAX_DEFINED = 64 * 2**20  # bytes of functions one connection may define (DEFINE)
 RECONNECT = (0.05, 2.0)  # seconds between tries to reach a listed worker, doubling
@@ -805,13 +806,14 @@ class WorkerPool:
         to another worker while the task provably did not start (REFUSED, or
         never sent), for up to `wait` seconds."""
         body, definition = _dump_task(fn, args, kwargs, self.max_frame)
-        task, exclude, lost = Task(fn, args, kwargs), _NOBODY, _NOBODY
+        task, exclude, avoid = Task(fn, args, kwargs), _NOBODY, _NOBODY
+        lost: list[str] = []  # where the call was lost: each run counts
         deadline = time.monotonic() + self.wait
         seconds = None if generator else _time_limit(fn)
         retries = _retries.get()
         retries = fn.__wool_retries__ if retries is _MISSING else retries
         while True:
-            conn = await self._connection(task, exclude, deadline, lost)
+            conn = await self._connection(task, exclude, deadline, avoid)
             try:
                 rid, call = conn.start(body, definition, generator)
                 if seconds is None:  # as conn.answer(), without a coroutine
@@ -825,14 +827,16 @@ class WorkerPool:
             except _NotSent:
                 kind = REFUSED
             except WorkerLost as e:
-                if len(lost) >= retries:
+                lost.append(conn.info.address)
+                if len(lost) > retries:
                     if retries:
                         e.args = (
-                            f"{e}; sent {len(lost) + 1} times (retries={retries})",
+                            f"{e}; sent {len(lost)} times (retries={retries}), "
+                            f"to {', '.join(lost)}",
                         )
                     raise
                 log.warning("%s; sending %s() again", e, fn.__qualname__)
-                lost |= {conn.info.uid}
+                avoid = avoid | {conn.info.uid}
                 deadline = time.monotonic() + self.wait
                 continue
             else:
@@ -1284,14 +1288,14 @@ class _Parts:
 
 
 class _Bytes:
-    """Large `bytes`, or a memoryview, in a message: its buffer travels out of
-    band (pickle keeps bytes inside the pickle, a copy each way, and cannot
-    pickle memoryviews); rebuilt on arrival, bytes with one copy, a
-    memoryview as a view of the received memory."""
+    """Large `bytes` or bytearray, or a memoryview, in a message: its buffer
+    travels out of band (pickle keeps bytes and bytearrays inside the pickle,
+    a copy each way, and cannot pickle memoryviews); rebuilt on arrival with
+    one copy, a memoryview as a view of the received memory."""
 
     __slots__ = ("data",)
 
-    def __init__(self, data: bytes | memoryview):
+    def __init__(self, data: bytes | bytearray | memoryview):
         self.data = data
 
     def __reduce_ex__(self, protocol):
@@ -1302,7 +1306,7 @@ def _lift(obj):
     """`obj`, and the tuple or dict it is (a call's args, kwargs), with its
     large bytes and its memoryviews ready to travel out of band."""
     kind = type(obj)
-    if kind is bytes and len(obj) >= LARGE or kind is memoryview:
+    if (kind is bytes or kind is bytearray) and len(obj) >= LARGE or kind is memoryview:
         return _Bytes(obj)
     if kind is tuple or kind is dict:
         items = obj if kind is tuple else obj.values()
@@ -1314,7 +1318,7 @@ def _lift(obj):
     return obj
 
 
-_LIFTED = frozenset({bytes, memoryview})
+_LIFTED = frozenset({bytes, bytearray, memoryview})
 
 
 def _forged() -> ProtocolError:
@@ -1388,10 +1392,10 @@ def _pickle(
             data = cloudpickle.dumps(obj, protocol=5, buffer_callback=callback)
         if buffers:
             data = _Parts(data, buffers)
-    except Exception as e:
+    except BaseException as e:  # a __reduce__ may raise anything, SystemExit too
         if what is None:
             raise
-        raise TypeError(f"cannot send {what()}: {e}") from e
+        raise TypeError(f"cannot send {what()}: {_why(e)}") from e
     if len(data) > max_frame:
         raise TypeError(
             f"{what() if what else 'a message'} is {len(data) / 2**20:.0f} MiB, "
@@ -1563,26 +1567,44 @@ def _traceback(exc: BaseException) -> str:
 
 
 def _dump_error(exc: BaseException, max_frame: int = MAX_FRAME) -> bytes:
-    tb = _traceback(exc)
+    """An ERROR body for `exc`, whatever it is or does: this never raises, so
+    every call gets its one answer. The exception travels pickled if it can
+    and fits half of max_frame; its type name, message and traceback text
+    (each cut to TRIM characters) always, for a RemoteError where not."""
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
     try:
-        message = str(exc)
-    except Exception:
-        message = "<str() failed>"
+        message, tb = _trim(str(exc)), _trim(_traceback(exc))
+    except BaseException as e:  # a __str__ that raises
+        message, tb = f"<str() raised {type(e).__name__}>", ""
     try:
         payload = _pickle(exc, None, max_frame // 2)
-    except Exception:
+    except BaseException:
         payload = None
-    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-    return _pickle((name, message, tb[-max_frame // 4 :], payload))
+    return _pickle((name, message, tb, payload))
+
+
+def _why(e: BaseException) -> str:
+    return str(e) if isinstance(e, Exception) else repr(e)  # SystemExit(3), not 3
+
+
+def _trim(text: str) -> str:
+    if len(text) <= TRIM:
+        return text
+    cut = f"\n[... {len(text) - TRIM} characters left out ...]\n"
+    return text[: TRIM // 2] + cut + text[-TRIM // 2 :]
 
 
 def _load_error(data) -> BaseException:
     name, message, tb, payload = pickle.loads(data)
     exc = None
     if payload is not None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(BaseException):
             exc = pickle.loads(payload)
-    if not isinstance(exc, BaseException):
+    # SystemExit and KeyboardInterrupt would stop the caller's event loop
+    # (asyncio lets them out of run()), though only a task ended: RemoteError.
+    if not isinstance(exc, BaseException) or isinstance(
+        exc, (SystemExit, KeyboardInterrupt)
+    ):
         exc = RemoteError(name, message, tb)
     exc.__cause__ = _RemoteTraceback(tb)
     return exc
@@ -1593,9 +1615,9 @@ def _load_reply(kind: int, data, fn):
         raise _load_error(data)
     try:
         value, changes = _loads(data)
-    except Exception as e:
+    except BaseException as e:  # SystemExit from a __reduce__ too
         raise TypeError(
-            f"cannot load the value of {fn.__qualname__}() in the caller: {e}"
+            f"cannot load the value of {fn.__qualname__}() in the caller: {_why(e)}"
         ) from e
     if changes:
         _apply_changes(changes)
@@ -1687,6 +1709,7 @@ LARGE = 64 * 2**10  # bytes; a larger body is received into its own buffer
 CHUNK = 256 * 2**10  # bytes of a large message handed to the kernel at a time
 BUFFER = 256 * 2**10  # bytes of a connection's reusable receive buffer
 SHARE = 2**20  # bytes of buffers from which a message to this machine is shared
+SHARED_FILES = 64  # shared files a connection holds until mapped; more: the socket
 # Threads of our own for tags and shared files: the event loop's default
 # executor may be full of a user's blocking calls (sync tasks on a worker).
 _THREADS = concurrent.futures.ThreadPoolExecutor(os.cpu_count(), "wool")
@@ -1897,6 +1920,7 @@ class _Frames(asyncio.BufferedProtocol):
     def lose(self, error: Exception | None):
         if not self.lost:
             self.lost = True
+            _LIVENESS.forget(self)
             self.on_lost(error)
 
     def eof_received(self):
@@ -1991,7 +2015,8 @@ class _Outbox:
             return
         parts = [body]
         if type(body) is _Parts:
-            if self.share and body.size - len(body.pickle) >= SHARE:
+            share = self.share and len(self.files) < SHARED_FILES  # else the socket
+            if share and body.size - len(body.pickle) >= SHARE:
                 self.large, self.tag = collections.deque(), b""  # frames behind wait
                 done = self.loop.run_in_executor(_THREADS, _share, body.buffers)
                 done.add_done_callback(functools.partial(self.shared, kind, rid, body))
@@ -2114,34 +2139,86 @@ def _feed(mac, parts: list):
         mac.update(part)
 
 
-def _tune(writer: asyncio.StreamWriter):
-    """Let the kernel find a dead peer: keepalive probes answer even while
-    the peer's event loop is busy with a long synchronous task, and
-    TCP_USER_TIMEOUT bounds how long sent data may go unacknowledged."""
-    sock = writer.get_extra_info("socket")
-    if sock is None:
-        return
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in [
-        ("TCP_KEEPIDLE", KEEPALIVE),
-        ("TCP_KEEPINTVL", KEEPALIVE),
-        ("TCP_KEEPCNT", max(1, int(DEAD_AFTER / KEEPALIVE) - 1)),
-        ("TCP_USER_TIMEOUT", DEAD_AFTER * 1000),
-    ]:
-        if hasattr(socket, name):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(
-                    socket.IPPROTO_TCP, getattr(socket, name), max(1, int(value))
+# Liveness. A peer is dead when its kernel stops answering, never because its
+# event loop is busy: a busy peer's kernel still acknowledges every probe,
+# advertising a zero window. TCP_USER_TIMEOUT cannot tell the two apart
+# (Linux aborts a zero-window connection with it too), so wool does not set
+# it. The kernel's keepalive ends an idle connection to a peer that is gone;
+# for one with data in flight, a thread of ours reads each socket's TCP_INFO
+# once a KEEPALIVE, however blocked our own loop is: retransmissions or
+# probes unanswered for DEAD_AFTER seconds mean that the peer's machine is
+# gone or the link is cut. (Linux backs its probes of a zero window off, to
+# two minutes at most: a peer that dies after being busy that long is found
+# after two of them.)
+
+_TCP_INFO = struct.Struct("=2xBB52xI")  # retransmits, probes, ms since the last ACK
+
+
+class _Liveness:
+    """The thread that watches connections' TCP_INFO (see above)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.watched: dict[_Frames, tuple] = {}  # -> (socket, loop); under lock
+        self.thread: threading.Thread | None = None
+
+    def watch(self, frames: _Frames, sock):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in [
+            ("TCP_KEEPIDLE", KEEPALIVE),
+            ("TCP_KEEPINTVL", KEEPALIVE),
+            ("TCP_KEEPCNT", DEAD_AFTER / KEEPALIVE),
+        ]:
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), int(value))
+        if not hasattr(socket, "TCP_INFO"):  # not Linux: the kernel's keepalive only
+            return
+        with self.lock:
+            self.watched[frames] = (sock, asyncio.get_running_loop())
+            if self.thread is None:
+                self.thread = threading.Thread(
+                    target=self.run, name="wool liveness", daemon=True
                 )
+                self.thread.start()
+
+    def forget(self, frames: _Frames):
+        with self.lock:
+            self.watched.pop(frames, None)
+
+    def run(self):
+        while True:
+            time.sleep(KEEPALIVE)
+            with self.lock:
+                watched = list(self.watched.items())
+            for frames, (sock, loop) in watched:
+                # With the GIL held, a socket closed meanwhile fails (EBADF):
+                # its descriptor cannot be another one's yet.
+                try:
+                    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 60)
+                    retransmits, probes, silent = _TCP_INFO.unpack_from(info)
+                except (OSError, struct.error):
+                    continue
+                if (retransmits or probes > 1) and silent > DEAD_AFTER * 1000:
+                    self.forget(frames)
+                    gone = TimeoutError(
+                        f"its machine has not answered for {silent / 1000:.0f} s: "
+                        "it is gone, or the link is cut"
+                    )
+                    with contextlib.suppress(RuntimeError):  # its loop is closed
+                        loop.call_soon_threadsafe(frames.fail, gone)
+
+
+_LIVENESS = _Liveness()
 
 
 def _switch(writer: asyncio.StreamWriter, seals, max_frame, on_frame, on_lost, **out):
     """Move a connection past its handshake to our own protocol: (frames, outbox)."""
-    _tune(writer)
     outbox = _Outbox(writer.transport, seals[1], **out)
     frames = _Frames(writer.transport, max_frame, seals[0], on_frame, on_lost, outbox)
     writer.transport.set_protocol(frames)
+    if (sock := writer.get_extra_info("socket")) is not None:
+        _LIVENESS.watch(frames, sock)
     return frames, outbox
 
 
@@ -2251,8 +2328,12 @@ class Worker:
             self.tags,
             self.ssl is not None,
         )
-        if self.discovery is not None:
-            await self.discovery.publish(DiscoveryEvent("worker-added", self.info))
+        try:
+            if self.discovery is not None:
+                await self.discovery.publish(DiscoveryEvent("worker-added", self.info))
+        except BaseException:  # a discovery table of another user's, ...
+            await self.stop()
+            raise
         self.state = _State.READY
         log.info(
             "worker %s listening (tags: %s)",

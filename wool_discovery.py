@@ -59,6 +59,7 @@ SLOT_SIZE = 512  # bytes of JSON per worker record; long tag lists must fit
 POLL_MIN = 0.002  # seconds between shared-memory polls right after a change,
 POLL_MAX = 0.05  # ... backing off to this when nothing changes
 LIVENESS_EVERY = 0.5  # seconds between checks that listed local pids still run
+LOCK_WAIT = 5.0  # seconds to wait for a local discovery table's lock
 REANNOUNCE_EVERY = 5.0  # seconds between mDNS re-announcements of a worker
 
 
@@ -141,9 +142,11 @@ def _describe(cls_name: str, arg: str, filter) -> str:
 #
 # The segment `wool-<namespace>` holds a generation counter and SLOTS records,
 # each a 2-byte length and a WorkerInfo as JSON (never pickle: a record is
-# data, whoever wrote it). Writers and readers take fcntl.flock on the
-# segment's own file descriptor, which the kernel releases if a holder dies.
-# Records whose pid no longer runs are stale (a SIGKILLed worker) and are
+# data, whoever wrote it). Only a segment of our own user, private to it, is
+# used: another user could otherwise squat the name, hold its lock or forge
+# records. Writers and readers take fcntl.flock on the segment's descriptor,
+# which the kernel releases if a holder dies. Records whose pid is not a
+# running process of ours are stale (a SIGKILLed worker) or foreign, and are
 # cleared by whoever sees them next.
 
 _GENERATION = struct.Struct("!Q")
@@ -154,10 +157,8 @@ _SEGMENT_SIZE = _GENERATION.size + SLOTS * SLOT_SIZE
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):  # gone, or another user's
         return False
-    except PermissionError:  # alive, but another user's
-        return True
     return True
 
 
@@ -165,20 +166,30 @@ def _attach(name: str, create: bool, track: bool) -> shared_memory.SharedMemory:
     """Open segment `name` (creating it if asked) without letting an attaching
     process unlink it at exit."""
     if sys.version_info >= (3, 13):
-        return shared_memory.SharedMemory(name, create, _SEGMENT_SIZE, track=track)
-    # Before 3.13 every open registers the segment with resource_tracker, which
-    # unlinks it when *this* process exits (CPython gh-82300). Unregistering
-    # afterwards is wrong for spawn children, which share their creator's
-    # tracker; not registering in the first place is right for everyone.
-    from multiprocessing import resource_tracker
+        shm = shared_memory.SharedMemory(name, create, _SEGMENT_SIZE, track=track)
+    else:
+        # Before 3.13 every open registers the segment with resource_tracker,
+        # which unlinks it when *this* process exits (CPython gh-82300).
+        # Unregistering afterwards is wrong for spawn children, which share
+        # their creator's tracker; not registering at all is right for all.
+        from multiprocessing import resource_tracker
 
-    register = resource_tracker.register
-    if not track:
-        resource_tracker.register = lambda name, rtype: None
-    try:
-        return shared_memory.SharedMemory(name, create, _SEGMENT_SIZE)
-    finally:
-        resource_tracker.register = register
+        register = resource_tracker.register
+        if not track:
+            resource_tracker.register = lambda name, rtype: None
+        try:
+            shm = shared_memory.SharedMemory(name, create, _SEGMENT_SIZE)
+        finally:
+            resource_tracker.register = register
+    stat = os.fstat(shm._fd)  # type: ignore[attr-defined]
+    if stat.st_uid != os.getuid() or stat.st_mode & 0o077:
+        shm.close()
+        raise PermissionError(
+            f"the discovery table /dev/shm/{name} belongs to uid {stat.st_uid} "
+            f"with mode {stat.st_mode & 0o777:o}; wool uses only one its own user "
+            "made private: remove it (its owner or root can) or use another namespace"
+        )
+    return shm
 
 
 class _Table:
@@ -188,12 +199,24 @@ class _Table:
         self.shm = shm
         self.buf: Any = shm.buf  # a memoryview; None once closed
 
-    @contextlib.contextmanager
-    def locked(self):
-        # The lock is held for microseconds and never across an await; a holder
-        # that died released it with its descriptor. LOCK_NB would only turn
-        # a short wait into a busy loop.
-        fcntl.flock(self.shm._fd, fcntl.LOCK_EX)
+    @contextlib.asynccontextmanager
+    async def locked(self):
+        # Our own processes hold the lock for microseconds, never across an
+        # await (a holder that died released it with its descriptor); waiting
+        # for it never blocks the event loop, and gives up after LOCK_WAIT.
+        delay, deadline = POLL_MIN / 8, time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(self.shm._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"the discovery table {self.shm.name} was locked for "
+                        f"{LOCK_WAIT:g} s by another process of this user"
+                    ) from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, POLL_MAX)
         try:
             yield
         finally:
@@ -313,7 +336,7 @@ class LocalDiscoveryService:
                 f"worker record of {len(data)} bytes does not fit a local discovery "
                 f"slot ({SLOT_SIZE - _LENGTH.size}); use fewer or shorter tags"
             )
-        with table.locked():
+        async with table.locked():
             records = table.read()
             if event.type == "worker-dropped":
                 if info.uid in records:
@@ -345,7 +368,7 @@ class LocalDiscoveryService:
                 if table is not None and (
                     table.generation() != generation or now - checked > LIVENESS_EVERY
                 ):
-                    with table.locked():
+                    async with table.locked():
                         records = table.read()
                         generation = table.generation()
                     checked = now
