@@ -143,7 +143,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-# -- Errors -------------------------------------------------------------------
+# -- Errors ----------------------------------------------------------------------------
+
 #
 #   WoolError
 #   +-- NoWorkersAvailable   no worker could take the task within the wait
@@ -206,8 +207,7 @@ class _NotSent(Exception):
     """Internal: the task provably never reached the worker; another may run it."""
 
 
-# -- The public API: work, WorkerPool, load balancers ----------------------------
-
+# -- @work and its options: timeout, retries, wool.ContextVar --------------------------
 
 @overload
 def work(fn: Callable[P, R], /) -> Callable[P, R]: ...
@@ -407,6 +407,8 @@ def _apply_changes(values: dict[str, Any]) -> None:
     for name, value in values.items():
         ContextVar(name).set(value)
 
+
+# -- WorkerPool and its load balancers -------------------------------------------------
 
 class Task:
     """One call of a @work function, as a load balancer sees it."""
@@ -849,6 +851,23 @@ class WorkerPool:
             exclude.add(conn.info.uid)
 
 
+def _check_tags(tags: tuple, who: str) -> frozenset[str]:
+    bad = [t for t in tags if not isinstance(t, str)]
+    if bad:
+        hint = " (for a number of workers, write size=N)" if who == "WorkerPool" else ""
+        raise TypeError(f"{who} tags must be strings, not {bad[0]!r}{hint}")
+    return frozenset(tags)
+
+
+def _authkey(key: bytes | None) -> bytes:
+    """The key to use: the one given, else WOOL_AUTHKEY, else none (b"")."""
+    if key is not None:
+        return key
+    return os.environ.get("WOOL_AUTHKEY", "").encode()
+
+
+# -- The roster and the spawner: the workers a pool knows ------------------------------
+
 class _Roster:
     """The workers a pool's discovery sources list, and its connections to
     them. Liveness comes from a connection, never from discovery records (a
@@ -991,6 +1010,470 @@ class _Roster:
         return True
 
 
+class _Source:
+    """A discovery service, and the key and TLS settings for its workers.
+    `leased`: its workers count against the pool's `lease` (not spawned)."""
+
+    __slots__ = ("key", "leased", "service", "ssl")
+
+    def __init__(self, service, key: bytes, ssl, leased: bool = True):
+        self.service, self.key, self.ssl, self.leased = service, key, ssl, leased
+
+
+
+
+class _Spawner:
+    """The worker processes a pool starts on this machine, listed in a private
+    local namespace and given a key of their own. Only the spawner starts and
+    stops them.
+
+    Each is `python -c "import wool; wool._spawned()"`, configured through
+    stdin, which stays open: its EOF tells the worker to stop, also when this
+    process is killed. One that dies while the pool is ready is replaced, at
+    most RESPAWNS times per RESPAWN_WINDOW; past that, when the window allows.
+    """
+
+    def __init__(self, pool: WorkerPool):
+        self.pool = pool
+        self.service = LocalDiscoveryService(f"p{uuid.uuid4().hex[:12]}")
+        self.key = _authkey(pool.authkey) or secrets.token_bytes(32)
+        self.procs: set[asyncio.subprocess.Process] = set()
+        self.replaced: collections.deque[float] = collections.deque()  # when
+        self.failed: int | None = None  # exit code of a worker that could not start
+        self.watchers: set[asyncio.Task] = set()
+        self.stopping = False
+
+    def pids(self) -> set[int]:
+        return {p.pid for p in self.procs}
+
+    async def start(self):
+        """Start the workers; return once all are connected to the pool."""
+        pool = self.pool
+        self.service.create_segment()
+        await asyncio.gather(*(self.spawn() for _ in range(pool.size)))
+
+        def ready():
+            connected = sum(1 for info in pool.workers if info.pid in self.pids())
+            return self.failed is not None or connected >= pool.size
+
+        try:
+            await pool._until(ready, pool.wait)
+        except TimeoutError:
+            raise RuntimeError(
+                f"spawned workers did not start within {pool.wait:g} s"
+            ) from None
+        if self.failed is not None:
+            raise RuntimeError(
+                f"a spawned worker exited with code {self.failed} as it "
+                "started; its error is on stderr"
+            )
+
+    async def spawn(self):
+        pool = self.pool
+        # Import this module under the name the caller knows it by (vendored,
+        # it may be `myproject._vendor.wool`): one copy of its state.
+        code = "import importlib, sys; sys.path.insert(0, sys.argv[1]); "
+        code += "importlib.import_module(sys.argv[2])._spawned()"
+        root = os.path.abspath(__file__)
+        for _ in range(__name__.count(".") + 1):
+            root = os.path.dirname(root)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, root, __name__,
+            stdin=asyncio.subprocess.PIPE,
+            start_new_session=True,  # Ctrl-C reaches the caller, which stops us
+        )  # fmt: skip
+        config = {
+            "path": sys.path,
+            "namespace": self.service.namespace,
+            "authkey": self.key,
+            "tags": sorted(pool.tags),
+            "max_frame": pool.max_frame,
+            "max_tasks": pool.max_tasks_per_worker,
+            "grace": pool.grace,
+            "log_level": log.getEffectiveLevel(),
+        }
+        data = pickle.dumps(config)
+        assert proc.stdin is not None
+        proc.stdin.write(struct.pack("!I", len(data)) + data)
+        self.procs.add(proc)
+        watcher = asyncio.ensure_future(self.watch(proc))
+        self.watchers.add(watcher)
+        watcher.add_done_callback(self.watchers.discard)
+
+    async def watch(self, proc: asyncio.subprocess.Process):
+        code = await proc.wait()
+        self.procs.discard(proc)
+        self.pool._notify()
+        if self.pool._state is _State.STARTING:  # a bad set-up: replacing won't help
+            self.failed = code
+            return
+        if self.stopping:
+            return
+        log.warning("worker pid %d exited with %s; replacing it", proc.pid, code)
+        while True:
+            now = time.monotonic()
+            while self.replaced and now - self.replaced[0] > RESPAWN_WINDOW:
+                self.replaced.popleft()
+            if len(self.replaced) < RESPAWNS:
+                break
+            delay = self.replaced[0] + RESPAWN_WINDOW - now
+            log.error(
+                "%d workers were replaced in the last %g s; the next starts in %.1f s",
+                len(self.replaced), RESPAWN_WINDOW, delay,
+            )  # fmt: skip
+            await asyncio.sleep(delay)
+        self.replaced.append(now)
+        await self.spawn()
+
+    async def stop(self):
+        """Stop the workers gracefully; kill those still running after grace.
+        A replacement being started is stopped first (and killed)."""
+        self.stopping = True
+        for watcher in self.watchers:
+            watcher.cancel()
+        await asyncio.gather(*self.watchers, return_exceptions=True)
+        procs = list(self.procs)
+        for proc in procs:  # closing stdin is the worker's signal to stop
+            with contextlib.suppress(Exception):
+                proc.stdin.close()  # type: ignore[union-attr]
+        if procs:
+            waits = [asyncio.ensure_future(p.wait()) for p in procs]
+            await asyncio.wait(waits, timeout=self.pool.grace + PATIENCE)
+        for proc in procs:
+            if proc.returncode is None:
+                log.warning("killing worker pid %d: it outlived its grace", proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        self.procs.clear()
+
+
+# -- The caller's end of a connection: _Connection, remote generators ------------------
+
+class _Call:
+    __slots__ = ("accepted", "reply")
+
+    def __init__(self, reply: asyncio.Future):
+        self.accepted, self.reply = False, reply
+
+
+class _Connection:
+    """A caller's connection to one worker, multiplexing many tasks.
+
+    Rules: the connection owns its calls in flight (`pending`; its size is
+    the load a balancer sees): only its methods add and remove them. Each
+    request frame gets at most one reply; whoever awaits a reply decodes its
+    body, so one bad body fails one call, not the connection. When the
+    connection dies, a call whose TASK never left this process goes to
+    another worker (_NotSent); any other gets WorkerLost, since the worker
+    may have run it: at most once.
+    """
+
+    def __init__(self, info: WorkerInfo, writer, seals, max_frame: int, on_change):
+        # Keep the writer: when a StreamWriter is collected, it closes its transport.
+        self.info, self.writer, self.on_change = info, writer, on_change
+        self.loop = asyncio.get_running_loop()
+        self.pending: dict[int, _Call] = {}
+        self.rids = itertools.count(1)
+        self.defined: set[int] = set()  # functions sent by value on this connection
+        self.defined_bytes = 0
+        self.lost: str | None = None
+        self.listed_as = info.uid  # the discovery record it was opened for
+        self.goodbye = self.retiring = False
+        self.closed = self.loop.create_future()
+        self.frames, self.out = _switch(
+            writer, seals, max_frame, self._on_frame, self._lose
+        )
+
+    @property
+    def load(self) -> int:
+        return len(self.pending)
+
+    @classmethod
+    async def open(cls, info, source: _Source, hello: bytes, max_frame: int, on_change):
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+            try:
+                reader, writer = await asyncio.open_connection(
+                    info.host, info.port, ssl=source.ssl
+                )
+            except ssl.SSLError as e:
+                raise _tls_refused(info.address, e) from None
+            try:
+                seals = await _authenticate_worker(
+                    reader, writer, source.key, info.address
+                )
+            except (ssl.SSLError, asyncio.IncompleteReadError) as e:
+                writer.close()
+                cut = isinstance(e, ssl.SSLError) or not e.partial  # no MAGIC
+                if source.ssl is None or not cut:
+                    raise
+                raise _tls_refused(info.address, e) from None
+            except BaseException:
+                writer.close()
+                raise
+            try:
+                record, machine = await _read_info(reader, seals[0])
+            except (ValueError, TypeError, KeyError) as e:  # JSON that is not ours
+                writer.close()
+                raise ProtocolError(f"worker {info.address} sent no record: {e}")
+        # Who answers here, at the address discovery gave.
+        info = dataclasses.replace(record, host=info.host, port=info.port)
+        conn = cls(info, writer, seals, max_frame, on_change)
+        shared = (  # large buffers go by shared memory, both ways
+            machine is not None
+            and machine == _machine()
+            and os.access(f"/proc/{record.pid}/fd", os.R_OK | os.X_OK)
+        )
+        if shared:
+            conn.frames.pid, conn.out.share = record.pid, True
+        conn.out.send(HELLO, os.getpid() if shared else 0, hello)
+        return conn
+
+    def _on_frame(self, kind: int, rid: int, body):
+        if kind not in _TO_CALLER:
+            raise ProtocolError(f"unknown frame kind {kind} from a worker")
+        if kind == GOODBYE:
+            self.goodbye = True
+            return self.retire()
+        if kind == INFO:
+            raise ProtocolError("a second INFO frame")
+        call = self.pending.get(rid)
+        if call is None:
+            return  # a reply to a call that was cancelled
+        call.accepted = True
+        if kind != ACCEPTED and not call.reply.done():
+            call.reply.set_result((kind, body))
+
+    def _lose(self, error: Exception | None):
+        reason = "closed by the worker" if error is None else str(error) or repr(error)
+        if self.goodbye:
+            reason = "the worker stopped"
+        if isinstance(error, ProtocolError):
+            log.warning("closed connection to worker %s: %s", self.info.address, error)
+        self.lost = reason
+        self.writer.close()
+        unsent = self.out.unsent()
+        self.out.close()
+        for rid, call in self.pending.items():
+            if call.reply.done():
+                continue
+            if rid in unsent:
+                call.reply.set_exception(_NotSent())
+                continue
+            what = "with the task on it"
+            if not call.accepted:
+                what = "after sending it the task, which may or may not have run"
+            lost = f"lost worker {self.info.address} ({reason}) {what}"
+            call.reply.set_exception(WorkerLost(lost))
+        self.pending.clear()
+        self.on_change()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def close(self):
+        self.out.flush()
+        self.writer.close()
+
+    def retire(self):
+        """Take no new tasks; close once the calls in flight are answered (a
+        worker that withdrew or is stopping is draining them)."""
+        if not self.retiring:
+            self.retiring = True
+            self.on_change()
+        if not self.pending:
+            self.close()
+
+    def start(self, body: bytes, definition: tuple | None, generator: bool):
+        """Send a TASK, or a STREAM for a generator (the first time, its
+        function's DEFINE before it): (request id, call)."""
+        if self.lost is not None or self.retiring:
+            raise _NotSent()
+        if definition is not None and definition[0] not in self.defined:
+            self.defined_bytes += len(definition[1])
+            if self.defined_bytes > MAX_DEFINED:  # a new connection starts afresh
+                self.retire()
+                raise _NotSent()
+            self.defined.add(definition[0])
+            self.out.send(DEFINE, *definition)
+        rid = next(self.rids)
+        call = self.pending[rid] = _Call(self.loop.create_future())
+        self.out.send(STREAM if generator else TASK, rid, body)
+        self.on_change()
+        return rid, call
+
+    async def answer(self, rid: int, call: _Call) -> tuple[int, Any]:
+        """The next reply (kind, body) to a request. Cancelling the caller
+        cancels the task on the worker."""
+        try:
+            return await call.reply
+        except asyncio.CancelledError:
+            self.cancel(rid)
+            raise
+
+    async def step(self, rid: int, call: _Call, kind: int, body: bytes = b""):
+        """One generator step on an open request."""
+        if self.lost is not None:
+            raise WorkerLost(
+                f"lost worker {self.info.address} ({self.lost}) with the generator on it"
+            )
+        call.reply = self.loop.create_future()
+        self.out.send(kind, rid, body)
+        return await self.answer(rid, call)
+
+    async def status(self) -> dict:
+        """The worker's status (Worker.status())."""
+        rid = next(self.rids)
+        call = self.pending[rid] = _Call(self.loop.create_future())
+        self.out.send(STATUS, rid)
+        try:
+            _, data = await self.answer(rid, call)
+        finally:
+            self.finish(rid)
+        return _loads(data)[0]
+
+    def finish(self, rid: int):
+        """The call got its last reply, or is abandoned."""
+        if self.pending.pop(rid, None) is not None:
+            if self.retiring and not self.pending:
+                self.close()
+            self.on_change()
+
+    def cancel(self, rid: int):
+        if rid in self.pending:
+            if self.lost is None:
+                self.out.send(CANCEL, rid)
+            self.finish(rid)
+
+
+async def _read_info(reader: asyncio.StreamReader, seal: _Seal):
+    """The worker's first frame, INFO: (its own record, as data, and its
+    machine token; see _machine)."""
+    header = await reader.readexactly(HEADER.size)
+    size, kind, _ = decode_header(header, LARGE - 1)
+    body = await reader.readexactly(size)
+    if kind != INFO or not hmac.compare_digest(
+        seal.tag(header, body), await reader.readexactly(TAG)
+    ):
+        raise ValueError(f"a frame of kind {kind} that is not a sealed INFO")
+    return WorkerInfo.from_json(body), json.loads(body).get("machine")
+
+
+def _tls_refused(address: str, error: Exception) -> AuthenticationError:
+    """What a failed TLS handshake with a worker means, and what to do."""
+    reason = getattr(error, "reason", None) or ""
+    if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE"):
+        why = "does not speak TLS; do not give its pool ssl="
+    elif reason == "CERTIFICATE_VERIFY_FAILED":
+        why = (
+            f"has a certificate we do not trust ({error}); load the CA that "
+            "signed it into ssl= (cafile=)"
+        )
+    else:  # a TLS 1.3 server refuses a client certificate after the handshake
+        why = (
+            "refused our TLS client certificate, or wants one: load one from "
+            f"its CA into ssl= (context.load_cert_chain) ({error!r})"
+        )
+    return AuthenticationError(f"worker {address} {why}")
+
+
+class _RemoteGenerator(collections.abc.AsyncGenerator):
+    """A @work async generator call: pulls one value per step from a worker.
+
+    The task is sent on the first step, to the pool current at that time.
+    `asend`, `athrow` and `aclose` reach the generator on the worker, one
+    step at a time (as a native generator, a second concurrent step raises
+    RuntimeError); a generator dropped unfinished, or whose step ran past the
+    call's timeout, is closed there. retries= apply before its first value only.
+    """
+
+    def __init__(self, fn, args, kwargs):
+        self._fn, self._args, self._kwargs = fn, args, kwargs
+        self._conn: _Connection | None = None
+        self._rid, self._call = 0, None
+        self._done = self._running = False
+
+    def __repr__(self):
+        return f"<wool generator {self._fn.__qualname__}>"
+
+    async def _step(self, kind: int, body: bytes = b""):
+        if self._running:
+            raise RuntimeError(f"{self!r} is already running: one step at a time")
+        self._running = True
+        try:  # each step within the call's time limit; past it, closed there
+            async with asyncio.timeout(_time_limit(self._fn)):
+                if self._conn is None:
+                    pool = _pool_for(self._fn)
+                    self._conn, self._rid, self._call, reply = await pool._run(
+                        self._fn, self._args, self._kwargs, True
+                    )
+                    reply_kind, data = reply
+                else:
+                    reply_kind, data = await self._conn.step(
+                        self._rid, self._call, kind, body
+                    )
+        except BaseException:
+            self._finish()
+            raise
+        finally:
+            self._running = False
+        if reply_kind == RESULT:
+            return _load_reply(reply_kind, data, self._fn)
+        self._finish()
+        if reply_kind == STOP:
+            raise StopAsyncIteration
+        raise _load_error(data)
+
+    def _finish(self):
+        if self._conn is not None and not self._done:
+            self._conn.finish(self._rid)
+        self._done = True
+
+    async def asend(self, value):
+        if self._done:
+            raise StopAsyncIteration
+        if self._conn is None and value is not None:
+            raise TypeError(
+                "can't send non-None value to a just-started async generator"
+            )
+        body = b"" if value is None else _pickle(_lift(value), oob=True)
+        return await self._step(NEXT, body)
+
+    async def athrow(self, typ, val=None, tb=None):
+        if isinstance(typ, BaseException):
+            exc = typ
+        elif isinstance(val, BaseException):
+            exc = val
+        else:
+            exc = typ() if val is None else typ(val)
+        if self._done or self._conn is None:
+            self._done = True
+            raise exc
+        return await self._step(THROW, _pickle(exc))
+
+    async def aclose(self):
+        if self._done or self._conn is None:
+            self._done = True
+            return
+        with contextlib.suppress(StopAsyncIteration):
+            await self._step(CLOSE)
+
+    def __del__(self):
+        if self._done or self._conn is None:
+            return
+        conn, rid = self._conn, self._rid
+        self._done = True
+        try:
+            if asyncio.get_running_loop() is conn.loop:
+                conn.cancel(rid)  # runs the generator's `finally` there
+                return
+        except RuntimeError:  # collected outside the loop's thread
+            pass
+        if not conn.loop.is_closed():
+            conn.loop.call_soon_threadsafe(conn.cancel, rid)
+
+
+# -- Executor: a concurrent.futures face on a pool -------------------------------------
+
 class Executor(concurrent.futures.Executor):
     """A concurrent.futures.Executor over a WorkerPool, for synchronous code.
 
@@ -1111,181 +1594,7 @@ async def _aiter(iterable):
         yield item
 
 
-class _Source:
-    """A discovery service, and the key and TLS settings for its workers.
-    `leased`: its workers count against the pool's `lease` (not spawned)."""
-
-    __slots__ = ("key", "leased", "service", "ssl")
-
-    def __init__(self, service, key: bytes, ssl, leased: bool = True):
-        self.service, self.key, self.ssl, self.leased = service, key, ssl, leased
-
-
-def _check_tags(tags: tuple, who: str) -> frozenset[str]:
-    bad = [t for t in tags if not isinstance(t, str)]
-    if bad:
-        hint = " (for a number of workers, write size=N)" if who == "WorkerPool" else ""
-        raise TypeError(f"{who} tags must be strings, not {bad[0]!r}{hint}")
-    return frozenset(tags)
-
-
-def _authkey(key: bytes | None) -> bytes:
-    """The key to use: the one given, else WOOL_AUTHKEY, else none (b"")."""
-    if key is not None:
-        return key
-    return os.environ.get("WOOL_AUTHKEY", "").encode()
-
-
-# -- Frames: objects <-> bytes. No sockets, no await. ----------------------------
-#
-# A frame is HEADER, a body of `length` bytes (a pickle, or empty) and a TAG:
-# a MAC of the frame's sequence number in its direction, its header and its
-# body, under the session's key for that direction (see Streams, _Seal).
-# A receiver checks the length against max_frame before reading on, and the
-# tag before the body goes anywhere.
-
-HEADER = struct.Struct("!IBQ")  # body length, kind, request id
-TAG = 16  # bytes of a frame's MAC
-FILE = struct.Struct("!IQ")  # a shared file: its sender's descriptor, its serial
-
-# caller -> worker
-HELLO = 1  # body: (the caller's discovery sources, for nested calls, and
-#           whether the caller is itself a worker's nested pool); rid: the
-#           caller's pid if INFO showed it shares this machine, else 0
-TASK = 2  # body: (function reference, args, kwargs, context values, timeout)
-NEXT = 3  # body: value sent into a generator (empty: None)
-THROW = 4  # body: exception thrown into a generator
-CLOSE = 5  # no body: close the generator
-CANCEL = 6  # no body: cancel the task
-DEFINE = 7  # body: a function pickled by value; rid: the number TASKs name it by
-STREAM = 8  # body as TASK, for an async generator; its first NEXT is implied
-STATUS = 9  # no body: what is the worker doing? Answered by a RESULT at once
-# worker -> caller
-ACCEPTED = 16  # no body: the task runs here (sent after its first step, if that
-#              did not answer); it will not run anywhere else
-REFUSED = 17  # no body: not accepted (stopping or full); try another worker
-RESULT = 18  # body: (value returned or yielded, context values the task set)
-ERROR = 19  # body: (type name, message, traceback text, pickled exception)
-STOP = 20  # no body: the generator finished
-GOODBYE = 21  # no body, rid 0: the worker is stopping; send nothing more
-INFO = 22  # body: the worker's WorkerInfo as JSON, its first frame; rid 0
-# either way
-TAKEN = 23  # no body: the shared file numbered rid is mapped; its sender closes it
-
-BUFFERS = 0x80  # kind flag: the body is a _Parts (pickle and out-of-band buffers)
-SHARED = 0x40  # with BUFFERS: the buffers are in a shared file, not in the frame
-_VALUES = frozenset({TASK, STREAM, NEXT, RESULT})  # the kinds that may carry them
-
-_TO_CALLER = frozenset({ACCEPTED, REFUSED, RESULT, ERROR, STOP, GOODBYE, INFO})
-_URGENT = frozenset({ACCEPTED, REFUSED, GOODBYE, TAKEN})  # ahead of queued frames
-
-
-class _Seal:
-    """One direction of a session: makes (sender) or checks (receiver) each
-    frame's tag, numbering frames so that none can be dropped, replayed or
-    reordered unseen. Keyed BLAKE2b for bodies under SMALL bytes (a third of
-    HMAC's cost per call), HMAC-SHA256 for larger ones (twice BLAKE2b's speed
-    where the CPU has SHA instructions)."""
-
-    __slots__ = ("blake", "hmac", "seq")
-    SMALL = 2**10
-
-    def __init__(self, key: bytes):
-        self.blake = hashlib.blake2b(key=_digest(key, b"blake2b", b""), digest_size=TAG)
-        self.hmac, self.seq = hmac.new(key, digestmod="sha256"), 0
-
-    def begin(self, header, size: int) -> Any:
-        """The next frame's MAC, fed its number and header; feed it the body."""
-        mac: Any = self.blake.copy() if size < self.SMALL else self.hmac.copy()
-        mac.update(self.seq.to_bytes(8, "big") + header)
-        self.seq += 1
-        return mac
-
-    def tag(self, header, body) -> bytes:
-        if len(body) >= self.SMALL:
-            mac = self.begin(header, len(body))
-            mac.update(body)
-            return mac.digest()[:TAG]
-        mac = self.blake.copy()  # the hot path: begin(), inlined
-        mac.update(self.seq.to_bytes(8, "big") + header)
-        mac.update(body)
-        self.seq += 1
-        return mac.digest()
-
-
-def encode(kind: int, rid: int, body: bytes, seal: _Seal) -> list[bytes]:
-    """One frame as the parts to write in order: header, body, tag."""
-    header = HEADER.pack(len(body), kind, rid)
-    return [header, body, seal.tag(header, body)]
-
-
-def decode_header(data, max_frame: int, at: int = 0) -> tuple[int, int, int]:
-    """(body length, kind, request id) of the header at data[at:]; checks the
-    length before any body is read."""
-    size, kind, rid = HEADER.unpack_from(data, at)
-    _check_size(size, max_frame)
-    return size, kind, rid
-
-
-def _check_size(size: int, max_frame: int):
-    if size > max_frame:
-        raise ProtocolError(
-            f"frame of {size / 2**20:.0f} MiB is over max_frame "
-            f"({max_frame / 2**20:.0f} MiB)"
-        )
-
-
-class _Parts:
-    """A message whose large buffers travel beside its pickle, not inside it
-    (pickle protocol 5, PEP 574): on the wire a table (count, then each
-    buffer's length), the pickle, then the buffers. To a process on this
-    machine the buffers go in a shared file instead (see _share), and the
-    frame says which: FILE, then the table and the pickle. len() is its size."""
-
-    __slots__ = ("buffers", "pickle", "size")
-
-    def __init__(self, data, buffers: list):
-        self.pickle, self.buffers = data, buffers
-        self.size = 4 + 8 * len(buffers) + len(data) + sum(b.nbytes for b in buffers)
-
-    def __len__(self):
-        return self.size
-
-    def table(self) -> bytes:
-        n = len(self.buffers)
-        return struct.pack(f"!I{n}Q", n, *(b.nbytes for b in self.buffers))
-
-    def wire(self) -> list:
-        """The parts to write, none of them copied."""
-        return [self.table() + self.pickle, *self.buffers]
-
-    @classmethod
-    def read(cls, body, max_frame: int, shared_by: int | None = None) -> _Parts:
-        """The parts of a received body: views of it, no copy, or of the
-        shared file it names, which process `shared_by` sent. Raises
-        ProtocolError when its lengths do not add up."""
-        view, at = memoryview(body), FILE.size if shared_by else 0
-        try:
-            (n,) = struct.unpack_from("!I", view, at)
-            lengths = struct.unpack_from(f"!{n}Q", view, at + 4)
-        except (struct.error, MemoryError):
-            raise ProtocolError("a frame's buffer table is cut short") from None
-        at, size = at + 4 + 8 * n, sum(lengths)
-        if shared_by:
-            _check_size(len(view) + size, max_frame)
-            fd, serial = FILE.unpack_from(view)
-            memory, start, end = _map(shared_by, fd, serial, size), 0, None
-        else:
-            memory, start = view, len(view) - size
-            end = start
-            if start < at:
-                raise ProtocolError(f"a frame's {n} buffers are longer than the frame")
-        buffers = []
-        for length in lengths:
-            buffers.append(memoryview(memory)[start : start + length])
-            start += length
-        return cls(view[at:end], buffers)
-
+# -- Messages: what calls and answers pickle to. No sockets. ---------------------------
 
 class _Bytes:
     """Large `bytes` or bytearray, or a memoryview, in a message: its buffer
@@ -1319,13 +1628,6 @@ def _lift(obj):
 
 
 _LIFTED = frozenset({bytes, bytearray, memoryview})
-
-
-def _forged() -> ProtocolError:
-    return ProtocolError(
-        "a frame failed its MAC check: it was not sent by the peer that "
-        "passed the handshake, or was altered on the way"
-    )
 
 
 def _loads(body):
@@ -1624,7 +1926,167 @@ def _load_reply(kind: int, data, fn):
     return value
 
 
-# -- Streams: handshake, receiving and sending frames ---------------------------
+# -- Frames: objects <-> bytes. No sockets, no await. ----------------------------------
+
+#
+# A frame is HEADER, a body of `length` bytes (a pickle, or empty) and a TAG:
+# a MAC of the frame's sequence number in its direction, its header and its
+# body, under the session's key for that direction (see Streams, _Seal).
+# A receiver checks the length against max_frame before reading on, and the
+# tag before the body goes anywhere.
+
+HEADER = struct.Struct("!IBQ")  # body length, kind, request id
+TAG = 16  # bytes of a frame's MAC
+FILE = struct.Struct("!IQ")  # a shared file: its sender's descriptor, its serial
+
+# caller -> worker
+HELLO = 1  # body: (the caller's discovery sources, for nested calls, and
+#           whether the caller is itself a worker's nested pool); rid: the
+#           caller's pid if INFO showed it shares this machine, else 0
+TASK = 2  # body: (function reference, args, kwargs, context values, timeout)
+NEXT = 3  # body: value sent into a generator (empty: None)
+THROW = 4  # body: exception thrown into a generator
+CLOSE = 5  # no body: close the generator
+CANCEL = 6  # no body: cancel the task
+DEFINE = 7  # body: a function pickled by value; rid: the number TASKs name it by
+STREAM = 8  # body as TASK, for an async generator; its first NEXT is implied
+STATUS = 9  # no body: what is the worker doing? Answered by a RESULT at once
+# worker -> caller
+ACCEPTED = 16  # no body: the task runs here (sent after its first step, if that
+#              did not answer); it will not run anywhere else
+REFUSED = 17  # no body: not accepted (stopping or full); try another worker
+RESULT = 18  # body: (value returned or yielded, context values the task set)
+ERROR = 19  # body: (type name, message, traceback text, pickled exception)
+STOP = 20  # no body: the generator finished
+GOODBYE = 21  # no body, rid 0: the worker is stopping; send nothing more
+INFO = 22  # body: the worker's WorkerInfo as JSON, its first frame; rid 0
+# either way
+TAKEN = 23  # no body: the shared file numbered rid is mapped; its sender closes it
+
+BUFFERS = 0x80  # kind flag: the body is a _Parts (pickle and out-of-band buffers)
+SHARED = 0x40  # with BUFFERS: the buffers are in a shared file, not in the frame
+_VALUES = frozenset({TASK, STREAM, NEXT, RESULT})  # the kinds that may carry them
+
+_TO_CALLER = frozenset({ACCEPTED, REFUSED, RESULT, ERROR, STOP, GOODBYE, INFO})
+_URGENT = frozenset({ACCEPTED, REFUSED, GOODBYE, TAKEN})  # ahead of queued frames
+
+
+class _Seal:
+    """One direction of a session: makes (sender) or checks (receiver) each
+    frame's tag, numbering frames so that none can be dropped, replayed or
+    reordered unseen. Keyed BLAKE2b for bodies under SMALL bytes (a third of
+    HMAC's cost per call), HMAC-SHA256 for larger ones (twice BLAKE2b's speed
+    where the CPU has SHA instructions)."""
+
+    __slots__ = ("blake", "hmac", "seq")
+    SMALL = 2**10
+
+    def __init__(self, key: bytes):
+        self.blake = hashlib.blake2b(key=_digest(key, b"blake2b", b""), digest_size=TAG)
+        self.hmac, self.seq = hmac.new(key, digestmod="sha256"), 0
+
+    def begin(self, header, size: int) -> Any:
+        """The next frame's MAC, fed its number and header; feed it the body."""
+        mac: Any = self.blake.copy() if size < self.SMALL else self.hmac.copy()
+        mac.update(self.seq.to_bytes(8, "big") + header)
+        self.seq += 1
+        return mac
+
+    def tag(self, header, body) -> bytes:
+        if len(body) >= self.SMALL:
+            mac = self.begin(header, len(body))
+            mac.update(body)
+            return mac.digest()[:TAG]
+        mac = self.blake.copy()  # the hot path: begin(), inlined
+        mac.update(self.seq.to_bytes(8, "big") + header)
+        mac.update(body)
+        self.seq += 1
+        return mac.digest()
+
+
+def encode(kind: int, rid: int, body: bytes, seal: _Seal) -> list[bytes]:
+    """One frame as the parts to write in order: header, body, tag."""
+    header = HEADER.pack(len(body), kind, rid)
+    return [header, body, seal.tag(header, body)]
+
+
+def decode_header(data, max_frame: int, at: int = 0) -> tuple[int, int, int]:
+    """(body length, kind, request id) of the header at data[at:]; checks the
+    length before any body is read."""
+    size, kind, rid = HEADER.unpack_from(data, at)
+    _check_size(size, max_frame)
+    return size, kind, rid
+
+
+def _check_size(size: int, max_frame: int):
+    if size > max_frame:
+        raise ProtocolError(
+            f"frame of {size / 2**20:.0f} MiB is over max_frame "
+            f"({max_frame / 2**20:.0f} MiB)"
+        )
+
+
+class _Parts:
+    """A message whose large buffers travel beside its pickle, not inside it
+    (pickle protocol 5, PEP 574): on the wire a table (count, then each
+    buffer's length), the pickle, then the buffers. To a process on this
+    machine the buffers go in a shared file instead (see _share), and the
+    frame says which: FILE, then the table and the pickle. len() is its size."""
+
+    __slots__ = ("buffers", "pickle", "size")
+
+    def __init__(self, data, buffers: list):
+        self.pickle, self.buffers = data, buffers
+        self.size = 4 + 8 * len(buffers) + len(data) + sum(b.nbytes for b in buffers)
+
+    def __len__(self):
+        return self.size
+
+    def table(self) -> bytes:
+        n = len(self.buffers)
+        return struct.pack(f"!I{n}Q", n, *(b.nbytes for b in self.buffers))
+
+    def wire(self) -> list:
+        """The parts to write, none of them copied."""
+        return [self.table() + self.pickle, *self.buffers]
+
+    @classmethod
+    def read(cls, body, max_frame: int, shared_by: int | None = None) -> _Parts:
+        """The parts of a received body: views of it, no copy, or of the
+        shared file it names, which process `shared_by` sent. Raises
+        ProtocolError when its lengths do not add up."""
+        view, at = memoryview(body), FILE.size if shared_by else 0
+        try:
+            (n,) = struct.unpack_from("!I", view, at)
+            lengths = struct.unpack_from(f"!{n}Q", view, at + 4)
+        except (struct.error, MemoryError):
+            raise ProtocolError("a frame's buffer table is cut short") from None
+        at, size = at + 4 + 8 * n, sum(lengths)
+        if shared_by:
+            _check_size(len(view) + size, max_frame)
+            fd, serial = FILE.unpack_from(view)
+            memory, start, end = _map(shared_by, fd, serial, size), 0, None
+        else:
+            memory, start = view, len(view) - size
+            end = start
+            if start < at:
+                raise ProtocolError(f"a frame's {n} buffers are longer than the frame")
+        buffers = []
+        for length in lengths:
+            buffers.append(memoryview(memory)[start : start + length])
+            start += length
+        return cls(view[at:end], buffers)
+
+
+def _forged() -> ProtocolError:
+    return ProtocolError(
+        "a frame failed its MAC check: it was not sent by the peer that "
+        "passed the handshake, or was altered on the way"
+    )
+
+
+# -- Streams: handshake, receiving (_Frames) and sending (_Outbox) ---------------------
+
 #
 # Handshake (raw bytes, nothing pickled), with a deadline on each side:
 #   worker -> caller   MAGIC, worker nonce (32)
@@ -1713,87 +2175,6 @@ SHARED_FILES = 64  # shared files a connection holds until mapped; more: the soc
 # Threads of our own for tags and shared files: the event loop's default
 # executor may be full of a user's blocking calls (sync tasks on a worker).
 _THREADS = concurrent.futures.ThreadPoolExecutor(os.cpu_count(), "wool")
-
-# Between two processes on one machine, a message's large buffers skip the
-# socket and its MAC: the sender writes them to a memfd (an anonymous file in
-# memory, gone when its last descriptor closes: a killed process leaves
-# nothing behind), the frame names it by descriptor number and serial, and
-# the receiver opens it through /proc/PID/fd, checks its name and size, maps
-# it (arrays view the mapping: no copy) and says TAKEN, so the sender closes
-# its descriptor. Only peers that see the same machine token in INFO do so:
-# same boot, PID namespace and user, which may read each other's memory
-# anyway (a MAC would guard nothing there).
-
-
-@functools.cache
-def _machine() -> str | None:
-    """This machine, as far as sharing memory goes; None where we cannot
-    (or WOOL_SHARE=0 says not to)."""
-    if os.environ.get("WOOL_SHARE") == "0":
-        return None
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}/{os.getuid()}"
-    except OSError:
-        return None
-
-
-_serials = itertools.count(1)
-
-
-def _share(buffers: list) -> tuple[int, int]:
-    """Write `buffers` one after another into a new memfd: (descriptor,
-    serial). Runs in a thread (os.write lets go of the GIL)."""
-    serial = next(_serials)
-    fd = os.memfd_create(f"wool.{serial}", os.MFD_CLOEXEC)
-    try:
-        for buffer in buffers:
-            view = memoryview(buffer).cast("B")
-            while view:
-                view = view[os.write(fd, view) :]
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, serial
-
-
-_mapped = 0  # live mappings holding a descriptor (Python < 3.13 keeps one each)
-
-
-def _unmapped():
-    global _mapped
-    _mapped -= 1
-
-
-def _map(pid: int, fd: int, serial: int, size: int):
-    """The shared file `serial` that process `pid` holds as `fd`, mapped
-    (or, where descriptors run short, copied)."""
-    global _mapped
-    try:
-        own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
-    except OSError as e:
-        raise ProtocolError(
-            f"cannot open the shared file of process {pid} ({e.strerror}); where "
-            "/proc/PID/fd is closed to a user's own processes, set WOOL_SHARE=0"
-        ) from None
-    try:
-        name = os.readlink(f"/proc/self/fd/{own}")
-        if name != f"/memfd:wool.{serial} (deleted)" or os.fstat(own).st_size != size:
-            raise ProtocolError(f"the shared file {fd} is not the one sent ({name})")
-        if sys.version_info >= (3, 13):
-            return mmap.mmap(own, size, trackfd=False)
-        mapping = mmap.mmap(own, size)
-        if _mapped >= resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4:
-            with mapping:  # descriptors run short: copy, and let it go
-                return bytearray(mapping)
-        _mapped += 1
-        weakref.finalize(mapping, _unmapped)
-        return mapping
-    except ValueError as e:  # an empty file
-        raise ProtocolError(f"the shared file {fd} cannot be mapped: {e}") from None
-    finally:
-        os.close(own)
 
 
 class _Frames(asyncio.BufferedProtocol):
@@ -2139,6 +2520,102 @@ def _feed(mac, parts: list):
         mac.update(part)
 
 
+def _switch(writer: asyncio.StreamWriter, seals, max_frame, on_frame, on_lost, **out):
+    """Move a connection past its handshake to our own protocol: (frames, outbox)."""
+    outbox = _Outbox(writer.transport, seals[1], **out)
+    frames = _Frames(writer.transport, max_frame, seals[0], on_frame, on_lost, outbox)
+    writer.transport.set_protocol(frames)
+    if (sock := writer.get_extra_info("socket")) is not None:
+        _LIVENESS.watch(frames, sock)
+    return frames, outbox
+
+
+# -- Memfd transfer: large buffers between processes of one machine --------------------
+
+# Between two processes on one machine, a message's large buffers skip the
+# socket and its MAC: the sender writes them to a memfd (an anonymous file in
+# memory, gone when its last descriptor closes: a killed process leaves
+# nothing behind), the frame names it by descriptor number and serial, and
+# the receiver opens it through /proc/PID/fd, checks its name and size, maps
+# it (arrays view the mapping: no copy) and says TAKEN, so the sender closes
+# its descriptor. Only peers that see the same machine token in INFO do so:
+# same boot, PID namespace and user, which may read each other's memory
+# anyway (a MAC would guard nothing there).
+
+
+@functools.cache
+def _machine() -> str | None:
+    """This machine, as far as sharing memory goes; None where we cannot
+    (or WOOL_SHARE=0 says not to)."""
+    if os.environ.get("WOOL_SHARE") == "0":
+        return None
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}/{os.getuid()}"
+    except OSError:
+        return None
+
+
+_serials = itertools.count(1)
+
+
+def _share(buffers: list) -> tuple[int, int]:
+    """Write `buffers` one after another into a new memfd: (descriptor,
+    serial). Runs in a thread (os.write lets go of the GIL)."""
+    serial = next(_serials)
+    fd = os.memfd_create(f"wool.{serial}", os.MFD_CLOEXEC)
+    try:
+        for buffer in buffers:
+            view = memoryview(buffer).cast("B")
+            while view:
+                view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, serial
+
+
+_mapped = 0  # live mappings holding a descriptor (Python < 3.13 keeps one each)
+
+
+def _unmapped():
+    global _mapped
+    _mapped -= 1
+
+
+def _map(pid: int, fd: int, serial: int, size: int):
+    """The shared file `serial` that process `pid` holds as `fd`, mapped
+    (or, where descriptors run short, copied)."""
+    global _mapped
+    try:
+        own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise ProtocolError(
+            f"cannot open the shared file of process {pid} ({e.strerror}); where "
+            "/proc/PID/fd is closed to a user's own processes, set WOOL_SHARE=0"
+        ) from None
+    try:
+        name = os.readlink(f"/proc/self/fd/{own}")
+        if name != f"/memfd:wool.{serial} (deleted)" or os.fstat(own).st_size != size:
+            raise ProtocolError(f"the shared file {fd} is not the one sent ({name})")
+        if sys.version_info >= (3, 13):
+            return mmap.mmap(own, size, trackfd=False)
+        mapping = mmap.mmap(own, size)
+        if _mapped >= resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4:
+            with mapping:  # descriptors run short: copy, and let it go
+                return bytearray(mapping)
+        _mapped += 1
+        weakref.finalize(mapping, _unmapped)
+        return mapping
+    except ValueError as e:  # an empty file
+        raise ProtocolError(f"the shared file {fd} cannot be mapped: {e}") from None
+    finally:
+        os.close(own)
+
+
+# -- Liveness: busy is not dead --------------------------------------------------------
+
 # Liveness. A peer is dead when its kernel stops answering, never because its
 # event loop is busy: a busy peer's kernel still acknowledges every probe,
 # advertising a zero window. TCP_USER_TIMEOUT cannot tell the two apart
@@ -2212,18 +2689,7 @@ class _Liveness:
 _LIVENESS = _Liveness()
 
 
-def _switch(writer: asyncio.StreamWriter, seals, max_frame, on_frame, on_lost, **out):
-    """Move a connection past its handshake to our own protocol: (frames, outbox)."""
-    outbox = _Outbox(writer.transport, seals[1], **out)
-    frames = _Frames(writer.transport, max_frame, seals[0], on_frame, on_lost, outbox)
-    writer.transport.set_protocol(frames)
-    if (sock := writer.get_extra_info("socket")) is not None:
-        _LIVENESS.watch(frames, sock)
-    return frames, outbox
-
-
-# -- The worker -------------------------------------------------------------------
-
+# -- The worker: Worker, and _Peer, its end of a connection ----------------------------
 
 class Worker:
     """A worker server: runs the tasks that authenticated callers send it.
@@ -2774,457 +3240,6 @@ class _LogLimit:
         for host in hosts or list(self.hosts):
             if held := self.hosts.pop(host)[2]:
                 log.warning("%d more warnings about %s were not logged", held, host)
-
-
-# -- Pool internals: spawned workers, connections, generators ---------------------
-
-
-class _Spawner:
-    """The worker processes a pool starts on this machine, listed in a private
-    local namespace and given a key of their own. Only the spawner starts and
-    stops them.
-
-    Each is `python -c "import wool; wool._spawned()"`, configured through
-    stdin, which stays open: its EOF tells the worker to stop, also when this
-    process is killed. One that dies while the pool is ready is replaced, at
-    most RESPAWNS times per RESPAWN_WINDOW; past that, when the window allows.
-    """
-
-    def __init__(self, pool: WorkerPool):
-        self.pool = pool
-        self.service = LocalDiscoveryService(f"p{uuid.uuid4().hex[:12]}")
-        self.key = _authkey(pool.authkey) or secrets.token_bytes(32)
-        self.procs: set[asyncio.subprocess.Process] = set()
-        self.replaced: collections.deque[float] = collections.deque()  # when
-        self.failed: int | None = None  # exit code of a worker that could not start
-        self.watchers: set[asyncio.Task] = set()
-        self.stopping = False
-
-    def pids(self) -> set[int]:
-        return {p.pid for p in self.procs}
-
-    async def start(self):
-        """Start the workers; return once all are connected to the pool."""
-        pool = self.pool
-        self.service.create_segment()
-        await asyncio.gather(*(self.spawn() for _ in range(pool.size)))
-
-        def ready():
-            connected = sum(1 for info in pool.workers if info.pid in self.pids())
-            return self.failed is not None or connected >= pool.size
-
-        try:
-            await pool._until(ready, pool.wait)
-        except TimeoutError:
-            raise RuntimeError(
-                f"spawned workers did not start within {pool.wait:g} s"
-            ) from None
-        if self.failed is not None:
-            raise RuntimeError(
-                f"a spawned worker exited with code {self.failed} as it "
-                "started; its error is on stderr"
-            )
-
-    async def spawn(self):
-        pool = self.pool
-        # Import this module under the name the caller knows it by (vendored,
-        # it may be `myproject._vendor.wool`): one copy of its state.
-        code = "import importlib, sys; sys.path.insert(0, sys.argv[1]); "
-        code += "importlib.import_module(sys.argv[2])._spawned()"
-        root = os.path.abspath(__file__)
-        for _ in range(__name__.count(".") + 1):
-            root = os.path.dirname(root)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", code, root, __name__,
-            stdin=asyncio.subprocess.PIPE,
-            start_new_session=True,  # Ctrl-C reaches the caller, which stops us
-        )  # fmt: skip
-        config = {
-            "path": sys.path,
-            "namespace": self.service.namespace,
-            "authkey": self.key,
-            "tags": sorted(pool.tags),
-            "max_frame": pool.max_frame,
-            "max_tasks": pool.max_tasks_per_worker,
-            "grace": pool.grace,
-            "log_level": log.getEffectiveLevel(),
-        }
-        data = pickle.dumps(config)
-        assert proc.stdin is not None
-        proc.stdin.write(struct.pack("!I", len(data)) + data)
-        self.procs.add(proc)
-        watcher = asyncio.ensure_future(self.watch(proc))
-        self.watchers.add(watcher)
-        watcher.add_done_callback(self.watchers.discard)
-
-    async def watch(self, proc: asyncio.subprocess.Process):
-        code = await proc.wait()
-        self.procs.discard(proc)
-        self.pool._notify()
-        if self.pool._state is _State.STARTING:  # a bad set-up: replacing won't help
-            self.failed = code
-            return
-        if self.stopping:
-            return
-        log.warning("worker pid %d exited with %s; replacing it", proc.pid, code)
-        while True:
-            now = time.monotonic()
-            while self.replaced and now - self.replaced[0] > RESPAWN_WINDOW:
-                self.replaced.popleft()
-            if len(self.replaced) < RESPAWNS:
-                break
-            delay = self.replaced[0] + RESPAWN_WINDOW - now
-            log.error(
-                "%d workers were replaced in the last %g s; the next starts in %.1f s",
-                len(self.replaced), RESPAWN_WINDOW, delay,
-            )  # fmt: skip
-            await asyncio.sleep(delay)
-        self.replaced.append(now)
-        await self.spawn()
-
-    async def stop(self):
-        """Stop the workers gracefully; kill those still running after grace.
-        A replacement being started is stopped first (and killed)."""
-        self.stopping = True
-        for watcher in self.watchers:
-            watcher.cancel()
-        await asyncio.gather(*self.watchers, return_exceptions=True)
-        procs = list(self.procs)
-        for proc in procs:  # closing stdin is the worker's signal to stop
-            with contextlib.suppress(Exception):
-                proc.stdin.close()  # type: ignore[union-attr]
-        if procs:
-            waits = [asyncio.ensure_future(p.wait()) for p in procs]
-            await asyncio.wait(waits, timeout=self.pool.grace + PATIENCE)
-        for proc in procs:
-            if proc.returncode is None:
-                log.warning("killing worker pid %d: it outlived its grace", proc.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        self.procs.clear()
-
-
-class _Call:
-    __slots__ = ("accepted", "reply")
-
-    def __init__(self, reply: asyncio.Future):
-        self.accepted, self.reply = False, reply
-
-
-class _Connection:
-    """A caller's connection to one worker, multiplexing many tasks.
-
-    Rules: the connection owns its calls in flight (`pending`; its size is
-    the load a balancer sees): only its methods add and remove them. Each
-    request frame gets at most one reply; whoever awaits a reply decodes its
-    body, so one bad body fails one call, not the connection. When the
-    connection dies, a call whose TASK never left this process goes to
-    another worker (_NotSent); any other gets WorkerLost, since the worker
-    may have run it: at most once.
-    """
-
-    def __init__(self, info: WorkerInfo, writer, seals, max_frame: int, on_change):
-        # Keep the writer: when a StreamWriter is collected, it closes its transport.
-        self.info, self.writer, self.on_change = info, writer, on_change
-        self.loop = asyncio.get_running_loop()
-        self.pending: dict[int, _Call] = {}
-        self.rids = itertools.count(1)
-        self.defined: set[int] = set()  # functions sent by value on this connection
-        self.defined_bytes = 0
-        self.lost: str | None = None
-        self.listed_as = info.uid  # the discovery record it was opened for
-        self.goodbye = self.retiring = False
-        self.closed = self.loop.create_future()
-        self.frames, self.out = _switch(
-            writer, seals, max_frame, self._on_frame, self._lose
-        )
-
-    @property
-    def load(self) -> int:
-        return len(self.pending)
-
-    @classmethod
-    async def open(cls, info, source: _Source, hello: bytes, max_frame: int, on_change):
-        async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-            try:
-                reader, writer = await asyncio.open_connection(
-                    info.host, info.port, ssl=source.ssl
-                )
-            except ssl.SSLError as e:
-                raise _tls_refused(info.address, e) from None
-            try:
-                seals = await _authenticate_worker(
-                    reader, writer, source.key, info.address
-                )
-            except (ssl.SSLError, asyncio.IncompleteReadError) as e:
-                writer.close()
-                cut = isinstance(e, ssl.SSLError) or not e.partial  # no MAGIC
-                if source.ssl is None or not cut:
-                    raise
-                raise _tls_refused(info.address, e) from None
-            except BaseException:
-                writer.close()
-                raise
-            try:
-                record, machine = await _read_info(reader, seals[0])
-            except (ValueError, TypeError, KeyError) as e:  # JSON that is not ours
-                writer.close()
-                raise ProtocolError(f"worker {info.address} sent no record: {e}")
-        # Who answers here, at the address discovery gave.
-        info = dataclasses.replace(record, host=info.host, port=info.port)
-        conn = cls(info, writer, seals, max_frame, on_change)
-        shared = (  # large buffers go by shared memory, both ways
-            machine is not None
-            and machine == _machine()
-            and os.access(f"/proc/{record.pid}/fd", os.R_OK | os.X_OK)
-        )
-        if shared:
-            conn.frames.pid, conn.out.share = record.pid, True
-        conn.out.send(HELLO, os.getpid() if shared else 0, hello)
-        return conn
-
-    def _on_frame(self, kind: int, rid: int, body):
-        if kind not in _TO_CALLER:
-            raise ProtocolError(f"unknown frame kind {kind} from a worker")
-        if kind == GOODBYE:
-            self.goodbye = True
-            return self.retire()
-        if kind == INFO:
-            raise ProtocolError("a second INFO frame")
-        call = self.pending.get(rid)
-        if call is None:
-            return  # a reply to a call that was cancelled
-        call.accepted = True
-        if kind != ACCEPTED and not call.reply.done():
-            call.reply.set_result((kind, body))
-
-    def _lose(self, error: Exception | None):
-        reason = "closed by the worker" if error is None else str(error) or repr(error)
-        if self.goodbye:
-            reason = "the worker stopped"
-        if isinstance(error, ProtocolError):
-            log.warning("closed connection to worker %s: %s", self.info.address, error)
-        self.lost = reason
-        self.writer.close()
-        unsent = self.out.unsent()
-        self.out.close()
-        for rid, call in self.pending.items():
-            if call.reply.done():
-                continue
-            if rid in unsent:
-                call.reply.set_exception(_NotSent())
-                continue
-            what = "with the task on it"
-            if not call.accepted:
-                what = "after sending it the task, which may or may not have run"
-            lost = f"lost worker {self.info.address} ({reason}) {what}"
-            call.reply.set_exception(WorkerLost(lost))
-        self.pending.clear()
-        self.on_change()
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-    def close(self):
-        self.out.flush()
-        self.writer.close()
-
-    def retire(self):
-        """Take no new tasks; close once the calls in flight are answered (a
-        worker that withdrew or is stopping is draining them)."""
-        if not self.retiring:
-            self.retiring = True
-            self.on_change()
-        if not self.pending:
-            self.close()
-
-    def start(self, body: bytes, definition: tuple | None, generator: bool):
-        """Send a TASK, or a STREAM for a generator (the first time, its
-        function's DEFINE before it): (request id, call)."""
-        if self.lost is not None or self.retiring:
-            raise _NotSent()
-        if definition is not None and definition[0] not in self.defined:
-            self.defined_bytes += len(definition[1])
-            if self.defined_bytes > MAX_DEFINED:  # a new connection starts afresh
-                self.retire()
-                raise _NotSent()
-            self.defined.add(definition[0])
-            self.out.send(DEFINE, *definition)
-        rid = next(self.rids)
-        call = self.pending[rid] = _Call(self.loop.create_future())
-        self.out.send(STREAM if generator else TASK, rid, body)
-        self.on_change()
-        return rid, call
-
-    async def answer(self, rid: int, call: _Call) -> tuple[int, Any]:
-        """The next reply (kind, body) to a request. Cancelling the caller
-        cancels the task on the worker."""
-        try:
-            return await call.reply
-        except asyncio.CancelledError:
-            self.cancel(rid)
-            raise
-
-    async def step(self, rid: int, call: _Call, kind: int, body: bytes = b""):
-        """One generator step on an open request."""
-        if self.lost is not None:
-            raise WorkerLost(
-                f"lost worker {self.info.address} ({self.lost}) with the generator on it"
-            )
-        call.reply = self.loop.create_future()
-        self.out.send(kind, rid, body)
-        return await self.answer(rid, call)
-
-    async def status(self) -> dict:
-        """The worker's status (Worker.status())."""
-        rid = next(self.rids)
-        call = self.pending[rid] = _Call(self.loop.create_future())
-        self.out.send(STATUS, rid)
-        try:
-            _, data = await self.answer(rid, call)
-        finally:
-            self.finish(rid)
-        return _loads(data)[0]
-
-    def finish(self, rid: int):
-        """The call got its last reply, or is abandoned."""
-        if self.pending.pop(rid, None) is not None:
-            if self.retiring and not self.pending:
-                self.close()
-            self.on_change()
-
-    def cancel(self, rid: int):
-        if rid in self.pending:
-            if self.lost is None:
-                self.out.send(CANCEL, rid)
-            self.finish(rid)
-
-
-async def _read_info(reader: asyncio.StreamReader, seal: _Seal):
-    """The worker's first frame, INFO: (its own record, as data, and its
-    machine token; see _machine)."""
-    header = await reader.readexactly(HEADER.size)
-    size, kind, _ = decode_header(header, LARGE - 1)
-    body = await reader.readexactly(size)
-    if kind != INFO or not hmac.compare_digest(
-        seal.tag(header, body), await reader.readexactly(TAG)
-    ):
-        raise ValueError(f"a frame of kind {kind} that is not a sealed INFO")
-    return WorkerInfo.from_json(body), json.loads(body).get("machine")
-
-
-def _tls_refused(address: str, error: Exception) -> AuthenticationError:
-    """What a failed TLS handshake with a worker means, and what to do."""
-    reason = getattr(error, "reason", None) or ""
-    if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE"):
-        why = "does not speak TLS; do not give its pool ssl="
-    elif reason == "CERTIFICATE_VERIFY_FAILED":
-        why = (
-            f"has a certificate we do not trust ({error}); load the CA that "
-            "signed it into ssl= (cafile=)"
-        )
-    else:  # a TLS 1.3 server refuses a client certificate after the handshake
-        why = (
-            "refused our TLS client certificate, or wants one: load one from "
-            f"its CA into ssl= (context.load_cert_chain) ({error!r})"
-        )
-    return AuthenticationError(f"worker {address} {why}")
-
-
-class _RemoteGenerator(collections.abc.AsyncGenerator):
-    """A @work async generator call: pulls one value per step from a worker.
-
-    The task is sent on the first step, to the pool current at that time.
-    `asend`, `athrow` and `aclose` reach the generator on the worker, one
-    step at a time (as a native generator, a second concurrent step raises
-    RuntimeError); a generator dropped unfinished, or whose step ran past the
-    call's timeout, is closed there. retries= apply before its first value only.
-    """
-
-    def __init__(self, fn, args, kwargs):
-        self._fn, self._args, self._kwargs = fn, args, kwargs
-        self._conn: _Connection | None = None
-        self._rid, self._call = 0, None
-        self._done = self._running = False
-
-    def __repr__(self):
-        return f"<wool generator {self._fn.__qualname__}>"
-
-    async def _step(self, kind: int, body: bytes = b""):
-        if self._running:
-            raise RuntimeError(f"{self!r} is already running: one step at a time")
-        self._running = True
-        try:  # each step within the call's time limit; past it, closed there
-            async with asyncio.timeout(_time_limit(self._fn)):
-                if self._conn is None:
-                    pool = _pool_for(self._fn)
-                    self._conn, self._rid, self._call, reply = await pool._run(
-                        self._fn, self._args, self._kwargs, True
-                    )
-                    reply_kind, data = reply
-                else:
-                    reply_kind, data = await self._conn.step(
-                        self._rid, self._call, kind, body
-                    )
-        except BaseException:
-            self._finish()
-            raise
-        finally:
-            self._running = False
-        if reply_kind == RESULT:
-            return _load_reply(reply_kind, data, self._fn)
-        self._finish()
-        if reply_kind == STOP:
-            raise StopAsyncIteration
-        raise _load_error(data)
-
-    def _finish(self):
-        if self._conn is not None and not self._done:
-            self._conn.finish(self._rid)
-        self._done = True
-
-    async def asend(self, value):
-        if self._done:
-            raise StopAsyncIteration
-        if self._conn is None and value is not None:
-            raise TypeError(
-                "can't send non-None value to a just-started async generator"
-            )
-        body = b"" if value is None else _pickle(_lift(value), oob=True)
-        return await self._step(NEXT, body)
-
-    async def athrow(self, typ, val=None, tb=None):
-        if isinstance(typ, BaseException):
-            exc = typ
-        elif isinstance(val, BaseException):
-            exc = val
-        else:
-            exc = typ() if val is None else typ(val)
-        if self._done or self._conn is None:
-            self._done = True
-            raise exc
-        return await self._step(THROW, _pickle(exc))
-
-    async def aclose(self):
-        if self._done or self._conn is None:
-            self._done = True
-            return
-        with contextlib.suppress(StopAsyncIteration):
-            await self._step(CLOSE)
-
-    def __del__(self):
-        if self._done or self._conn is None:
-            return
-        conn, rid = self._conn, self._rid
-        self._done = True
-        try:
-            if asyncio.get_running_loop() is conn.loop:
-                conn.cancel(rid)  # runs the generator's `finally` there
-                return
-        except RuntimeError:  # collected outside the loop's thread
-            pass
-        if not conn.loop.is_closed():
-            conn.loop.call_soon_threadsafe(conn.cancel, rid)
 
 
 # -- Entry points: spawned worker, CLI, demo -------------------------------------------
