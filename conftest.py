@@ -8,6 +8,7 @@ import select
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import wool
@@ -60,7 +61,7 @@ async def until(condition, timeout: float = 10):
 
 async def in_flight(pool: wool.WorkerPool, n: int = 1):
     """Until `n` of the pool's calls are in flight: their TASKs sent."""
-    await pool._until(lambda: sum(c.load for c in pool._roster.conns.values()) >= n, 10)
+    await pool._until(lambda: sum(pool.load.values()) >= n, 10)
 
 
 def frame(kind: int, rid: int, body: bytes = b"", seal=None) -> bytes:
@@ -80,7 +81,9 @@ class Session:
         reader, writer = await asyncio.open_connection(info.host, info.port)
         seals = await wool._authenticate_worker(reader, writer, key, info.address)
         session = cls(reader, writer, seals)
-        session.info, _ = await wool._read_info(reader, seals[0])  # its record
+        kind, _, record = await session.read()
+        assert kind == wool.INFO, f"a first frame of kind {kind}"
+        session.info = wool.WorkerInfo.from_json(record)
         return session
 
     def send(self, kind: int, rid: int, body: bytes = b""):
@@ -113,15 +116,34 @@ class Transport:
 KEY = b"frames"
 
 
+class EveryKind(dict):
+    """A handler table that hands every kind of frame to one handler."""
+
+    def __init__(self, handler):
+        self.handler = handler
+
+    def get(self, kind, default=None):
+        return self.handler
+
+
+def frames_taking_every_kind(transport, max_frame, take, on_lost) -> wool._Frames:
+    """A _Frames (session key KEY) that gives `take` each frame as a tuple."""
+    protocol = wool._Frames(
+        transport, max_frame, wool._Seal(KEY), types.SimpleNamespace(transfer=None),
+        on_lost,
+    )  # fmt: skip
+    protocol.handlers = EveryKind(lambda *frame: take(frame))
+    return protocol
+
+
 def decode(chunks, max_frame=wool.MAX_FRAME, frames=None):
     """Feed byte chunks to a _Frames (session key KEY), then EOF: (frames,
     error, transport)."""
     frames = frames if frames is not None else []
     lost, transport = [], Transport()
-    protocol = wool._Frames(
-        transport, max_frame, wool._Seal(KEY), lambda *f: frames.append(f),
-        lost.append, None,
-    )  # fmt: skip
+    protocol = frames_taking_every_kind(
+        transport, max_frame, frames.append, lost.append
+    )
     for chunk in chunks:
         while chunk and not lost:
             buffer = protocol.get_buffer(-1)

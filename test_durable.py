@@ -273,7 +273,7 @@ async def test_durable_pool_waits_for_a_worker_that_comes_later(namespace):
     discovery = wool.LocalDiscoveryService(namespace)
     async with wool.WorkerPool(discovery=discovery) as pool:
         call = asyncio.ensure_future(add(40, 2))
-        await until(lambda: pool._waiting == 1)  # the call waits for a worker
+        await until(lambda: pool._roster.waiting == 1)  # the call waits for a worker
         async with wool.Worker(discovery=wool.LocalDiscoveryService(namespace)):
             assert await call == 42
 
@@ -447,7 +447,7 @@ async def test_mutual_tls_accepts_the_right_certificates_and_refuses_others(
             data = os.urandom(10 * 2**20)
             assert await echo(data) == data
             (conn,) = wool._current_pool.get()._roster.conns.values()
-            assert not conn.out.share
+            assert conn.out.transfer is None
 
         no_cert = ssl.create_default_context(cafile=certs["ca.crt"])
         info = next(iter(await _listed(namespace)))

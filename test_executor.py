@@ -198,7 +198,7 @@ async def test_map_stops_at_the_first_exception_and_cancels_the_rest(tmp_path):
             async for result in calls:
                 seen.append(result)
         assert seen == [0, 1, 2]
-        await until(lambda: not any(c.load for c in pool._roster.conns.values()))
+        await until(lambda: not any(pool.load.values()))
 
 
 async def test_map_refuses_a_concurrency_below_one(local_pool):

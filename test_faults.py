@@ -503,7 +503,7 @@ def test_spawned_workers_outlive_a_killed_caller_only_by_their_grace():
             async with wool.WorkerPool(size=1, grace=0.5) as pool:
                 print(pool.workers[0].pid, flush=True)
                 asyncio.ensure_future(block())
-                while not sum(c.load for c in pool._roster.conns.values()):
+                while not sum(pool.load.values()):
                     await asyncio.sleep(0.01)
                 await asyncio.sleep(0.2)  # the task reaches the worker
                 os.kill(os.getpid(), 9)

@@ -128,13 +128,13 @@ async def main():
                 hosts = [w.host for w in pool.workers]
             elif verb == "hang":  # n calls that never return, one per worker
                 hanging = [asyncio.ensure_future(forever()) for _ in range(n)]
-                await pool._until(lambda: sum(c.load for c in pool._roster.conns.values()) == n, 10)
+                await pool._until(lambda: sum(pool.load.values()) == n, 10)
                 hosts = [w.host for w in pool.workers]
             elif verb == "info":  # who the workers say they are
                 hosts = [f"{{w.pid}}:{{','.join(sorted(w.tags))}}" for w in pool.workers]
             elif verb == "slow":  # n calls in flight for a while
                 slow = [asyncio.ensure_future(slow_add(i, 1)) for i in range(n)]
-                await pool._until(lambda: sum(c.load for c in pool._roster.conns.values()) == n, 10)
+                await pool._until(lambda: sum(pool.load.values()) == n, 10)
                 hosts = ["started"]
             elif verb == "finished":  # the slow calls' results
                 hosts = [str(sum(await asyncio.gather(*slow)))]

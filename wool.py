@@ -9,23 +9,26 @@
     async with wool.WorkerPool(size=4):
         print(await fibonacci(10))
 
-How a call travels (one TCP connection per pool and worker, many tasks on it):
+How a call travels: one TCP connection per pool and worker, many tasks on it.
 
-    caller -- HELLO, DEFINE, TASK | STREAM, NEXT/THROW/CLOSE, CANCEL, STATUS -> worker
-      ^  <-- INFO, ACCEPTED | REFUSED, RESULT | ERROR | STOP, GOODBYE -----'  |
-      '-- WorkerPool <- discovery (shared memory, mDNS, DNS) <- publish -----'
+  WorkerPool._run -> _Connection (the caller's end)     _Peer (the worker's end)
+     == HELLO, DEFINE, TASK | STREAM, NEXT/THROW/CLOSE, CANCEL, STATUS =>  -> fn
+    <= INFO, ACCEPTED | REFUSED, RESULT | ERROR | STOP, GOODBYE ==
+       (and TAKEN, either way, in memfd transfer)
+  _Roster <- discovery (the discovery table, mDNS, DNS) <- Worker.start publishes
 
 Each frame is a fixed header (body length, kind, request id), a pickle body
-(its large buffers out of band beside it, or, between processes on one
-machine, in a shared memory file the frame names) and a MAC. A connection
-opens with an HMAC challenge-response on a shared key; every frame after it
-carries a MAC under a key of that session alone, checked before its body is
-unpickled.
+(its large buffers out of band beside it) and a MAC. A connection opens with
+an HMAC challenge-response on a shared key; the MAC of every later frame is
+under a key of that session alone, over the frame's number, header and body,
+checked before the body is unpickled. Only buffers in memfd transfer (between
+processes of one user on one machine, in a file the MAC'd frame names) carry
+none: those processes could read each other's memory anyway.
 
-Sections, top-down: errors; the public API (`work`, `timeout`, `ContextVar`,
-`WorkerPool`, load balancers); frames (pure); streams (handshake, receiving,
-sending); the worker; pool internals (spawned processes, connections,
-generators); entry points (spawned worker, CLI, demo).
+Sections, top-down: errors; @work and its options; WorkerPool and its load
+balancers; the roster and the spawner; the caller's end of a connection;
+Executor; messages (pickling); frames; handshake; streams (_Frames, _Outbox);
+memfd transfer; liveness; the worker; _Peer, the worker's end; entry points.
 
 Version 0.1.0. Licensed Apache-2.0. https://github.com/wool-labs/wool
 """
@@ -68,7 +71,7 @@ import types
 import uuid
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any, ParamSpec, Self, TypeVar, cast, overload
+from typing import Any, NamedTuple, ParamSpec, Self, TypeVar, cast, overload
 
 import cloudpickle  # type: ignore[import-untyped]
 
@@ -87,32 +90,13 @@ from wool_discovery import (  # noqa: E402
 )
 
 __all__ = [
-    "AuthenticationError",
-    "ContextVar",
-    "DiscoveryEvent",
-    "DnsDiscoveryService",
-    "Executor",
-    "LanDiscovery",
-    "LanDiscoveryService",
-    "LeastLoadedLoadBalancer",
-    "LocalDiscovery",
-    "LocalDiscoveryService",
-    "NoWorkersAvailable",
-    "ProtocolError",
-    "RemoteError",
-    "RoundRobinLoadBalancer",
-    "Task",
-    "WoolError",
-    "Worker",
-    "WorkerInfo",
-    "WorkerLost",
-    "WorkerPool",
-    "current_worker",
-    "retries",
-    "routine",
-    "timeout",
-    "work",
-]
+    "AuthenticationError", "ContextVar", "DiscoveryEvent", "DnsDiscoveryService",
+    "Executor", "LanDiscovery", "LanDiscoveryService", "LeastLoadedLoadBalancer",
+    "LocalDiscovery", "LocalDiscoveryService", "NoWorkersAvailable",
+    "ProtocolError", "RemoteError", "RoundRobinLoadBalancer", "Task", "WoolError",
+    "Worker", "WorkerInfo", "WorkerLost", "WorkerPool", "current_worker",
+    "retries", "routine", "timeout", "work",
+]  # fmt: skip
 
 __version__ = "0.1.0"
 
@@ -122,6 +106,7 @@ MAX_HANDSHAKES = 64  # unauthenticated connections a worker holds; the oldest yi
 MAX_CONNECTIONS = 1024  # authenticated connections per worker; more are closed
 LISTEN_BACKLOG = 1024  # connections the kernel queues before the worker takes them
 WAIT = 30.0  # seconds a call waits for a worker to appear before giving up
+START = 60.0  # seconds spawned workers get to start, however loaded the machine
 GRACE = 5.0  # seconds in-flight tasks get to finish when a worker stops
 PATIENCE = 1.0  # seconds a peer gets to close, or a stuck worker to answer, first
 KEEPALIVE = 1.0  # seconds of silence before the kernel probes a peer ...
@@ -136,6 +121,7 @@ RESPAWNS = 10  # replacements per RESPAWN_WINDOW, so a task that kills workers .
 RESPAWN_WINDOW = 60.0  # ... cannot fork-bomb; past the bound they wait their turn
 LOG_BURST = 5  # warnings about one peer host per LOG_WINDOW; the rest are counted
 LOG_WINDOW = 60.0
+LOG_HOSTS = 4096  # peer hosts whose warnings are counted at once
 
 log = logging.getLogger("wool")
 
@@ -143,8 +129,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-# -- Errors ----------------------------------------------------------------------------
-
+# -- Errors --------------------------------------------------------------------
 #
 #   WoolError
 #   +-- NoWorkersAvailable   no worker could take the task within the wait
@@ -207,7 +192,8 @@ class _NotSent(Exception):
     """Internal: the task provably never reached the worker; another may run it."""
 
 
-# -- @work and its options: timeout, retries, wool.ContextVar --------------------------
+# -- @work and its options: timeout, retries, wool.ContextVar ------------------
+
 
 @overload
 def work(fn: Callable[P, R], /) -> Callable[P, R]: ...
@@ -245,7 +231,7 @@ def work(fn=None, /, *, timeout=None, retries=0):
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            return _RemoteGenerator(wrapper, args, kwargs)
+            return _remote_generator(wrapper, args, kwargs)
 
     elif inspect.iscoroutinefunction(fn):
 
@@ -349,11 +335,7 @@ class ContextVar:
         return f"<wool.ContextVar {self.name!r}>"
 
     def __reduce__(self):
-        return ContextVar._make, (self.name, self.default)
-
-    @staticmethod
-    def _make(name, default):
-        return ContextVar(name, default=default)
+        return functools.partial(ContextVar, default=self.default), (self.name,)
 
     def get(self, default: Any = _MISSING) -> Any:
         value = self._var.get(_MISSING)
@@ -408,7 +390,8 @@ def _apply_changes(values: dict[str, Any]) -> None:
         ContextVar(name).set(value)
 
 
-# -- WorkerPool and its load balancers -------------------------------------------------
+# -- WorkerPool and its load balancers -----------------------------------------
+
 
 class Task:
     """One call of a @work function, as a load balancer sees it."""
@@ -426,14 +409,10 @@ class RoundRobinLoadBalancer:
     """Send each task to the next worker in turn.
 
     A load balancer is any object with `select(workers, task)` returning one
-    key of `workers`: a read-only mapping of the connected workers' WorkerInfo
-    to the number of this caller's tasks in flight on each. When the chosen
-    worker fails before accepting the task, the pool asks again without it:
-
-        class PreferGpu:
-            def select(self, workers, task):
-                gpu = [w for w in workers if "gpu" in w.tags]
-                return min(gpu or workers, key=workers.get)
+    key of `workers`: a read-only mapping of the WorkerInfo of the connected
+    workers with room to this caller's tasks in flight on each (see
+    WorkerPool.load). When the chosen worker refuses the task, the pool asks
+    again without it.
     """
 
     def __init__(self):
@@ -452,7 +431,7 @@ class LeastLoadedLoadBalancer:
         return min(workers, key=workers.__getitem__)
 
 
-_NOBODY: Any = frozenset()  # no workers' uids; a set is made when one is needed
+_NOBODY: frozenset[str] = frozenset()  # no workers' uids
 
 
 class _State(enum.Enum):
@@ -483,28 +462,27 @@ class WorkerPool:
     `size` (alias `spawn`) worker processes are started on this machine, given
     the positional `tags`; with neither `size` nor `discovery`, one per CPU.
     `discovery` adds the workers a discovery service finds, at most `lease` of
-    them. `loadbalancer` picks a worker per task (default round-robin).
-    A call waits up to `wait` seconds for a worker to appear.
+    them. `loadbalancer` picks a worker per task (default round-robin). A
+    call waits up to `wait` seconds for a worker to exist, and for room on a
+    busy one as long as it takes (a queue).
 
     Resource handling: spawned workers get `authkey` (else WOOL_AUTHKEY, else
     a fresh random key), never published; leaving the block stops them
-    gracefully (in-flight tasks get `grace` seconds), kills stragglers, and
-    removes the pool's shared memory, also when the block raised or was
-    cancelled. A spawned worker that dies is replaced, at most RESPAWNS times
-    per RESPAWN_WINDOW; past that, when the window allows.
+    (in-flight tasks get `grace` seconds), kills stragglers and removes the
+    pool's discovery table, also when the block raised or was cancelled. A
+    spawned worker that dies is replaced, at most RESPAWNS per RESPAWN_WINDOW.
 
     Error handling: a task goes to another worker only when it provably did
-    not start where it was sent (the worker refused it, or it never left this
-    process). Otherwise it is never run again by wool: if the connection dies
-    the caller gets WorkerLost. With no worker after `wait` seconds a call
+    not start where it was sent (REFUSED, or never sent); otherwise a dead
+    connection is WorkerLost. With no worker after `wait` seconds a call
     raises NoWorkersAvailable; when every worker refused the key,
     AuthenticationError.
     """
 
     # Rules: the pool is a lifecycle and a dispatcher. Its _Roster owns the
-    # workers it knows and the connections to them; its _Spawner owns the
-    # processes it started; a _Connection owns its calls in flight, whose
-    # counts the balancer sees through a read-only snapshot.
+    # workers it knows, the connections to them and the signal of a change;
+    # its _Spawner owns the processes it started; a _Connection owns its
+    # calls in flight, which the balancer sees as a read-only mapping.
 
     def __init__(
         self,
@@ -545,11 +523,7 @@ class WorkerPool:
         self.max_tasks_per_worker = max_tasks_per_worker
         self._state = _State.NEW
         self._spawner: _Spawner | None = None
-        self._roster = _Roster(self)
-        self._who = "this pool"  # or, in a worker, "worker X's nested pool"
-        self._changed = asyncio.Event()  # replaced by _notify() on each change
-        self._waiting = 0  # calls waiting for a worker, or for room on one
-        self._background: set[asyncio.Task] = set()
+        self._roster = _Roster(lease, max_frame)
         self._token: contextvars.Token | None = None
 
     @classmethod
@@ -558,7 +532,7 @@ class WorkerPool:
         HELLO named, reached with the worker's own key and TLS settings."""
         key, ssl = worker.authkey, worker.client_ssl
         pool = cls(size=0, authkey=key, ssl=ssl)
-        pool._who = f"worker {worker.info and worker.info.address}'s nested pool"
+        pool._roster.who = f"worker {worker.info and worker.info.address}'s nested pool"
         sources = [_Source(s, key, ssl) for s in services]
         pool._roster.follow(sources, _pickle((services, True)))
         pool._state = _State.READY
@@ -571,7 +545,17 @@ class WorkerPool:
     @property
     def workers(self) -> list[WorkerInfo]:
         """The workers this pool is connected to and sends tasks to now."""
-        return [i for i, conn in self._roster.conns.items() if not conn.retiring]
+        return list(self.load)
+
+    @property
+    def load(self) -> Mapping[WorkerInfo, int]:
+        """Each connected worker's calls in flight from this pool (its load,
+        as balancers see it): tasks sent and not answered, and generators
+        open there."""
+        conns = self._roster.conns.items()
+        return types.MappingProxyType(
+            {info: conn.calls for info, conn in conns if not conn.retiring}
+        )
 
     async def __aenter__(self) -> Self:
         await self._start()
@@ -692,33 +676,16 @@ class WorkerPool:
                 raise NoWorkersAvailable(f"{self!r} is not running")
             if (left := deadline - time.monotonic()) <= 0:
                 raise TimeoutError
-            await self._wait_change(left)
-
-    async def _wait_change(self, seconds: float):
-        """Until the pool changes (a worker came or went, a call ended), or
-        `seconds` passed."""
-        self._waiting += 1
-        try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(seconds):
-                    await self._changed.wait()
-        finally:
-            self._waiting -= 1
+            await self._roster.wait_change(left)
 
     async def _stop(self):
         if self._state in (_State.STOPPING, _State.STOPPED):
             return
         self._state = _State.STOPPING
-        self._notify()
         try:
             if self._spawner is not None:
                 await self._spawner.stop()
-            conns = list(self._roster.conns.values())
-            for task in list(self._background):
-                task.cancel()
-            await asyncio.gather(*self._background, return_exceptions=True)
-            if conns:
-                await asyncio.wait([c.closed for c in conns], timeout=PATIENCE)
+            await self._roster.close()
         finally:
             with contextlib.suppress(ValueError):
                 _started.remove(self)
@@ -730,73 +697,54 @@ class WorkerPool:
                 self._token = None
             self._state = _State.STOPPED
 
-    def _spawn_task(self, coro) -> asyncio.Task:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
+    # Dispatch. A call waits for a worker to exist for up to `wait` seconds
+    # (counted while there is none), and for room on a busy one as long as it
+    # takes, as a queue: wool.timeout() or asyncio.timeout bound that.
 
-    def _notify(self):
-        self._changed.set()
-        self._changed = asyncio.Event()
+    def _choose(self, task: Task, refused: frozenset[str], lost: frozenset[str]):
+        """A connected worker with room for `task` that has not `refused` it
+        (uids), and where it was not `lost` if another has room; or None."""
+        cap, conns = self.max_tasks_per_worker, self._roster.conns
+        loads = {
+            info: conn.calls
+            for info, conn in conns.items()
+            if not conn.retiring
+            and info.uid not in refused
+            and (cap is None or conn.calls < cap)
+        }
+        if lost and any(info.uid not in lost for info in loads):
+            loads = {i: n for i, n in loads.items() if i.uid not in lost}
+        if not loads:
+            return None
+        info = self.loadbalancer.select(types.MappingProxyType(loads), task)
+        if info not in loads:
+            raise TypeError(
+                f"{self.loadbalancer!r}.select() returned {info!r}, "
+                "which is not one of the workers it was given"
+            )
+        return conns[info]
 
-    def _room(self):
-        """A connection finished a call or started retiring."""
-        if self._waiting:
-            self._notify()
-
-    # Dispatch.
-
-    async def _connection(
-        self, task: Task, exclude: set[str], deadline: float, avoid=frozenset()
-    ) -> _Connection:
-        """A connected worker with room for `task`, waiting until `deadline`
-        (time.monotonic()) for one; one not in `avoid` (uids) if there is."""
-        pause, cap, roster = ASK_AGAIN[0], self.max_tasks_per_worker, self._roster
-        while True:
-            loads = {
-                info: len(conn.pending)
-                for info, conn in roster.conns.items()
-                if not conn.retiring
-                and info.uid not in exclude
-                and (cap is None or len(conn.pending) < cap)
-            }
-            if avoid and any(info.uid not in avoid for info in loads):
-                loads = {i: n for i, n in loads.items() if i.uid not in avoid}
-            if loads:
-                info = self.loadbalancer.select(types.MappingProxyType(loads), task)
-                if info not in loads:
-                    raise TypeError(
-                        f"{self.loadbalancer!r}.select() returned {info!r}, "
-                        "which is not one of the workers it was given"
-                    )
-                return roster.conns[info]
+    async def _connection(self, task: Task, refused, lost) -> _Connection:
+        """A worker for `task` (see _choose), once there is one: those that
+        `refused` it (full with others' tasks) are asked again after a pause
+        that doubles each time."""
+        pause, deadline = ASK_AGAIN[0], time.monotonic() + self.wait
+        while (conn := self._choose(task, refused, lost)) is None:
             if self._state not in (_State.READY, _State.STARTING):
                 raise NoWorkersAvailable(f"{self!r} is closed; call inside its block")
-            roster.check(task)
+            self._roster.check(task)
             now = time.monotonic()
-            if now >= deadline:
-                raise NoWorkersAvailable(self._none_took(task))
-            # Wait for a worker to appear or one of our tasks to end; workers
-            # that refused (full with others' tasks) get asked again after a
-            # pause that doubles each time.
-            await self._wait_change(
-                min(deadline - now, pause) if exclude else deadline - now
-            )
-            if exclude:
-                exclude.clear()
-                pause = min(pause * 2, ASK_AGAIN[1])
-
-    def _none_took(self, task: Task) -> str:
-        what = f"no worker took {task.fn.__qualname__}() within {self.wait:g} s"
-        if self.workers:
-            cap = (
-                f" (max_tasks_per_worker={self.max_tasks_per_worker})"
-                if self.max_tasks_per_worker
-                else ""
-            )
-            return f"{what}: all {len(self.workers)} workers were full{cap}"
-        return f"{what}; waited on {self._waited_on()}"
+            if self.workers:  # busy, not absent: no deadline
+                deadline = now + self.wait
+            elif now >= deadline:
+                raise NoWorkersAvailable(
+                    f"no worker took {task.fn.__qualname__}() within {self.wait:g} "
+                    f"s; waited on {self._waited_on()}"
+                )
+            await self._roster.wait_change(pause if refused else deadline - now)
+            if refused:
+                refused, pause = frozenset(), min(pause * 2, ASK_AGAIN[1])
+        return conn
 
     def _waited_on(self) -> str:
         sources = self._roster.sources
@@ -806,16 +754,15 @@ class WorkerPool:
         """Send a call to a worker that accepts it: its value; or, for a
         generator, (connection, request id, call, first step's reply). Goes
         to another worker while the task provably did not start (REFUSED, or
-        never sent), for up to `wait` seconds."""
+        never sent); after WorkerLost, `retries` times."""
         body, definition = _dump_task(fn, args, kwargs, self.max_frame)
-        task, exclude, avoid = Task(fn, args, kwargs), _NOBODY, _NOBODY
-        lost: list[str] = []  # where the call was lost: each run counts
-        deadline = time.monotonic() + self.wait
+        task, lost = Task(fn, args, kwargs), cast(list[WorkerInfo], [])
         seconds = None if generator else _time_limit(fn)
         retries = _retries.get()
         retries = fn.__wool_retries__ if retries is _MISSING else retries
+        refused = avoid = _NOBODY  # uids of workers that refused it, that lost it
         while True:
-            conn = await self._connection(task, exclude, deadline, avoid)
+            conn = await self._connection(task, refused, avoid)
             try:
                 rid, call = conn.start(body, definition, generator)
                 if seconds is None:  # as conn.answer(), without a coroutine
@@ -829,17 +776,16 @@ class WorkerPool:
             except _NotSent:
                 kind = REFUSED
             except WorkerLost as e:
-                lost.append(conn.info.address)
+                lost.append(conn.info)
                 if len(lost) > retries:
                     if retries:
+                        where = ", ".join(i.address for i in lost)
                         e.args = (
-                            f"{e}; sent {len(lost)} times (retries={retries}), "
-                            f"to {', '.join(lost)}",
+                            f"{e}; sent {len(lost)} times (retries={retries}), to {where}",
                         )
                     raise
                 log.warning("%s; sending %s() again", e, fn.__qualname__)
-                avoid = avoid | {conn.info.uid}
-                deadline = time.monotonic() + self.wait
+                avoid |= {conn.info.uid}
                 continue
             else:
                 if kind != REFUSED and generator:
@@ -847,8 +793,7 @@ class WorkerPool:
                 conn.finish(rid)
                 if kind != REFUSED:
                     return _load_reply(kind, data, fn)
-            exclude = set() if exclude is _NOBODY else exclude
-            exclude.add(conn.info.uid)
+            refused |= {conn.info.uid}
 
 
 def _check_tags(tags: tuple, who: str) -> frozenset[str]:
@@ -866,7 +811,8 @@ def _authkey(key: bytes | None) -> bytes:
     return os.environ.get("WOOL_AUTHKEY", "").encode()
 
 
-# -- The roster and the spawner: the workers a pool knows ------------------------------
+# -- The roster and the spawner: the workers a pool knows ----------------------
+
 
 class _Roster:
     """The workers a pool's discovery sources list, and its connections to
@@ -875,11 +821,14 @@ class _Roster:
 
     Rules: discovery events change `listed` and nothing else; each listed
     worker has one `link` task, the only code that opens, registers in
-    `conns` and forgets a connection to it.
+    `conns` and forgets a connection to it. Every change a waiting call may
+    care for (a worker came or went, a call ended) goes through notify();
+    waiting for one is wait_change(). The roster's tasks end with close().
     """
 
-    def __init__(self, pool: WorkerPool):
-        self.pool = pool
+    def __init__(self, lease: int | None, max_frame: int):
+        self.lease, self.max_frame = lease, max_frame
+        self.who = "this pool"  # or, in a worker, "worker X's nested pool"
         self.sources: list[_Source] = []
         self.hello = b""  # HELLO: the sources, for the workers' nested calls
         self.listed: dict[str, tuple[WorkerInfo, _Source]] = {}  # by uid
@@ -887,11 +836,49 @@ class _Roster:
         self.refused: dict[str, AuthenticationError] = {}  # uid -> why
         self.leased: set[str] = set()  # uids of admitted discovered workers
         self.failed: dict[int, Exception] = {}  # id(source) -> why it failed
+        self.changed = asyncio.Event()  # replaced by notify() on each change
+        self.waiting = 0  # callers in wait_change()
+        self.tasks: set[asyncio.Task] = set()  # watch() and link() tasks
+        self.running = True  # until close()
 
     def follow(self, sources: list[_Source], hello: bytes):
         self.sources, self.hello = sources, hello
         for source in sources:
-            self.pool._spawn_task(self.watch(source))
+            self.spawn(self.watch(source))
+
+    def spawn(self, coro):
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def notify(self):
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def room(self):
+        """A connection finished a call or started retiring."""
+        if self.waiting:
+            self.notify()
+
+    async def wait_change(self, seconds: float):
+        """Until the roster changes, or `seconds` passed."""
+        self.waiting += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await self.changed.wait()
+        finally:
+            self.waiting -= 1
+
+    async def close(self):
+        """End its tasks, and with them the connections; wake those waiting."""
+        self.running, conns = False, list(self.conns.values())
+        self.notify()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if conns:
+            await asyncio.wait([c.closed for c in conns], timeout=PATIENCE)
 
     def check(self, task: Task):
         """Raise what makes waiting for a worker pointless."""
@@ -904,37 +891,36 @@ class _Roster:
             )
         if self.refused and len(self.refused) >= len(self.listed):
             raise AuthenticationError(
-                f"every worker refused {self.pool._who}: "
+                f"every worker refused {self.who}: "
                 + "; ".join(str(e) for e in self.refused.values())
             )
 
     async def watch(self, source: _Source):
-        pool = self.pool
         try:
             async for event in source.service.subscribe():
                 self.learn(event, source)
         except Exception as e:  # a broken filter, a missing zeroconf, ...
             log.error("discovery %r failed: %r", source.service, e)
             self.failed[id(source)] = e
-            pool._notify()
+            self.notify()
 
     def learn(self, event: DiscoveryEvent, source: _Source):
-        info, pool = event.info, self.pool
+        info = event.info
         if event.type == "worker-dropped":
             self.listed.pop(info.uid, None)
             self.refused.pop(info.uid, None)
             if (conn := self.find(info.uid)) is not None:
                 conn.retire()  # no new tasks; closes once its calls are answered
-            pool._notify()
+            self.notify()
             return
         known = self.listed.get(info.uid)
         self.listed[info.uid] = (info, source)
         if known is None:
-            pool._spawn_task(self.link(info.uid))
+            self.spawn(self.link(info.uid))
         elif (conn := self.find(info.uid)) is not None and conn.info != info:
             self.conns[info] = self.conns.pop(conn.info)
             conn.info = info
-            pool._notify()
+            self.notify()
 
     def find(self, uid: str) -> _Connection | None:
         """The connection of the link for listed worker `uid`."""
@@ -943,29 +929,29 @@ class _Roster:
     async def link(self, uid: str):
         """Keep a connection to worker `uid` while it is listed, reconnecting
         after a drop."""
-        delay, pool = RECONNECT[0], self.pool
+        delay = RECONNECT[0]
         try:
-            while uid in self.listed and pool._state in (_State.STARTING, _State.READY):
+            while uid in self.listed and self.running:
                 info, source = self.listed[uid]
-                if source.leased and pool.lease is not None and uid not in self.leased:
-                    if len(self.leased) >= pool.lease:
-                        await pool._changed.wait()
+                if source.leased and self.lease is not None and uid not in self.leased:
+                    if len(self.leased) >= self.lease:
+                        await self.changed.wait()
                         continue
                     self.leased.add(uid)
                 try:
                     if info.secure and source.ssl is None:
                         raise AuthenticationError(
                             f"worker {info.address} speaks TLS; give "
-                            f"{pool._who} ssl= (an ssl.SSLContext)"
+                            f"{self.who} ssl= (an ssl.SSLContext)"
                         )
                     conn = await _Connection.open(
-                        info, source, self.hello, pool.max_frame, pool._room
+                        info, source, self.hello, self.max_frame, self.room
                     )
                 except AuthenticationError as e:
                     if uid not in self.refused:  # once, not at each retry
-                        log.warning("%s: %s", pool._who, e)
+                        log.warning("%s: %s", self.who, e)
                     self.refused[uid] = e
-                    pool._notify()
+                    self.notify()
                 except (OSError, asyncio.IncompleteReadError, WoolError) as e:
                     log.debug("cannot connect to worker %s: %r", info.address, e)
                 except TimeoutError:
@@ -976,20 +962,20 @@ class _Roster:
                     if await self.unwanted(conn, source, info):
                         continue
                     self.conns[conn.info] = conn
-                    pool._notify()
+                    self.notify()
                     try:
                         await conn.closed
                     finally:
                         conn.close()
                         self.conns.pop(conn.info, None)
-                        pool._notify()
+                        self.notify()
                     continue
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT[1])
         finally:
             if uid in self.leased:
                 self.leased.discard(uid)
-                pool._notify()
+                self.notify()
 
     async def unwanted(self, conn: _Connection, source: _Source, info: WorkerInfo):
         """Whether to drop a new connection: its worker (as it says who it is)
@@ -1006,20 +992,18 @@ class _Roster:
         while self.listed.get(uid, (None,))[0] == info and (
             rejected or real in {i.uid for i in self.conns}
         ):
-            await self.pool._changed.wait()
+            await self.changed.wait()
         return True
 
 
-class _Source:
+class _Source(NamedTuple):
     """A discovery service, and the key and TLS settings for its workers.
     `leased`: its workers count against the pool's `lease` (not spawned)."""
 
-    __slots__ = ("key", "leased", "service", "ssl")
-
-    def __init__(self, service, key: bytes, ssl, leased: bool = True):
-        self.service, self.key, self.ssl, self.leased = service, key, ssl, leased
-
-
+    service: Any
+    key: bytes
+    ssl: Any
+    leased: bool = True
 
 
 class _Spawner:
@@ -1057,10 +1041,10 @@ class _Spawner:
             return self.failed is not None or connected >= pool.size
 
         try:
-            await pool._until(ready, pool.wait)
+            await pool._until(ready, START)
         except TimeoutError:
             raise RuntimeError(
-                f"spawned workers did not start within {pool.wait:g} s"
+                f"spawned workers did not start within {START:g} s"
             ) from None
         if self.failed is not None:
             raise RuntimeError(
@@ -1103,7 +1087,7 @@ class _Spawner:
     async def watch(self, proc: asyncio.subprocess.Process):
         code = await proc.wait()
         self.procs.discard(proc)
-        self.pool._notify()
+        self.pool._roster.notify()
         if self.pool._state is _State.STARTING:  # a bad set-up: replacing won't help
             self.failed = code
             return
@@ -1148,7 +1132,8 @@ class _Spawner:
         self.procs.clear()
 
 
-# -- The caller's end of a connection: _Connection, remote generators ------------------
+# -- The caller's end of a connection: _Connection, remote generators ----------
+
 
 class _Call:
     __slots__ = ("accepted", "reply")
@@ -1160,20 +1145,21 @@ class _Call:
 class _Connection:
     """A caller's connection to one worker, multiplexing many tasks.
 
-    Rules: the connection owns its calls in flight (`pending`; its size is
-    the load a balancer sees): only its methods add and remove them. Each
-    request frame gets at most one reply; whoever awaits a reply decodes its
+    Rules: the connection owns its requests in flight (`pending`): only its
+    methods add and remove them; its load is `calls`, the tasks among them.
+    Each request gets at most one reply; whoever awaits a reply decodes its
     body, so one bad body fails one call, not the connection. When the
     connection dies, a call whose TASK never left this process goes to
-    another worker (_NotSent); any other gets WorkerLost, since the worker
-    may have run it: at most once.
+    another worker (_NotSent); any other gets WorkerLost: at most once.
     """
 
-    def __init__(self, info: WorkerInfo, writer, seals, max_frame: int, on_change):
+    def __init__(self, info: WorkerInfo, streams, seals, max_frame: int, on_change):
         # Keep the writer: when a StreamWriter is collected, it closes its transport.
-        self.info, self.writer, self.on_change = info, writer, on_change
+        self.info, self.writer, self.on_change = info, streams[1], on_change
         self.loop = asyncio.get_running_loop()
+        self.introduced = self.loop.create_future()  # by the worker's INFO
         self.pending: dict[int, _Call] = {}
+        self.asking = 0  # STATUS requests among them
         self.rids = itertools.count(1)
         self.defined: set[int] = set()  # functions sent by value on this connection
         self.defined_bytes = 0
@@ -1181,13 +1167,9 @@ class _Connection:
         self.listed_as = info.uid  # the discovery record it was opened for
         self.goodbye = self.retiring = False
         self.closed = self.loop.create_future()
-        self.frames, self.out = _switch(
-            writer, seals, max_frame, self._on_frame, self._lose
-        )
-
-    @property
-    def load(self) -> int:
-        return len(self.pending)
+        self.frames, self.out = _switch(streams[1], seals, max_frame, self._lose)
+        unknown = f"worker {info.address} did not start with INFO"
+        self.frames.begin({INFO: self._introduce}, unknown, streams[0])
 
     @classmethod
     async def open(cls, info, source: _Source, hello: bytes, max_frame: int, on_change):
@@ -1211,32 +1193,44 @@ class _Connection:
             except BaseException:
                 writer.close()
                 raise
+            conn = cls(info, (reader, writer), seals, max_frame, on_change)
             try:
-                record, machine = await _read_info(reader, seals[0])
-            except (ValueError, TypeError, KeyError) as e:  # JSON that is not ours
-                writer.close()
-                raise ProtocolError(f"worker {info.address} sent no record: {e}")
-        # Who answers here, at the address discovery gave.
-        info = dataclasses.replace(record, host=info.host, port=info.port)
-        conn = cls(info, writer, seals, max_frame, on_change)
-        shared = (  # large buffers go by shared memory, both ways
-            machine is not None
-            and machine == _machine()
-            and os.access(f"/proc/{record.pid}/fd", os.R_OK | os.X_OK)
-        )
-        if shared:
-            conn.frames.pid, conn.out.share = record.pid, True
-        conn.out.send(HELLO, os.getpid() if shared else 0, hello)
+                await conn.introduced
+            except BaseException:
+                conn.writer.close()
+                raise
+        conn.out.send(HELLO, os.getpid() if conn.out.transfer else 0, hello)
         return conn
 
-    def _on_frame(self, kind: int, rid: int, body):
-        if kind not in _TO_CALLER:
-            raise ProtocolError(f"unknown frame kind {kind} from a worker")
-        if kind == GOODBYE:
-            self.goodbye = True
-            return self.retire()
-        if kind == INFO:
-            raise ProtocolError("a second INFO frame")
+    def _introduce(self, kind: int, rid: int, body):
+        """INFO: who answers at this address (as it says; discovery gave the
+        address), and whether it shares this machine with us."""
+        try:
+            record, machine = (
+                WorkerInfo.from_json(body),
+                json.loads(body).get("machine"),
+            )
+        except (ValueError, TypeError, KeyError) as e:  # JSON that is not ours
+            raise ProtocolError(
+                f"worker {self.info.address} sent no record: {e}"
+            ) from None
+        self.info = dataclasses.replace(
+            record, host=self.info.host, port=self.info.port
+        )
+        if _sharing(record.pid, machine):
+            self.out.share_with(record.pid)
+        self.frames.handlers = {kind: self._reply for kind in _REPLIES} | {
+            GOODBYE: self._goodbye,
+            TAKEN: self.out.taken,
+        }  # what a worker sends once it said INFO
+        self.frames.unknown = f"unknown frame kind {{}} from worker {record.address}"
+        self.introduced.set_result(None)
+
+    def _goodbye(self, kind: int, rid: int, body):
+        self.goodbye = True
+        self.retire()
+
+    def _reply(self, kind: int, rid: int, body):
         call = self.pending.get(rid)
         if call is None:
             return  # a reply to a call that was cancelled
@@ -1252,6 +1246,8 @@ class _Connection:
             log.warning("closed connection to worker %s: %s", self.info.address, error)
         self.lost = reason
         self.writer.close()
+        if not self.introduced.done():
+            self.introduced.set_exception(ConnectionError(reason))
         unsent = self.out.unsent()
         self.out.close()
         for rid, call in self.pending.items():
@@ -1320,14 +1316,19 @@ class _Connection:
         self.out.send(kind, rid, body)
         return await self.answer(rid, call)
 
+    @property
+    def calls(self) -> int:
+        return len(self.pending) - self.asking
+
     async def status(self) -> dict:
         """The worker's status (Worker.status())."""
-        rid = next(self.rids)
+        rid, self.asking = next(self.rids), self.asking + 1
         call = self.pending[rid] = _Call(self.loop.create_future())
         self.out.send(STATUS, rid)
         try:
             _, data = await self.answer(rid, call)
         finally:
+            self.asking -= 1
             self.finish(rid)
         return _loads(data)[0]
 
@@ -1343,19 +1344,6 @@ class _Connection:
             if self.lost is None:
                 self.out.send(CANCEL, rid)
             self.finish(rid)
-
-
-async def _read_info(reader: asyncio.StreamReader, seal: _Seal):
-    """The worker's first frame, INFO: (its own record, as data, and its
-    machine token; see _machine)."""
-    header = await reader.readexactly(HEADER.size)
-    size, kind, _ = decode_header(header, LARGE - 1)
-    body = await reader.readexactly(size)
-    if kind != INFO or not hmac.compare_digest(
-        seal.tag(header, body), await reader.readexactly(TAG)
-    ):
-        raise ValueError(f"a frame of kind {kind} that is not a sealed INFO")
-    return WorkerInfo.from_json(body), json.loads(body).get("machine")
 
 
 def _tls_refused(address: str, error: Exception) -> AuthenticationError:
@@ -1376,103 +1364,38 @@ def _tls_refused(address: str, error: Exception) -> AuthenticationError:
     return AuthenticationError(f"worker {address} {why}")
 
 
-class _RemoteGenerator(collections.abc.AsyncGenerator):
-    """A @work async generator call: pulls one value per step from a worker.
-
-    The task is sent on the first step, to the pool current at that time.
-    `asend`, `athrow` and `aclose` reach the generator on the worker, one
-    step at a time (as a native generator, a second concurrent step raises
-    RuntimeError); a generator dropped unfinished, or whose step ran past the
-    call's timeout, is closed there. retries= apply before its first value only.
-    """
-
-    def __init__(self, fn, args, kwargs):
-        self._fn, self._args, self._kwargs = fn, args, kwargs
-        self._conn: _Connection | None = None
-        self._rid, self._call = 0, None
-        self._done = self._running = False
-
-    def __repr__(self):
-        return f"<wool generator {self._fn.__qualname__}>"
-
-    async def _step(self, kind: int, body: bytes = b""):
-        if self._running:
-            raise RuntimeError(f"{self!r} is already running: one step at a time")
-        self._running = True
-        try:  # each step within the call's time limit; past it, closed there
-            async with asyncio.timeout(_time_limit(self._fn)):
-                if self._conn is None:
-                    pool = _pool_for(self._fn)
-                    self._conn, self._rid, self._call, reply = await pool._run(
-                        self._fn, self._args, self._kwargs, True
-                    )
-                    reply_kind, data = reply
-                else:
-                    reply_kind, data = await self._conn.step(
-                        self._rid, self._call, kind, body
-                    )
-        except BaseException:
-            self._finish()
-            raise
-        finally:
-            self._running = False
-        if reply_kind == RESULT:
-            return _load_reply(reply_kind, data, self._fn)
-        self._finish()
-        if reply_kind == STOP:
-            raise StopAsyncIteration
-        raise _load_error(data)
-
-    def _finish(self):
-        if self._conn is not None and not self._done:
-            self._conn.finish(self._rid)
-        self._done = True
-
-    async def asend(self, value):
-        if self._done:
-            raise StopAsyncIteration
-        if self._conn is None and value is not None:
-            raise TypeError(
-                "can't send non-None value to a just-started async generator"
-            )
-        body = b"" if value is None else _pickle(_lift(value), oob=True)
-        return await self._step(NEXT, body)
-
-    async def athrow(self, typ, val=None, tb=None):
-        if isinstance(typ, BaseException):
-            exc = typ
-        elif isinstance(val, BaseException):
-            exc = val
-        else:
-            exc = typ() if val is None else typ(val)
-        if self._done or self._conn is None:
-            self._done = True
-            raise exc
-        return await self._step(THROW, _pickle(exc))
-
-    async def aclose(self):
-        if self._done or self._conn is None:
-            self._done = True
-            return
-        with contextlib.suppress(StopAsyncIteration):
-            await self._step(CLOSE)
-
-    def __del__(self):
-        if self._done or self._conn is None:
-            return
-        conn, rid = self._conn, self._rid
-        self._done = True
-        try:
-            if asyncio.get_running_loop() is conn.loop:
-                conn.cancel(rid)  # runs the generator's `finally` there
+async def _remote_generator(fn, args, kwargs):
+    """A @work async generator call, as a native async generator here: each
+    step (a value pulled or sent, an exception thrown, aclose()) is one step
+    of the generator on the worker, within the call's time limit; past it,
+    or once this one is closed or dropped unfinished, that one is closed.
+    The task is sent at the first step, to the pool current then; retries=
+    apply before its first value only."""
+    limit = _time_limit(fn)
+    async with asyncio.timeout(limit):
+        run = await _pool_for(fn)._run(fn, args, kwargs, True)
+    conn, rid, call, (kind, data) = run
+    try:
+        while kind == RESULT:
+            try:
+                sent = yield _load_reply(kind, data, fn)
+                step = NEXT, b"" if sent is None else _pickle(_lift(sent), oob=True)
+            except GeneratorExit:
+                step = CLOSE, b""
+            except BaseException as e:  # athrow()
+                step = THROW, _pickle(e)
+            async with asyncio.timeout(limit):
+                kind, data = await conn.step(rid, call, *step)
+            if step[0] == CLOSE:
                 return
-        except RuntimeError:  # collected outside the loop's thread
-            pass
-        if not conn.loop.is_closed():
-            conn.loop.call_soon_threadsafe(conn.cancel, rid)
+        if kind == ERROR:
+            raise _load_error(data)
+    finally:  # still open there (a value that did not load): cancelled
+        conn.cancel(rid) if kind == RESULT else conn.finish(rid)
 
 
-# -- Executor: a concurrent.futures face on a pool -------------------------------------
+# -- Executor: a concurrent.futures face on a pool -----------------------------
+
 
 class Executor(concurrent.futures.Executor):
     """A concurrent.futures.Executor over a WorkerPool, for synchronous code.
@@ -1578,7 +1501,9 @@ def _as_task(fn) -> Callable:
     try:
         _ref(task)
     except Exception as e:
-        raise TypeError(f"{task.__qualname__} can be neither imported nor pickled: {e}")
+        raise TypeError(
+            f"{task.__qualname__} can be neither imported nor pickled: {e}"
+        ) from e
     with contextlib.suppress(TypeError):
         _adapted[fn] = task
     return task
@@ -1594,7 +1519,8 @@ async def _aiter(iterable):
         yield item
 
 
-# -- Messages: what calls and answers pickle to. No sockets. ---------------------------
+# -- Messages: what calls and answers pickle to. No sockets. -------------------
+
 
 class _Bytes:
     """Large `bytes` or bytearray, or a memoryview, in a message: its buffer
@@ -1926,14 +1852,15 @@ def _load_reply(kind: int, data, fn):
     return value
 
 
-# -- Frames: objects <-> bytes. No sockets, no await. ----------------------------------
-
+# -- Frames: objects <-> bytes. No sockets, no await. --------------------------
 #
 # A frame is HEADER, a body of `length` bytes (a pickle, or empty) and a TAG:
 # a MAC of the frame's sequence number in its direction, its header and its
 # body, under the session's key for that direction (see Streams, _Seal).
 # A receiver checks the length against max_frame before reading on, and the
-# tag before the body goes anywhere.
+# tag before the body goes anywhere. A new kind of frame is a constant here,
+# an entry in the handler table of the side that takes it (_Peer.on_hello,
+# _Connection._introduce) and its handler.
 
 HEADER = struct.Struct("!IBQ")  # body length, kind, request id
 TAG = 16  # bytes of a frame's MAC
@@ -1963,11 +1890,11 @@ INFO = 22  # body: the worker's WorkerInfo as JSON, its first frame; rid 0
 # either way
 TAKEN = 23  # no body: the shared file numbered rid is mapped; its sender closes it
 
-BUFFERS = 0x80  # kind flag: the body is a _Parts (pickle and out-of-band buffers)
+# The kind byte's two high bits are flags, so kinds stay below 0x40.
+BUFFERS = 0x80  # the body is a _Parts (pickle and out-of-band buffers)
 SHARED = 0x40  # with BUFFERS: the buffers are in a shared file, not in the frame
 _VALUES = frozenset({TASK, STREAM, NEXT, RESULT})  # the kinds that may carry them
-
-_TO_CALLER = frozenset({ACCEPTED, REFUSED, RESULT, ERROR, STOP, GOODBYE, INFO})
+_REPLIES = (ACCEPTED, REFUSED, RESULT, ERROR, STOP)  # to a request, from a worker
 _URGENT = frozenset({ACCEPTED, REFUSED, GOODBYE, TAKEN})  # ahead of queued frames
 
 
@@ -2004,10 +1931,22 @@ class _Seal:
         return mac.digest()
 
 
-def encode(kind: int, rid: int, body: bytes, seal: _Seal) -> list[bytes]:
-    """One frame as the parts to write in order: header, body, tag."""
-    header = HEADER.pack(len(body), kind, rid)
-    return [header, body, seal.tag(header, body)]
+def encode(kind: int, rid: int, body, seal: _Seal) -> list:
+    """One frame as the parts to write in order: header, body (a _Parts as
+    its parts, none copied, with BUFFERS in its kind), tag. (_Outbox.commit
+    streams a body over CHUNK instead, its tag computed in a thread.)"""
+    if type(body) is not _Parts:
+        header = HEADER.pack(len(body), kind, rid)
+        return [header, body, seal.tag(header, body)]
+    header, parts = HEADER.pack(len(body), kind | BUFFERS, rid), body.wire()
+    mac = seal.begin(header, len(body))
+    _feed(mac, parts)
+    return [header, *parts, mac.digest()[:TAG]]
+
+
+def _feed(mac, parts: list):
+    for part in parts:
+        mac.update(part)
 
 
 def decode_header(data, max_frame: int, at: int = 0) -> tuple[int, int, int]:
@@ -2085,8 +2024,7 @@ def _forged() -> ProtocolError:
     )
 
 
-# -- Streams: handshake, receiving (_Frames) and sending (_Outbox) ---------------------
-
+# -- Handshake: proving the key, both ways -------------------------------------
 #
 # Handshake (raw bytes, nothing pickled), with a deadline on each side:
 #   worker -> caller   MAGIC, worker nonce (32)
@@ -2167,11 +2105,14 @@ async def _authenticate_worker(reader, writer, key: bytes, address: str):
     return _session(key, their_nonce, nonce, b"caller")
 
 
+# -- Streams: receiving (_Frames) and sending (_Outbox) ------------------------
+
 LARGE = 64 * 2**10  # bytes; a larger body is received into its own buffer
 CHUNK = 256 * 2**10  # bytes of a large message handed to the kernel at a time
 BUFFER = 256 * 2**10  # bytes of a connection's reusable receive buffer
 SHARE = 2**20  # bytes of buffers from which a message to this machine is shared
 SHARED_FILES = 64  # shared files a connection holds until mapped; more: the socket
+BATCH = 48  # frames written to the transport at once while flushing a queue
 # Threads of our own for tags and shared files: the event loop's default
 # executor may be full of a user's blocking calls (sync tasks on a worker).
 _THREADS = concurrent.futures.ThreadPoolExecutor(os.cpu_count(), "wool")
@@ -2182,16 +2123,19 @@ class _Frames(asyncio.BufferedProtocol):
 
     Small frames are cut from one reusable buffer; the kernel writes a body
     larger than LARGE straight into its own bytearray, which is what gets
-    unpickled (no copy). Each frame whose tag checks out goes to
-    `on_frame(kind, rid, body)`, which may raise ProtocolError to close the
-    connection; `on_lost(error)` is called once, with None for a clean close.
-    `hold()` stops delivery and reading until `release()`. The transport's
-    pause_writing/resume_writing go to `out` (an _Outbox).
+    unpickled (no copy). Each frame whose tag checks out goes to its handler
+    in `handlers`, the table of kinds its owner takes now (kind -> handler(
+    kind, rid, body)), which may raise ProtocolError to close the connection;
+    any other kind closes it with `unknown`. `on_lost(error)` is called once,
+    with None for a clean close. `hold()` stops delivery and reading until
+    `release()`. The transport's pause_writing/resume_writing go to `out`.
     """
 
-    def __init__(self, transport, max_frame: int, seal: _Seal, on_frame, on_lost, out):
+    def __init__(self, transport, max_frame: int, seal: _Seal, out, on_lost):
         self.transport, self.max_frame, self.seal = transport, max_frame, seal
-        self.on_frame, self.on_lost, self.out = on_frame, on_lost, out
+        self.out, self.on_lost = out, on_lost
+        self.handlers: dict[int, Callable] = {}  # set by the owner, as it goes
+        self.unknown = "unknown frame kind {} from the peer"  # its error, formatted
         self.buf = bytearray(BUFFER)
         self.start = self.end = 0  # buf[start:end]: received, not yet delivered
         self.large: bytearray | None = None  # a large body being received,
@@ -2199,7 +2143,17 @@ class _Frames(asyncio.BufferedProtocol):
         self.mac: Any = None  # its MAC (fed as the bytes arrive, while they are hot)
         self.untagged: tuple | None = None  # then (kind, rid, body) until its tag
         self.held = self.lost = False
-        self.pid: int | None = None  # the peer's, once we know it shares the machine
+
+    def begin(self, handlers: dict, unknown: str, reader: asyncio.StreamReader):
+        """Deliver frames to `handlers`: first those that came in with the
+        end of the handshake, still held by its `reader`."""
+        self.handlers, self.unknown = handlers, unknown
+        data = memoryview(reader._buffer)  # type: ignore[attr-defined]
+        while data and not self.lost:
+            buffer = self.get_buffer(-1)
+            n = min(len(buffer), len(data))
+            buffer[:n], data = data[:n], data[n:]
+            self.buffer_updated(n)
 
     def get_buffer(self, sizehint: int):
         if self.large is not None:
@@ -2259,28 +2213,27 @@ class _Frames(asyncio.BufferedProtocol):
                 tag = buf[at + size : self.start]
                 if not hmac.compare_digest(self.seal.tag(header, body), tag):
                     raise _forged()
-                if kind == TAKEN:
-                    self.out.taken(rid)
-                    continue
                 self.give(kind, rid, body)
         if self.start == self.end:
             self.start = self.end = 0
 
     def give(self, kind: int, rid: int, body):
-        """Hand a checked frame on; if it carries buffers, as a _Parts."""
+        """Hand a checked frame to its handler; one with buffers as a _Parts."""
         if kind & BUFFERS:
             kind &= ~BUFFERS
             if kind & ~SHARED not in _VALUES:
                 raise ProtocolError(f"frame kind {kind & ~SHARED} cannot carry buffers")
             if not kind & SHARED:
                 body = _Parts.read(body, self.max_frame)
-            elif self.pid is None:
+            elif (transfer := self.out.transfer) is None:
                 raise ProtocolError("a shared file from a peer on another machine")
-            else:
-                parts = _Parts.read(body, self.max_frame, self.pid)
+            else:  # memfd transfer: mapped, then TAKEN
+                parts = _Parts.read(body, self.max_frame, transfer.pid)
                 self.out.send(TAKEN, FILE.unpack_from(body)[1])
                 kind, body = kind & ~SHARED, parts
-        self.on_frame(kind, rid, body)
+        if (handler := self.handlers.get(kind)) is None:
+            raise ProtocolError(self.unknown.format(kind))
+        handler(kind, rid, body)
 
     def hold(self):
         self.held = True
@@ -2330,17 +2283,14 @@ class _Frames(asyncio.BufferedProtocol):
 class _Outbox:
     """Seals and writes frames, in the order it commits them to the transport.
 
-    No added latency and few syscalls: the first frame of an event-loop turn
-    goes out at once, the rest of the turn's frames together at its end.
-    Frames wait here while the transport has bytes it could not send yet,
-    urgent ones (_URGENT) ahead of the rest; bytes handed to the transport
-    cannot be overtaken. A large message is fed to the transport a CHUNK at
-    a time, each once the last is sent, so the kernel takes it whole (no
-    copy into the transport's buffer, which Python 3.11 would make), while
-    a thread computes its tag (hashlib lets go of the GIL); frames behind it
-    wait for the tag. To a peer on this machine (`share`), a thread writes a
-    message's buffers into a shared file instead, and frames behind it wait
-    for that. `full()` past HIGH_WATER unsent; `on_resume` when not.
+    The first frame of an event-loop turn goes out at once, the rest of the
+    turn's together at its end. Frames wait here while the transport has
+    bytes it could not send, urgent ones (_URGENT) first. A large message is
+    fed to the transport a CHUNK at a time, each once the last is sent (the
+    kernel takes it whole, no copy), while a thread computes its tag; in
+    memfd transfer (share_with) a thread writes its buffers into a shared
+    file instead. Frames behind a large message wait for it (`large`).
+    `full()` past HIGH_WATER unsent; `on_resume` when not.
     """
 
     def __init__(self, transport, seal: _Seal, on_resume=None):
@@ -2350,12 +2300,10 @@ class _Outbox:
         self.urgent = 0  # how many frames at the queue's head are urgent
         self.queued = 0  # bytes of the bodies in the queue
         self.parts: list = []  # sealed small frames, written together
-        self.large: collections.deque[memoryview] | None = None  # left to feed
-        self.left, self.tag = 0, b""  # its bytes left, its tag once computed
+        self.large: _Large | None = None  # the message the frames behind wait for
         self.corked = self.paused = self.closed = False
         self.writable: asyncio.Future | None = None  # resolved by wake()
-        self.share = False  # whether the peer shares the machine (see _share)
-        self.files: dict[int, int] = {}  # serial -> descriptor, until TAKEN
+        self.transfer: _Transfer | None = None  # memfd transfer, once share_with()
         # Paused while it has a backlog: then chunks go to the kernel whole. A
         # TLS transport keeps its own buffer and is left its default limits.
         self.tls = transport.get_extra_info("sslcontext") is not None
@@ -2384,65 +2332,60 @@ class _Outbox:
             self.urgent = max(0, self.urgent - 1)
             self.queued -= len(body)
             self.commit(kind, rid, body)
-            if len(self.parts) >= 48:  # in batches, so a pause stops us soon
+            if len(self.parts) >= BATCH:  # so that a pause stops us soon
                 self.write()
         self.write()
         if not self.full():
             self.wake()
 
     def commit(self, kind: int, rid: int, body):
-        if len(body) < LARGE:
+        transfer = self.transfer
+        if type(body) is _Parts and transfer and transfer.takes(body):
+            self.large = _Large([])  # frames behind wait for the file
+            done = self.loop.run_in_executor(_THREADS, _share, body.buffers)
+            done.add_done_callback(functools.partial(self.shared, kind, rid, body))
+        elif len(body) < CHUNK:  # sealed here: a thread would cost more than it saves
             self.parts += encode(kind, rid, body, self.seal)
-            return
-        parts = [body]
-        if type(body) is _Parts:
-            share = self.share and len(self.files) < SHARED_FILES  # else the socket
-            if share and body.size - len(body.pickle) >= SHARE:
-                self.large, self.tag = collections.deque(), b""  # frames behind wait
-                done = self.loop.run_in_executor(_THREADS, _share, body.buffers)
-                done.add_done_callback(functools.partial(self.shared, kind, rid, body))
-                return
-            kind, parts = kind | BUFFERS, body.wire()
-        header = HEADER.pack(len(body), kind, rid)
-        mac = self.seal.begin(header, len(body))
-        if len(body) < CHUNK:  # sealed here: a thread would cost more than it saves
-            _feed(mac, parts)
-            self.parts += [header, *parts, mac.digest()[:TAG]]
-            return
-        self.parts.append(header)
-        self.write()
-        self.large = collections.deque(memoryview(p).cast("B") for p in parts)
-        self.left, self.tag = len(body), b""
-        done = self.loop.run_in_executor(_THREADS, _feed, mac, parts)
-        done.add_done_callback(lambda _: self.sealed(mac.digest()[:TAG]))
-        self.feed()
+        else:
+            parts = body.wire() if type(body) is _Parts else [body]
+            kind |= BUFFERS if type(body) is _Parts else 0
+            header = HEADER.pack(len(body), kind, rid)
+            mac = self.seal.begin(header, len(body))
+            self.parts.append(header)
+            self.write()
+            large = self.large = _Large(parts)
+            done = self.loop.run_in_executor(_THREADS, _feed, mac, parts)
+            done.add_done_callback(lambda _: self.sealed(large, mac.digest()[:TAG]))
+            self.feed()
 
     def feed(self):
-        large = self.large
-        while large and not self.paused:
-            chunk, large[0] = large[0][:CHUNK], large[0][CHUNK:]
-            if not large[0]:
-                large.popleft()
-            self.left -= len(chunk)
+        if (large := self.large) is None:
+            return
+        chunks = large.chunks
+        while chunks and not self.paused:
+            chunk, chunks[0] = chunks[0][:CHUNK], chunks[0][CHUNK:]
+            if not chunks[0]:
+                chunks.popleft()
+            large.left -= len(chunk)
             if not (self.closed or self.transport.is_closing()):
                 self.transport.write(chunk)
-        if large is not None and not large and self.tag:
-            self.parts.append(self.tag)
+        if not chunks and large.tag:
+            self.parts.append(large.tag)
             self.large = None
             self.flush()
 
-    def sealed(self, tag: bytes):
-        self.tag = tag
+    def sealed(self, large: _Large, tag: bytes):
+        large.tag = tag
         self.feed()
 
     def shared(self, kind: int, rid: int, body: _Parts, done: asyncio.Future):
         """The buffers of `body` are in a shared file: send its frame."""
-        self.large = None
+        self.large, transfer = None, cast(_Transfer, self.transfer)
         try:
             fd, serial = done.result()
         except Exception as e:  # out of memory, of descriptors: the socket it is
             log.warning("cannot share a message's buffers (%r); sending them", e)
-            self.share, fd = False, None
+            transfer.failed, fd = True, None
         if self.closed:
             if fd is not None:
                 os.close(fd)
@@ -2450,14 +2393,20 @@ class _Outbox:
         if fd is None:
             self.commit(kind, rid, body)
         else:
-            self.files[serial] = fd
+            transfer.files[serial] = fd
             frame = FILE.pack(fd, serial) + body.table() + body.pickle
             self.commit(kind | BUFFERS | SHARED, rid, frame)
         self.flush()
 
-    def taken(self, serial: int):
+    def share_with(self, pid: int):
+        """Turn memfd transfer on (both ends do, each on its own side):
+        large buffers to and from process `pid` go by shared files."""
+        self.transfer = _Transfer(pid)
+
+    def taken(self, kind: int, serial: int, body):
         """The peer mapped shared file `serial`: close our descriptor."""
-        if (fd := self.files.pop(serial, None)) is not None:
+        files = self.transfer.files if self.transfer else {}
+        if (fd := files.pop(serial, None)) is not None:
             os.close(fd)
         elif not self.closed:
             raise ProtocolError(f"TAKEN for shared file {serial}, which was not sent")
@@ -2484,15 +2433,14 @@ class _Outbox:
         self.closed = True
         self.queue.clear()
         self.queued, self.large = 0, None
-        for fd in self.files.values():
-            os.close(fd)
-        self.files.clear()
+        if self.transfer is not None:
+            self.transfer.close()
         self.wake()
 
     def full(self) -> bool:
         """Whether HIGH_WATER bytes wait here or in the transport (which
         holds none while not paused, unless TLS keeps its own limits)."""
-        unsent = self.queued + self.left
+        unsent = self.queued + (self.large.left if self.large else 0)
         if self.paused or self.tls:
             unsent += self.transport.get_write_buffer_size()
         return unsent >= HIGH_WATER
@@ -2515,22 +2463,30 @@ class _Outbox:
             await self.writable
 
 
-def _feed(mac, parts: list):
-    for part in parts:
-        mac.update(part)
+class _Large:
+    """A large message on its way out, which the frames behind it wait for:
+    its chunks left to feed the transport, their bytes, and its tag once a
+    thread computed it; in memfd transfer, nothing until its file is written."""
+
+    __slots__ = ("chunks", "left", "tag")
+
+    def __init__(self, parts: list):
+        self.chunks = collections.deque(memoryview(p).cast("B") for p in parts)
+        self.left, self.tag = sum(map(len, self.chunks)), b""
 
 
-def _switch(writer: asyncio.StreamWriter, seals, max_frame, on_frame, on_lost, **out):
-    """Move a connection past its handshake to our own protocol: (frames, outbox)."""
+def _switch(writer: asyncio.StreamWriter, seals, max_frame, on_lost, **out):
+    """Move a connection past its handshake to our own protocol: (frames,
+    outbox); the owner sets the frames' handlers."""
     outbox = _Outbox(writer.transport, seals[1], **out)
-    frames = _Frames(writer.transport, max_frame, seals[0], on_frame, on_lost, outbox)
+    frames = _Frames(writer.transport, max_frame, seals[0], outbox, on_lost)
     writer.transport.set_protocol(frames)
     if (sock := writer.get_extra_info("socket")) is not None:
         _LIVENESS.watch(frames, sock)
     return frames, outbox
 
 
-# -- Memfd transfer: large buffers between processes of one machine --------------------
+# -- Memfd transfer: large buffers between processes of one machine ------------
 
 # Between two processes on one machine, a message's large buffers skip the
 # socket and its MAC: the sender writes them to a memfd (an anonymous file in
@@ -2555,6 +2511,34 @@ def _machine() -> str | None:
         return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}/{os.getuid()}"
     except OSError:
         return None
+
+
+class _Transfer:
+    """Memfd transfer on one connection (see _Outbox.share_with): the peer's
+    pid, to open the files it names, and ours that it has not TAKEN yet."""
+
+    def __init__(self, pid: int):
+        self.pid, self.files = pid, cast(dict[int, int], {})  # serial -> our fd
+        self.failed = False  # to make a file: then we send through the socket
+
+    def takes(self, body: _Parts) -> bool:
+        """Whether `body` goes by a shared file: large enough, and fewer than
+        SHARED_FILES not yet taken (a peer that never says TAKEN gets the
+        rest through the socket)."""
+        big = body.size - len(body.pickle) >= SHARE
+        return big and len(self.files) < SHARED_FILES and not self.failed
+
+    def close(self):
+        for fd in self.files.values():
+            os.close(fd)
+        self.files.clear()
+
+
+def _sharing(pid: int, machine: str | None) -> bool:
+    """Caller side: whether worker `pid`, whose INFO gave `machine`, shares
+    this machine (the same token) and lets us open its /proc/PID/fd."""
+    ours = machine is not None and machine == _machine()
+    return ours and os.access(f"/proc/{pid}/fd", os.R_OK | os.X_OK)
 
 
 _serials = itertools.count(1)
@@ -2614,19 +2598,18 @@ def _map(pid: int, fd: int, serial: int, size: int):
         os.close(own)
 
 
-# -- Liveness: busy is not dead --------------------------------------------------------
+# -- Liveness: busy is not dead ------------------------------------------------
 
-# Liveness. A peer is dead when its kernel stops answering, never because its
-# event loop is busy: a busy peer's kernel still acknowledges every probe,
-# advertising a zero window. TCP_USER_TIMEOUT cannot tell the two apart
-# (Linux aborts a zero-window connection with it too), so wool does not set
-# it. The kernel's keepalive ends an idle connection to a peer that is gone;
-# for one with data in flight, a thread of ours reads each socket's TCP_INFO
-# once a KEEPALIVE, however blocked our own loop is: retransmissions or
-# probes unanswered for DEAD_AFTER seconds mean that the peer's machine is
-# gone or the link is cut. (Linux backs its probes of a zero window off, to
-# two minutes at most: a peer that dies after being busy that long is found
-# after two of them.)
+# A peer is dead when its kernel stops answering, never because its event
+# loop is busy: a busy peer's kernel acknowledges every probe, advertising a
+# zero window. TCP_USER_TIMEOUT cannot tell the two apart (Linux aborts a
+# zero-window connection with it too), so wool does not set it. Keepalive
+# ends an idle connection to a peer that is gone; for one with data in
+# flight, a thread of ours reads each socket's TCP_INFO once a KEEPALIVE,
+# however blocked our loop is: retransmissions or probes unanswered for
+# DEAD_AFTER seconds mean the peer's machine is gone or the link is cut.
+# (Linux backs its probes of a zero window off to 2 minutes: a peer that dies
+# after being busy that long is found after two of them.)
 
 _TCP_INFO = struct.Struct("=2xBB52xI")  # retransmits, probes, ms since the last ACK
 
@@ -2689,7 +2672,8 @@ class _Liveness:
 _LIVENESS = _Liveness()
 
 
-# -- The worker: Worker, and _Peer, its end of a connection ----------------------------
+# -- The worker ----------------------------------------------------------------
+
 
 class Worker:
     """A worker server: runs the tasks that authenticated callers send it.
@@ -2699,16 +2683,13 @@ class Worker:
             await w.stopped()
 
     Listens on `host:port` (port 0: any free one) and publishes itself to
-    `discovery` when started; `stop()` withdraws it first, tells its callers
-    to send nothing more (they fail over), lets in-flight tasks finish within
-    `grace` seconds, then cancels the rest. Every task runs as an asyncio
-    task in this process; nested calls go to the caller's pool. With
-    `max_tasks`, a task arriving while that many run (`running`) is refused
-    before it is accepted, and its caller tries another worker.
-
-    Raises ValueError when asked to listen on a non-loopback address with
-    neither a key nor TLS, unless `insecure`: anyone who can reach the port
-    could run code here. A second start() raises RuntimeError.
+    `discovery`; `stop()` withdraws it, tells its callers GOODBYE, lets
+    in-flight tasks finish within `grace` seconds, then cancels the rest.
+    Tasks run as asyncio tasks here; nested calls go to the caller's pool.
+    With `max_tasks` running, a new task is REFUSED (its caller tries
+    another worker). Raises ValueError when asked to listen off loopback
+    with neither a key nor TLS, unless `insecure`; RuntimeError on a second
+    start().
     """
 
     def __init__(
@@ -2732,12 +2713,10 @@ class Worker:
         self.host, self.port, self.advertise = host, port, advertise
         self.ssl, self.client_ssl, self.insecure = ssl, client_ssl, insecure
         self.discovery, self.grace, self.max_frame = discovery, grace, max_frame
-        self.max_connections, self.handshake_timeout = (
-            max_connections,
-            handshake_timeout,
-        )
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
         self.max_tasks = max_tasks  # running at once; more are REFUSED
-        self.running = 0  # tasks running now; only _Peer counts them,
+        self.running = 0  # tasks running now; only tally() changes them,
         self.done = self.failed = 0  # and those that ended, since start
         self.uid = uuid.uuid4().hex
         self.info: WorkerInfo | None = None
@@ -2812,7 +2791,6 @@ class Worker:
         if self.state in (_State.STOPPING, _State.STOPPED):
             return await self._stopped.wait()
         self.state = _State.STOPPING
-        grace = self.grace if grace is None else grace
         try:
             if self.discovery is not None and self.info is not None:
                 with contextlib.suppress(Exception):
@@ -2821,20 +2799,7 @@ class Worker:
                     )
             if self._server is not None:
                 self._server.close()
-            for peer in self._peers:
-                peer.out.send(GOODBYE, 0)  # callers close once answered
-            tasks = [t for p in self._peers for t in p.tasks.values()]
-            if tasks:
-                await asyncio.wait(tasks, timeout=grace)
-            for writer in self._shaking:
-                writer.transport.abort()
-            peers = list(self._peers)
-            for wait in (True, False):
-                if peers:
-                    await asyncio.wait([p.closed for p in peers], timeout=PATIENCE)
-                peers = [p for p in peers if not p.closed.done()]
-                for peer in peers:  # after grace, or a caller that does not read
-                    peer.close() if wait else peer.writer.transport.abort()
+            await self._drain(self.grace if grace is None else grace)
             for pool, _ in list(self._nested.values()):
                 await pool._stop()
             await asyncio.gather(*self._closing)
@@ -2849,9 +2814,32 @@ class Worker:
             self.state = _State.STOPPED
             self._stopped.set()
 
+    async def _drain(self, grace: float):
+        """Tell callers GOODBYE (they close once answered), give the tasks
+        `grace` seconds, then close: gently, and at once PATIENCE later."""
+        peers = list(self._peers)
+        for peer in peers:
+            peer.out.send(GOODBYE, 0)
+        if tasks := [t for p in peers for t in p.tasks.values()]:
+            await asyncio.wait(tasks, timeout=grace)
+        for writer in self._shaking:
+            writer.transport.abort()
+        for abort in (False, True):
+            if peers:
+                await asyncio.wait([p.closed for p in peers], timeout=PATIENCE)
+            peers = [p for p in peers if not p.closed.done()]
+            for peer in peers:  # after grace, or a caller that does not read
+                peer.close(abort)
+
     async def stopped(self):
         """Wait until the worker has stopped."""
         await self._stopped.wait()
+
+    def tally(self, started: int, done: bool | None = None):
+        """A _Peer's task started (1) or left (-1), or ended (0) done or not."""
+        self.running += started
+        if done is not None:
+            self.done, self.failed = self.done + done, self.failed + (not done)
 
     def status(self) -> dict:
         """What this worker is doing, as plain data: uid, address, pid,
@@ -2865,7 +2853,8 @@ class Worker:
             for fn, start in peer.running.values()
         ]
         try:
-            pages = int(open("/proc/self/statm").read().split()[1])
+            with open("/proc/self/statm") as statm:
+                pages = int(statm.read().split()[1])
             rss: int | None = pages * os.sysconf("SC_PAGE_SIZE")
         except OSError:  # not Linux
             rss = None
@@ -2916,7 +2905,7 @@ class Worker:
         if self.state in (_State.STOPPING, _State.STOPPED):
             writer.transport.abort()
             return
-        peer = _Peer(self, writer, seals, address)
+        peer = _Peer(self, (reader, writer), seals, address)
         self._peers.add(peer)
         assert self.info is not None
         peer.out.send(INFO, 0, self.info.to_json(machine=_machine()))  # who answers
@@ -2950,6 +2939,9 @@ class Worker:
                 task.add_done_callback(self._closing.discard)
 
 
+# -- _Peer: the worker's end of a connection -----------------------------------
+
+
 class _NestedPool:
     """In a worker: the pool that sent the running task, for its nested calls.
     Opened at the first nested call, shared by the connections that sent the
@@ -2970,19 +2962,19 @@ class _Peer:
 
     Rules: every TASK/STREAM is answered REFUSED before its code runs, or
     ACCEPTED after its first step (unless that step answered, see started),
-    and gets exactly one RESULT, ERROR or STOP per step. What a caller
-    that does not read costs is bounded: reading stops while the outbox is
-    paused, replies wait for room before they are pickled, a generator takes
-    one step at a time, and DEFINEs are bounded by MAX_DEFINED.
+    and gets exactly one RESULT, ERROR or STOP per step, whatever its code
+    does (see run). A caller that does not read costs a bound: reading stops
+    while the outbox is full, replies wait for room before they are pickled,
+    a generator takes one step at a time, DEFINEs stop at MAX_DEFINED. Only
+    _Peer changes the worker's task counts, through Worker.tally().
     """
 
-    def __init__(self, worker: Worker, writer, seals, address: str):
-        self.worker, self.writer, self.address = worker, writer, address
+    def __init__(self, worker: Worker, streams, seals, address: str):
+        self.worker, self.writer, self.address = worker, streams[1], address
         self.loop = asyncio.get_running_loop()
         self.frames, self.out = _switch(
-            writer, seals, worker.max_frame, self.on_frame, self.on_lost,
-            on_resume=self.release,
-        )  # fmt: skip
+            self.writer, seals, worker.max_frame, self.on_lost, on_resume=self.release
+        )
         self.hello, self.nested = b"", False  # from HELLO
         self.services: list = []
         self.context: contextvars.Context | None = None  # tasks run in copies
@@ -2998,51 +2990,58 @@ class _Peer:
         self.deadline = self.loop.call_later(
             worker.handshake_timeout, self.frames.fail, no_hello
         )
+        self.frames.begin(
+            {HELLO: self.on_hello}, "it did not start with HELLO", streams[0]
+        )
 
-    def on_frame(self, kind: int, rid: int, body):
-        if self.context is None:
-            if kind != HELLO:
-                raise ProtocolError("it did not start with HELLO")
-            self.deadline.cancel()
-            self.hello = bytes(body)
-            try:
-                self.services, self.nested = pickle.loads(self.hello)
-            except Exception as e:
-                raise ProtocolError(f"a HELLO that does not load: {e!r}") from None
-            if rid and _machine() is not None:  # the caller shares this machine
-                self.frames.pid, self.out.share = rid, True
-            # Tasks run in copies of this context: nested calls go to the
-            # caller's pool, and current_worker() answers.
-            self.context = contextvars.copy_context()
-            self.context.run(_current_pool.set, _NestedPool(self))
-            self.context.run(_current_worker.set, self.worker.info)
-        elif kind == TASK or kind == STREAM:
-            self.accept(rid, body, kind == STREAM)
-        elif kind in (NEXT, THROW, CLOSE):
-            if rid not in self.tasks:
-                return  # it ended, or was cancelled, while the step travelled
-            if (steps := self.streams.get(rid)) is None:
-                raise ProtocolError(f"a generator step for task {rid}, a coroutine")
-            if steps.full():
-                raise ProtocolError(f"two steps at once for generator {rid}")
-            steps.put_nowait((kind, body))
-        elif kind == CANCEL:
-            if (task := self.tasks.get(rid)) is not None:
-                task.cancel()
-        elif kind == STATUS:
-            self.out.send(RESULT, rid, _pickle((self.worker.status(), None)))
-        elif kind == DEFINE:
-            self.defined += len(body)
-            if self.defined > MAX_DEFINED:
-                raise ProtocolError(
-                    f"over {MAX_DEFINED / 2**20:.0f} MiB of functions defined on one "
-                    "connection"
-                )
-            self.functions[rid] = body  # unpickled by the first task that needs it
-        else:
-            raise ProtocolError(f"unknown frame kind {kind} from a caller")
+    def on_hello(self, kind: int, rid: int, body):
+        self.deadline.cancel()
+        self.hello = bytes(body)
+        try:
+            self.services, self.nested = pickle.loads(self.hello)
+        except Exception as e:
+            raise ProtocolError(f"a HELLO that does not load: {e!r}") from None
+        if rid and _machine() is not None:  # the caller shares this machine
+            self.out.share_with(rid)
+        # Tasks run in copies of this context: nested calls go to the
+        # caller's pool, and current_worker() answers.
+        self.context = contextvars.copy_context()
+        self.context.run(_current_pool.set, _NestedPool(self))
+        self.context.run(_current_worker.set, self.worker.info)
+        self.frames.handlers = {
+            TASK: self.accept, STREAM: self.accept, NEXT: self.step,
+            THROW: self.step, CLOSE: self.step, CANCEL: self.cancel,
+            STATUS: self.status, DEFINE: self.define, TAKEN: self.out.taken,
+        }  # what a caller sends once it said HELLO  # fmt: skip
+        self.frames.unknown = "unknown frame kind {} from a caller"
 
-    def accept(self, rid: int, body, generator: bool):
+    def step(self, kind: int, rid: int, body):
+        if rid not in self.tasks:
+            return  # it ended, or was cancelled, while the step travelled
+        if (steps := self.streams.get(rid)) is None:
+            raise ProtocolError(f"a generator step for task {rid}, a coroutine")
+        if steps.full():
+            raise ProtocolError(f"two steps at once for generator {rid}")
+        steps.put_nowait((kind, body))
+
+    def cancel(self, kind: int, rid: int, body):
+        if (task := self.tasks.get(rid)) is not None:
+            task.cancel()
+
+    def status(self, kind: int, rid: int, body):
+        self.out.send(RESULT, rid, _pickle((self.worker.status(), None)))
+
+    def define(self, kind: int, rid: int, body):
+        self.defined += len(body)
+        if self.defined > MAX_DEFINED:
+            raise ProtocolError(
+                f"over {MAX_DEFINED / 2**20:.0f} MiB of functions defined on one "
+                "connection"
+            )
+        self.functions[rid] = body  # unpickled by the first task that needs it
+
+    def accept(self, kind: int, rid: int, body):
+        generator = kind == STREAM
         if rid in self.tasks:
             raise ProtocolError(f"request id {rid} is already running")
         worker = self.worker
@@ -3059,7 +3058,7 @@ class _Peer:
         )
         task.add_done_callback(functools.partial(self.done, rid))
         self.loop.call_soon(self.started, rid, task)
-        worker.running += 1
+        worker.tally(1)
         # Let the tasks just accepted run now and then, so a burst of TASKs
         # does not starve them; stop taking more while replies pile up.
         self.burst += 1
@@ -3087,7 +3086,7 @@ class _Peer:
         del self.tasks[rid]
         self.streams.pop(rid, None)
         self.running.pop(rid, None)
-        self.worker.running -= 1
+        self.worker.tally(-1)
 
     def breathe(self):
         self.burst = 0
@@ -3114,14 +3113,14 @@ class _Peer:
         self.worker._release_nested(self)
         self.closed.set_result(None)
 
-    def close(self):
+    def close(self, abort: bool = False):
         """Stop now: cancel the tasks (their replies are dropped: the caller
-        gets WorkerLost) and close the connection."""
+        gets WorkerLost) and close the connection, or `abort` it."""
         self.out.flush()
         self.out.close()
         for task in self.tasks.values():
             task.cancel()
-        self.writer.close()
+        self.writer.transport.abort() if abort else self.writer.close()
 
     async def reply(self, kind: int, rid: int, make: Callable[[], bytes]):
         """Send a reply once the outbox takes frames: it is pickled only then."""
@@ -3157,10 +3156,7 @@ class _Peer:
             outcome = f"failed: {type(e).__name__}"
             await self.reply(ERROR, rid, functools.partial(_dump_error, e, max_frame))
         finally:
-            if outcome == "done":
-                worker.done += 1
-            else:
-                worker.failed += 1
+            worker.tally(0, outcome == "done")
             if self.debug:
                 log.debug(
                     "task %d %s() from %s: %s in %.3f s", rid, _name(fn), self.address,
@@ -3224,7 +3220,7 @@ class _LogLimit:
         host, now = address.rpartition(":")[0] or address, time.monotonic()
         if host in self.hosts and now - self.hosts[host][0] > LOG_WINDOW:
             self.flush(host)
-        if len(self.hosts) >= 4096:  # bounded, whatever the addresses
+        if len(self.hosts) >= LOG_HOSTS:  # bounded, whatever the addresses
             self.flush()
         entry = self.hosts.setdefault(host, [now, 0, 0])
         entry[1] += 1
@@ -3242,7 +3238,7 @@ class _LogLimit:
                 log.warning("%d more warnings about %s were not logged", held, host)
 
 
-# -- Entry points: spawned worker, CLI, demo -------------------------------------------
+# -- Entry points: spawned worker, CLI, demo -----------------------------------
 
 
 def _spawned():
@@ -3272,7 +3268,7 @@ async def _serve_spawned(config):
     def lifeline():
         # A thread, not the event loop, watches stdin: a task that blocks the
         # loop must not keep an orphaned worker alive.
-        while os.read(0, 4096):  # until EOF: the pool closed it, or died
+        while os.read(0, 1024):  # until EOF: the pool closed it, or died
             pass
         with contextlib.suppress(RuntimeError):  # the loop is gone: we are exiting
             loop.call_soon_threadsafe(stop.set)
