@@ -273,7 +273,7 @@ async def test_durable_pool_waits_for_a_worker_that_comes_later(namespace):
     discovery = wool.LocalDiscoveryService(namespace)
     async with wool.WorkerPool(discovery=discovery) as pool:
         call = asyncio.ensure_future(add(40, 2))
-        await until(lambda: pool._roster.waiting == 1)  # the call waits for a worker
+        await until(lambda: pool._roster.queued())  # the call waits for a worker
         async with wool.Worker(discovery=wool.LocalDiscoveryService(namespace)):
             assert await call == 42
 

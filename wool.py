@@ -725,11 +725,17 @@ class WorkerPool:
         return conns[info]
 
     async def _connection(self, task: Task, refused, lost) -> _Connection:
-        """A worker for `task` (see _choose), once there is one: those that
-        `refused` it (full with others' tasks) are asked again after a pause
-        that doubles each time."""
-        pause, deadline = ASK_AGAIN[0], time.monotonic() + self.wait
-        while (conn := self._choose(task, refused, lost)) is None:
+        """A worker for `task` (see _choose), once there is one, in turn
+        behind the calls that wait for room already; those that `refused`
+        it (full with others' tasks) are asked again after a pause that
+        doubles each time."""
+        pause, deadline, roster = (
+            ASK_AGAIN[0],
+            time.monotonic() + self.wait,
+            self._roster,
+        )
+        conn = None if roster.queued() else self._choose(task, refused, lost)
+        while conn is None:
             if self._state not in (_State.READY, _State.STARTING):
                 raise NoWorkersAvailable(f"{self!r} is closed; call inside its block")
             self._roster.check(task)
@@ -741,9 +747,13 @@ class WorkerPool:
                     f"no worker took {task.fn.__qualname__}() within {self.wait:g} "
                     f"s; waited on {self._waited_on()}"
                 )
-            await self._roster.wait_change(pause if refused else deadline - now)
             if refused:
-                refused, pause = frozenset(), min(pause * 2, ASK_AGAIN[1])
+                await asyncio.sleep(pause)
+                refused, pause = _NOBODY, min(pause * 2, ASK_AGAIN[1])
+            else:
+                seconds = None if self.workers else deadline - now
+                await roster.wait_change(seconds, queued=True)
+            conn = self._choose(task, refused, lost)
         return conn
 
     def _waited_on(self) -> str:
@@ -821,9 +831,10 @@ class _Roster:
 
     Rules: discovery events change `listed` and nothing else; each listed
     worker has one `link` task, the only code that opens, registers in
-    `conns` and forgets a connection to it. Every change a waiting call may
-    care for (a worker came or went, a call ended) goes through notify();
-    waiting for one is wait_change(). The roster's tasks end with close().
+    `conns` and forgets a connection to it. A worker that comes or goes is
+    notify(), a call that starts or ends room(); calls waiting for a worker
+    or for room wait their turn in `queue` (wait_change(queued=True)), and
+    room() wakes the oldest. The roster's tasks end with close().
     """
 
     def __init__(self, lease: int | None, max_frame: int):
@@ -836,8 +847,8 @@ class _Roster:
         self.refused: dict[str, AuthenticationError] = {}  # uid -> why
         self.leased: set[str] = set()  # uids of admitted discovered workers
         self.failed: dict[int, Exception] = {}  # id(source) -> why it failed
-        self.changed = asyncio.Event()  # replaced by notify() on each change
-        self.waiting = 0  # callers in wait_change()
+        self.queue: collections.deque[asyncio.Future] = collections.deque()
+        self.watchers: list[asyncio.Future] = []  # other waits: _until(), lease
         self.tasks: set[asyncio.Task] = set()  # watch() and link() tasks
         self.running = True  # until close()
 
@@ -852,23 +863,44 @@ class _Roster:
         task.add_done_callback(self.tasks.discard)
 
     def notify(self):
-        self.changed.set()
-        self.changed = asyncio.Event()
+        """A worker came or went: wake every waiting call."""
+        queue, self.queue = self.queue, collections.deque()
+        for waiter in [*queue, *self.watchers]:
+            if not waiter.done():
+                waiter.set_result(None)
+        self.watchers = []
 
-    def room(self):
-        """A connection finished a call or started retiring."""
-        if self.waiting:
-            self.notify()
+    def room(self, freed: bool = True):
+        """A call started, or ended (`freed` room): wake the watchers, and
+        then the oldest call waiting in the queue."""
+        watchers, self.watchers = self.watchers, []
+        for waiter in watchers:
+            if not waiter.done():
+                waiter.set_result(None)
+        while freed and self.queue:
+            if not (waiter := self.queue.popleft()).done():
+                return waiter.set_result(None)
 
-    async def wait_change(self, seconds: float):
-        """Until the roster changes, or `seconds` passed."""
-        self.waiting += 1
+    def queued(self) -> bool:
+        """Whether calls wait in the queue (newcomers go behind them)."""
+        while self.queue and self.queue[0].done():
+            self.queue.popleft()
+        return bool(self.queue)
+
+    async def wait_change(self, seconds: float | None, queued: bool = False):
+        """Until notify() or room() wakes us (in the queue, in turn), or
+        `seconds` passed."""
+        waiter = asyncio.get_running_loop().create_future()
+        (self.queue.append if queued else self.watchers.append)(waiter)
         try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(seconds):
-                    await self.changed.wait()
-        finally:
-            self.waiting -= 1
+            async with asyncio.timeout(seconds):
+                await waiter
+        except TimeoutError:
+            pass
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.room()  # woken, then cancelled: the turn passes on
+            raise
 
     async def close(self):
         """End its tasks, and with them the connections; wake those waiting."""
@@ -935,7 +967,7 @@ class _Roster:
                 info, source = self.listed[uid]
                 if source.leased and self.lease is not None and uid not in self.leased:
                     if len(self.leased) >= self.lease:
-                        await self.changed.wait()
+                        await self.wait_change(None)
                         continue
                     self.leased.add(uid)
                 try:
@@ -992,7 +1024,7 @@ class _Roster:
         while self.listed.get(uid, (None,))[0] == info and (
             rejected or real in {i.uid for i in self.conns}
         ):
-            await self.changed.wait()
+            await self.wait_change(None)
         return True
 
 
@@ -1262,7 +1294,7 @@ class _Connection:
             lost = f"lost worker {self.info.address} ({reason}) {what}"
             call.reply.set_exception(WorkerLost(lost))
         self.pending.clear()
-        self.on_change()
+        self.on_change(False)
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -1275,7 +1307,7 @@ class _Connection:
         worker that withdrew or is stopping is draining them)."""
         if not self.retiring:
             self.retiring = True
-            self.on_change()
+            self.on_change(False)
         if not self.pending:
             self.close()
 
@@ -1294,7 +1326,7 @@ class _Connection:
         rid = next(self.rids)
         call = self.pending[rid] = _Call(self.loop.create_future())
         self.out.send(STREAM if generator else TASK, rid, body)
-        self.on_change()
+        self.on_change(False)
         return rid, call
 
     async def answer(self, rid: int, call: _Call) -> tuple[int, Any]:
@@ -1337,7 +1369,7 @@ class _Connection:
         if self.pending.pop(rid, None) is not None:
             if self.retiring and not self.pending:
                 self.close()
-            self.on_change()
+            self.on_change(True)
 
     def cancel(self, rid: int):
         if rid in self.pending:
