@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import collections
 import collections.abc
 import concurrent.futures
@@ -71,23 +70,21 @@ import types
 import uuid
 import weakref
 from collections.abc import Callable, Mapping
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, NamedTuple, ParamSpec, Self, TypeVar, cast, overload
 
 import cloudpickle  # type: ignore[import-untyped]
 
-if __package__:  # vendored as a package's submodule: use its sibling
-    sys.modules.setdefault(
-        "wool_discovery", importlib.import_module(f"{__package__}.wool_discovery")
-    )
-from wool_discovery import (  # noqa: E402
-    DiscoveryEvent,
-    DnsDiscoveryService,
-    LanDiscovery,
-    LanDiscoveryService,
-    LocalDiscovery,
-    LocalDiscoveryService,
-    WorkerInfo,
-)
+if __package__:  # vendored into a package: its own sibling, never another copy
+    from .wool_discovery import (  # type: ignore[import-not-found]
+        DiscoveryEvent, DnsDiscoveryService, LanDiscovery, LanDiscoveryService,
+        LocalDiscovery, LocalDiscoveryService, WorkerInfo,
+    )  # fmt: skip
+else:
+    from wool_discovery import (
+        DiscoveryEvent, DnsDiscoveryService, LanDiscovery, LanDiscoveryService,
+        LocalDiscovery, LocalDiscoveryService, WorkerInfo,
+    )  # fmt: skip
 
 __all__ = [
     "AuthenticationError", "ContextVar", "DiscoveryEvent", "DnsDiscoveryService",
@@ -133,7 +130,8 @@ R = TypeVar("R")
 #
 #   WoolError
 #   +-- NoWorkersAvailable   no worker could take the task within the wait
-#   +-- WorkerLost           the connection died after the task was sent
+#   +-- WorkerLost           the connection died after the task was sent (a
+#                            concurrent.futures BrokenProcessPool too)
 #   +-- AuthenticationError  the key, a certificate or the protocol version was refused
 #   +-- ProtocolError        a peer sent bytes that are not wool frames
 #   +-- RemoteError          a worker's exception that could not be rebuilt here
@@ -147,9 +145,10 @@ class NoWorkersAvailable(WoolError):
     """No worker could take the task: outside a pool, or none within the wait."""
 
 
-class WorkerLost(WoolError):
+class WorkerLost(WoolError, BrokenProcessPool):
     """The worker's connection died after the task was sent to it. The task
-    may or may not have run; wool does not run it again (at-most-once)."""
+    may or may not have run; wool does not run it again (at-most-once). A
+    BrokenProcessPool, so that code written for executors catches it."""
 
 
 class AuthenticationError(WoolError):
@@ -326,6 +325,8 @@ class ContextVar:
     Concurrent tasks never see each other's values. The name identifies the
     variable across processes: one variable per name.
     """
+
+    __class_getitem__: Any = classmethod(types.GenericAlias)  # ContextVar[str]
 
     def __init__(self, name: str, *, default: Any = _MISSING):
         self.name, self.default = name, default
@@ -521,6 +522,7 @@ class WorkerPool:
         self.loadbalancer = loadbalancer or RoundRobinLoadBalancer()
         self.wait, self.grace, self.max_frame = wait, grace, max_frame
         self.max_tasks_per_worker = max_tasks_per_worker
+        self._cap = max_tasks_per_worker  # of its calls on a worker (Executor: 1)
         self._state = _State.NEW
         self._spawner: _Spawner | None = None
         self._roster = _Roster(lease, max_frame)
@@ -636,7 +638,7 @@ class WorkerPool:
         stops the map, cancels the calls in flight, and is raised. `fn` is
         any function Executor.submit takes.
         """
-        task, running = _as_task(fn), collections.deque[asyncio.Task]()
+        running = collections.deque[asyncio.Task]()
         limit = 4 * max(1, len(self.workers)) if concurrency is None else concurrency
         if not isinstance(limit, int) or limit < 1:
             raise ValueError(
@@ -651,7 +653,8 @@ class WorkerPool:
                     except StopAsyncIteration:
                         limit = 0  # exhausted
                         break
-                    running.append(asyncio.ensure_future(self._run(task, (item,), {})))
+                    each = _as_call(fn, (item,), {})
+                    running.append(asyncio.ensure_future(self._run(*each)))
                 if not running:
                     return
                 if ordered:
@@ -704,7 +707,7 @@ class WorkerPool:
     def _choose(self, task: Task, refused: frozenset[str], lost: frozenset[str]):
         """A connected worker with room for `task` that has not `refused` it
         (uids), and where it was not `lost` if another has room; or None."""
-        cap, conns = self.max_tasks_per_worker, self._roster.conns
+        cap, conns = self._cap, self._roster.conns
         loads = {
             info: conn.calls
             for info, conn in conns.items()
@@ -760,11 +763,12 @@ class WorkerPool:
         sources = self._roster.sources
         return ", ".join(repr(s.service) for s in sources) or "no discovery"
 
-    async def _run(self, fn, args, kwargs, generator: bool = False):
+    async def _run(self, fn, args, kwargs, generator: bool = False, started=None):
         """Send a call to a worker that accepts it: its value; or, for a
         generator, (connection, request id, call, first step's reply). Goes
         to another worker while the task provably did not start (REFUSED, or
-        never sent); after WorkerLost, `retries` times."""
+        never sent); after WorkerLost, `retries` times. `started()` is
+        called when a worker says it started the task."""
         body, definition = _dump_task(fn, args, kwargs, self.max_frame)
         task, lost = Task(fn, args, kwargs), cast(list[WorkerInfo], [])
         seconds = None if generator else _time_limit(fn)
@@ -774,7 +778,7 @@ class WorkerPool:
         while True:
             conn = await self._connection(task, refused, avoid)
             try:
-                rid, call = conn.start(body, definition, generator)
+                rid, call = conn.start(body, definition, generator, started)
                 if seconds is None:  # as conn.answer(), without a coroutine
                     kind, data = await call.reply
                 else:  # the worker times out; this is in case it hangs
@@ -791,7 +795,8 @@ class WorkerPool:
                     if retries:
                         where = ", ".join(i.address for i in lost)
                         e.args = (
-                            f"{e}; sent {len(lost)} times (retries={retries}), to {where}",
+                            f"{e}; sent {len(lost)} times (retries={retries}), "
+                            f"to {where}",
                         )
                     raise
                 log.warning("%s; sending %s() again", e, fn.__qualname__)
@@ -1168,10 +1173,10 @@ class _Spawner:
 
 
 class _Call:
-    __slots__ = ("accepted", "reply")
+    __slots__ = ("accepted", "reply", "started")
 
-    def __init__(self, reply: asyncio.Future):
-        self.accepted, self.reply = False, reply
+    def __init__(self, reply: asyncio.Future, started: Callable | None = None):
+        self.accepted, self.reply, self.started = False, reply, started
 
 
 class _Connection:
@@ -1266,7 +1271,10 @@ class _Connection:
         call = self.pending.get(rid)
         if call is None:
             return  # a reply to a call that was cancelled
-        call.accepted = True
+        if not call.accepted and kind != REFUSED:
+            call.accepted = True
+            if call.started is not None:
+                call.started()
         if kind != ACCEPTED and not call.reply.done():
             call.reply.set_result((kind, body))
 
@@ -1311,7 +1319,7 @@ class _Connection:
         if not self.pending:
             self.close()
 
-    def start(self, body: bytes, definition: tuple | None, generator: bool):
+    def start(self, body, definition: tuple | None, generator: bool, started=None):
         """Send a TASK, or a STREAM for a generator (the first time, its
         function's DEFINE before it): (request id, call)."""
         if self.lost is not None or self.retiring:
@@ -1324,7 +1332,7 @@ class _Connection:
             self.defined.add(definition[0])
             self.out.send(DEFINE, *definition)
         rid = next(self.rids)
-        call = self.pending[rid] = _Call(self.loop.create_future())
+        call = self.pending[rid] = _Call(self.loop.create_future(), started)
         self.out.send(STREAM if generator else TASK, rid, body)
         self.on_change(False)
         return rid, call
@@ -1430,120 +1438,227 @@ async def _remote_generator(fn, args, kwargs):
 
 
 class Executor(concurrent.futures.Executor):
-    """A concurrent.futures.Executor over a WorkerPool, for synchronous code.
+    """A concurrent.futures.Executor over a WorkerPool: ProcessPoolExecutor's
+    arguments and behaviour, with workers that may be on other machines.
 
-        with wool.Executor(size=4) as executor:
+        with wool.Executor(4) as executor:        # was ProcessPoolExecutor(4)
             print(list(executor.map(pow, [2, 3], [10, 10])))
 
-    Takes WorkerPool's arguments and runs the pool on an event loop in a
-    thread of its own. `submit(fn, /, *args, **kwargs)` takes plain functions
-    (run in a thread on the worker, so it keeps answering) and `async def`
-    ones, decorated with @work or not, and returns a concurrent.futures
-    Future. Cancelling a future before it finishes cancels its task, on the
-    worker too (an async one sees CancelledError there). `map` and
-    `shutdown` behave as the standard library documents, and it can be
-    handed to `loop.run_in_executor`. Raises TypeError at submit for a
-    function that can be neither imported nor pickled.
+    `max_workers` (alias `size`) workers are spawned; WorkerPool's other
+    arguments go by keyword (`tags=` for its positional ones). Each worker
+    runs one call of this executor at a time, as a pool's process does
+    (`max_tasks_per_worker=N` for more). `initializer(*initargs)` runs once
+    in each worker before its first call from this executor; `mp_context` is
+    accepted and ignored. `submit` takes any callable: a plain one runs in a
+    thread on the worker (which keeps answering), and an awaitable it
+    returns is awaited there. A future is running() once its worker started
+    it; cancel() then stops an async task there (it sees CancelledError), and
+    is False for a plain function, which a thread cannot interrupt. A lost
+    worker is WorkerLost, a BrokenProcessPool; a failed initializer breaks
+    the executor. The pool runs on an event loop in a thread of its own,
+    stopped at shutdown(), when the executor is collected, or at exit.
     """
 
-    def __init__(self, *tags: str, **options):
+    def __init__(
+        self, max_workers=None, mp_context=None, initializer=None, initargs=(),
+        *, tags: tuple[str, ...] = (), **options,
+    ):  # fmt: skip
+        if max_workers is not None:
+            if options.setdefault("size", max_workers) != max_workers:
+                raise TypeError("give max_workers= or its alias size=, not both")
+        size = options.get("size")
+        if isinstance(size, int) and size <= 0 and options.get("discovery") is None:
+            raise ValueError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
         self._pool = WorkerPool(*tags, **options)  # checks them in the caller
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._serve,
-            name="wool.Executor",
-            daemon=True,  # no hang at exit
-        )
+        self._pool._cap = options.get("max_tasks_per_worker") or 1
+        self._init = initializer and (uuid.uuid4().hex, initializer, tuple(initargs))
         self._futures: set[concurrent.futures.Future] = set()
-        self._lock = threading.Lock()  # guards _futures and _shutdown
-        self._shutdown = False
-        self._thread.start()
-        atexit.register(self.shutdown)  # one left open stops well at exit
+        self._lock = threading.Lock()  # guards _futures, _shutdown, _broken
+        self._shutdown, self._broken = False, ""
+        loop = self._loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="wool.Executor")
+        thread.daemon = True  # no hang at exit
+        thread.start()
+        # Neither the thread nor this finalizer holds `self`: a collected
+        # executor stops its pool, as one left open does at exit.
+        self._close = weakref.finalize(self, _close, loop, self._pool, thread)
         try:
-            asyncio.run_coroutine_threadsafe(self._pool._start(), self._loop).result()
+            asyncio.run_coroutine_threadsafe(self._pool._start(), loop).result()
         except BaseException:
-            self.shutdown()
+            self._close()
             raise
 
     def __repr__(self):
         return f"<wool.Executor {self._pool!r}>"
 
-    def _serve(self):
-        self._loop.run_forever()
-        self._loop.close()
-
     def submit(self, fn, /, *args, **kwargs) -> concurrent.futures.Future:
-        task = _as_task(fn)
+        task, args, kwargs = _as_call(fn, args, kwargs, self._init)
+        future = _Future(inspect.iscoroutinefunction(getattr(fn, "__wool_work__", fn)))
         with self._lock:
+            if self._broken:
+                raise BrokenProcessPool(self._broken)
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            future = asyncio.run_coroutine_threadsafe(
-                self._pool._run(task, args, kwargs), self._loop
-            )
             self._futures.add(future)
         future.add_done_callback(self._forget)
+        self._loop.call_soon_threadsafe(self._begin, future, task, args, kwargs)
         return future
+
+    def _begin(self, future: _Future, task, args: tuple, kwargs: dict):
+        """In the loop's thread: the call, unless the future was cancelled."""
+        if future.cancelled():
+            return future.start()  # False: it is done now, for wait() too
+        run = self._pool._run(task, args, kwargs, started=future.start)
+        call = self._loop.create_task(run)
+        call.add_done_callback(functools.partial(self._settle, future))
+        future.add_done_callback(
+            lambda f: f.cancelled() and self._loop.call_soon_threadsafe(call.cancel)
+        )
+
+    def _settle(self, future: _Future, call: asyncio.Task):
+        if not future.start():
+            return  # cancelled: now done, for wait() too
+        error: BaseException | None = BrokenProcessPool("the executor stopped")
+        error = error if call.cancelled() else call.exception()
+        if isinstance(error, BrokenProcessPool) and not isinstance(error, WorkerLost):
+            with self._lock:
+                self._broken = str(error)  # the initializer failed
+        with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled
+            future.set_exception(error) if error else future.set_result(call.result())
 
     def _forget(self, future: concurrent.futures.Future):
         with self._lock:
             self._futures.discard(future)
 
+    def map(self, fn, *iterables, timeout=None, chunksize=1):
+        """As Executor.map; each item is its own task (`chunksize` is checked
+        and otherwise ignored: calls are cheap here)."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        return super().map(fn, *iterables, timeout=timeout)
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False):
-        atexit.unregister(self.shutdown)
         with self._lock:
             self._shutdown, pending = True, list(self._futures)
         if cancel_futures:
             for future in pending:
-                future.cancel()
+                if not future.running():  # those that run are left to finish
+                    future.cancel()
         if wait:
             concurrent.futures.wait(pending)
             self._close()
-        elif self._thread.is_alive():
-            threading.Thread(target=self._close, args=(pending,)).start()
-
-    def _close(self, pending=()):
-        """Stop the pool once `pending` are done, then the loop's thread."""
-        concurrent.futures.wait(pending)
-        if self._loop.is_running():
-            stop = asyncio.run_coroutine_threadsafe(self._pool._stop(), self._loop)
-            with contextlib.suppress(Exception):
-                stop.result()
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if threading.current_thread() is not self._thread:
-            self._thread.join()
+        else:
+            threading.Thread(
+                target=_close, args=(None, None, None, pending, self._close)
+            ).start()
 
 
-_adapted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+def _close(loop, pool, thread, pending=(), then=None):
+    """Stop an executor's pool once `pending` are done, then its loop and
+    thread (from another thread, where the loop's own one is calling)."""
+    concurrent.futures.wait(pending)
+    if then is not None:
+        return then()
+    if threading.current_thread() is thread:
+        return threading.Thread(target=_close, args=(loop, pool, thread)).start()
+    if loop.is_running():
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(pool._stop(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
 
 
-def _as_task(fn) -> Callable:
-    """`fn` as a @work function: itself if it is one; an `async def` wrapped;
-    a plain function made to run in a thread on the worker. Raises TypeError
-    if it can be neither imported nor pickled for a worker."""
+class _Future(concurrent.futures.Future):
+    """An Executor's future: running() once the worker started its task.
+    cancel() stops a running async task too (`stoppable`), on the worker."""
+
+    def __init__(self, stoppable: bool):
+        super().__init__()
+        self.stoppable = stoppable
+
+    def start(self) -> bool:
+        """The worker started it: False if it was cancelled first."""
+        return self.running() or self.set_running_or_notify_cancel()
+
+    def cancel(self) -> bool:
+        with self._condition:  # a reentrant lock
+            if self.stoppable and self._state == "RUNNING":
+                self._state = "PENDING"  # as one that has not started yet
+            return super().cancel()
+
+
+def _as_call(fn, args: tuple, kwargs: dict, init=None) -> tuple[Callable, tuple, dict]:
+    """A call of any callable as one of a @work function: fn itself if it is
+    one (or a partial of one, unwrapped); a function, adapted once (kept on
+    it, so that it goes when the function goes): a plain one runs in a thread
+    on the worker, and is checked here that it travels (else TypeError). Any
+    other callable (a bound or class method, a partial, a callable object, a
+    builtin) goes to `_call` as its first argument, pickled with each call,
+    and so does each call of an executor with an `init`ializer."""
     if hasattr(fn, "__wool_work__"):
-        return fn
-    with contextlib.suppress(KeyError, TypeError):
-        return _adapted[fn]
+        return fn, args, kwargs
+    if isinstance(fn, functools.partial) and hasattr(fn.func, "__wool_work__"):
+        return fn.func, fn.args + args, {**fn.keywords, **kwargs}
     if not callable(fn) or inspect.isasyncgenfunction(fn):
         raise TypeError(f"{fn!r} is not a function that returns a value")
-    task = work(
-        fn if inspect.iscoroutinefunction(fn) else functools.partial(_in_thread, fn)
-    )
-    task.__qualname__ = getattr(fn, "__qualname__", repr(fn))
-    try:
-        _ref(task)
-    except Exception as e:
-        raise TypeError(
-            f"{task.__qualname__} can be neither imported nor pickled: {e}"
-        ) from e
-    with contextlib.suppress(TypeError):
-        _adapted[fn] = task
-    return task
+    if init is not None:
+        return _call, (_Initialized(init, fn), *args), kwargs
+    if type(fn) is not types.FunctionType:
+        return _call, (fn, *args), kwargs
+    if (task := fn.__dict__.get("__wool_task__")) is None:
+        task = work(
+            fn if inspect.iscoroutinefunction(fn) else functools.partial(_in_thread, fn)
+        )
+        task.__qualname__ = fn.__qualname__
+        try:
+            _ref(task)
+        except Exception as e:
+            raise TypeError(
+                f"{task.__qualname__} can be neither imported nor pickled: {e}"
+            ) from e
+        fn.__dict__["__wool_task__"] = task
+    return task, args, kwargs
 
 
-async def _in_thread(fn, *args, **kwargs):
-    """On a worker: a plain function, in a thread, so the worker keeps answering."""
-    return await asyncio.to_thread(fn, *args, **kwargs)
+async def _in_thread(fn, /, *args, **kwargs):
+    """On a worker: a plain function, in a thread, so the worker keeps answering;
+    an awaitable it returns (a lambda around a @work call) is awaited here."""
+    result = await asyncio.to_thread(fn, *args, **kwargs)
+    return await result if inspect.isawaitable(result) else result
+
+
+@work
+async def _call(fn, /, *args, **kwargs):
+    """Any callable, as _in_thread runs it (see _as_call)."""
+    return await _in_thread(fn, *args, **kwargs)
+
+
+_initialized: set[str] = set()  # in a worker: the executors whose initializer ran
+_initializing = threading.Lock()
+
+
+class _Initialized:
+    """A function of an executor with an initializer, which runs first, once
+    in each worker process. If it fails, so does the call: BrokenProcessPool."""
+
+    def __init__(self, init: tuple, fn):
+        (self.key, self.initializer, self.initargs), self.fn = init, fn
+
+    def __call__(self, *args, **kwargs):
+        with _initializing:
+            if self.key not in _initialized:
+                try:
+                    self.initializer(*self.initargs)
+                except Exception as e:
+                    raise BrokenProcessPool(
+                        f"the executor's initializer {_name(self.initializer)} "
+                        f"failed on worker pid {os.getpid()}: {e!r}"
+                    ) from e
+                _initialized.add(self.key)
+        return self.fn(*args, **kwargs)
 
 
 async def _aiter(iterable):
