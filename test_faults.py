@@ -475,11 +475,8 @@ async def test_a_replacement_started_as_the_pool_exits_is_stopped_too(monkeypatc
 
 def test_a_spawned_worker_whose_pool_is_gone_exits_without_recreating_it():
     namespace = f"gone{uuid.uuid4().hex[:8]}"
-    config = {
-        "path": sys.path, "namespace": namespace, "authkey": b"k", "tags": [],
-        "max_frame": wool.MAX_FRAME, "max_tasks": None, "grace": 1.0, "log_level": 30,
-    }  # fmt: skip
-    data = pickle.dumps(config)
+    options = {"authkey": b"k", "grace": 1.0}  # as _Spawner.spawn sends them
+    data = pickle.dumps((sys.path, 30, [], namespace, options))
     result = subprocess.run(
         [sys.executable, "-c", "import wool; wool._spawned()"],
         input=struct.pack("!I", len(data)) + data, capture_output=True, timeout=30,

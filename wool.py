@@ -1103,17 +1103,12 @@ class _Spawner:
             stdin=asyncio.subprocess.PIPE,
             start_new_session=True,  # Ctrl-C reaches the caller, which stops us
         )  # fmt: skip
-        config = {
-            "path": sys.path,
-            "namespace": self.service.namespace,
-            "authkey": self.key,
-            "tags": sorted(pool.tags),
-            "max_frame": pool.max_frame,
-            "max_tasks": pool.max_tasks_per_worker,
-            "grace": pool.grace,
-            "log_level": log.getEffectiveLevel(),
-        }
-        data = pickle.dumps(config)
+        worker = dict(
+            authkey=self.key, grace=pool.grace, max_frame=pool.max_frame,
+            max_tasks=pool.max_tasks_per_worker,
+        )  # fmt: skip
+        data = pickle.dumps((sys.path, log.getEffectiveLevel(), sorted(pool.tags),
+                             self.service.namespace, worker))  # fmt: skip
         assert proc.stdin is not None
         proc.stdin.write(struct.pack("!I", len(data)) + data)
         self.procs.add(proc)
@@ -3275,6 +3270,9 @@ class _Peer:
         self.out.send(kind, rid, make())
 
     async def run(self, rid: int, body, generator: bool):
+        # The rule: a task gets exactly one answer, whatever its code, its
+        # arguments, value or exception do (SystemExit too): RESULT, or else
+        # the ERROR that _dump_error builds without fail, cut to fit.
         worker, start, fn, outcome = self.worker, time.monotonic(), None, "done"
         max_frame = worker.max_frame
         try:
@@ -3392,25 +3390,16 @@ def _spawned():
     """Main of a worker spawned by a WorkerPool: config on stdin, whose EOF
     (the pool closed it, or the caller died) means stop."""
     (size,) = struct.unpack("!I", sys.stdin.buffer.read(4))
-    config = pickle.loads(sys.stdin.buffer.read(size))
-    sys.path[:] = config["path"]
-    logging.basicConfig(
-        level=config["log_level"], format="wool worker %(process)d: %(message)s"
-    )
+    sys.path[:], level, *config = pickle.loads(sys.stdin.buffer.read(size))
+    logging.basicConfig(level=level, format="wool worker %(process)d: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    asyncio.run(_serve_spawned(config))
+    asyncio.run(_serve_spawned(*config))
 
 
-async def _serve_spawned(config):
+async def _serve_spawned(tags: list[str], namespace: str, options: dict):
     loop, stop = asyncio.get_running_loop(), asyncio.Event()
-    worker = Worker(
-        *config["tags"],
-        authkey=config["authkey"],
-        discovery=LocalDiscoveryService(config["namespace"], create=False),
-        grace=config["grace"],
-        max_frame=config["max_frame"],
-        max_tasks=config["max_tasks"],
-    )
+    discovery = LocalDiscoveryService(namespace, create=False)
+    worker = Worker(*tags, discovery=discovery, **options)
 
     def lifeline():
         # A thread, not the event loop, watches stdin: a task that blocks the
