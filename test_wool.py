@@ -191,19 +191,19 @@ def test_vendored_inside_a_package_runs_nested_calls_on_spawned_workers(tmp_path
     result = run_script(
         """
         import asyncio, sys
-        sys.modules["wool"] = None  # no other copy may be imported
+        sys.modules["wool"] = sys.modules["wool_discovery"] = None  # no other copy
         from pkg._vendor import wool
         from pkg.tasks import fibonacci
 
         async def main():
             async with wool.WorkerPool(size=2):
-                print(await fibonacci(10), wool.__name__)
+                print(await fibonacci(10), wool.__name__, wool.WorkerInfo.__module__)
         asyncio.run(main())
         """,
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "55 pkg._vendor.wool\n"
+    assert result.stdout == "55 pkg._vendor.wool pkg._vendor.wool_discovery\n"
 
 
 def test_pool_arguments_are_checked():

@@ -704,29 +704,6 @@ class WorkerPool:
     # (counted while there is none), and for room on a busy one as long as it
     # takes, as a queue: wool.timeout() or asyncio.timeout bound that.
 
-    def _choose(self, task: Task, refused: frozenset[str], lost: frozenset[str]):
-        """A connected worker with room for `task` that has not `refused` it
-        (uids), and where it was not `lost` if another has room; or None."""
-        cap, conns = self._cap, self._roster.conns
-        loads = {
-            info: conn.calls
-            for info, conn in conns.items()
-            if not conn.retiring
-            and info.uid not in refused
-            and (cap is None or conn.calls < cap)
-        }
-        if lost and any(info.uid not in lost for info in loads):
-            loads = {i: n for i, n in loads.items() if i.uid not in lost}
-        if not loads:
-            return None
-        info = self.loadbalancer.select(types.MappingProxyType(loads), task)
-        if info not in loads:
-            raise TypeError(
-                f"{self.loadbalancer!r}.select() returned {info!r}, "
-                "which is not one of the workers it was given"
-            )
-        return conns[info]
-
     async def _connection(self, task: Task, refused, lost) -> _Connection:
         """A worker for `task` (see _choose), once there is one, in turn
         behind the calls that wait for room already; those that `refused`
@@ -758,6 +735,29 @@ class WorkerPool:
                 await roster.wait_change(seconds, queued=True)
             conn = self._choose(task, refused, lost)
         return conn
+
+    def _choose(self, task: Task, refused: frozenset[str], lost: frozenset[str]):
+        """A connected worker with room for `task` that has not `refused` it
+        (uids), and where it was not `lost` if another has room; or None."""
+        cap, conns = self._cap, self._roster.conns
+        loads = {
+            info: conn.calls
+            for info, conn in conns.items()
+            if not conn.retiring
+            and info.uid not in refused
+            and (cap is None or conn.calls < cap)
+        }
+        if lost and any(info.uid not in lost for info in loads):
+            loads = {i: n for i, n in loads.items() if i.uid not in lost}
+        if not loads:
+            return None
+        info = self.loadbalancer.select(types.MappingProxyType(loads), task)
+        if info not in loads:
+            raise TypeError(
+                f"{self.loadbalancer!r}.select() returned {info!r}, "
+                "which is not one of the workers it was given"
+            )
+        return conns[info]
 
     def _waited_on(self) -> str:
         sources = self._roster.sources
@@ -1664,71 +1664,132 @@ async def _aiter(iterable):
 # -- Messages: what calls and answers pickle to. No sockets. -------------------
 
 
-class _Bytes:
-    """Large `bytes` or bytearray, or a memoryview, in a message: its buffer
-    travels out of band (pickle keeps bytes and bytearrays inside the pickle,
-    a copy each way, and cannot pickle memoryviews); rebuilt on arrival with
-    one copy, a memoryview as a view of the received memory."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes | bytearray | memoryview):
-        self.data = data
-
-    def __reduce_ex__(self, protocol):
-        return type(self.data), (pickle.PickleBuffer(self.data),)
-
-
-def _lift(obj):
-    """`obj`, and the tuple or dict it is (a call's args, kwargs), with its
-    large bytes and its memoryviews ready to travel out of band."""
-    kind = type(obj)
-    if (kind is bytes or kind is bytearray) and len(obj) >= LARGE or kind is memoryview:
-        return _Bytes(obj)
-    if kind is tuple or kind is dict:
-        items = obj if kind is tuple else obj.values()
-        if _LIFTED.isdisjoint(map(type, items)):  # the common case, at C speed
-            return obj
-        if kind is tuple:
-            return tuple(map(_lift, obj))
-        return {k: _lift(v) for k, v in obj.items()}
-    return obj
+def _dump_task(fn, args, kwargs, max_frame: int) -> tuple[Any, tuple | None]:
+    """A TASK body: (function reference, args, kwargs, context, timeout), and
+    the function's (id, definition) when it travels by value."""
+    context = _context_values()
+    try:
+        ref, definition = _ref(fn)
+    except Exception as e:
+        raise TypeError(f"cannot send {fn.__qualname__}() to a worker: {e}") from e
+    args, kwargs = _lift(args), _lift(kwargs)
+    body = _pickle(
+        (ref, args, kwargs, context, _time_limit(fn)),
+        lambda: (
+            f"{fn.__qualname__}() and its arguments to a worker"
+            + _unpicklable_variable(context)
+        ),
+        max_frame,
+        oob=True,  # the reference and the timeout are plain data:
+        plain=_plain(args) and _plain(kwargs) and (not context or _plain(context)),
+    )
+    return body, None if definition is None else (ref, definition)
 
 
-_LIFTED = frozenset({bytes, bytearray, memoryview})
+def _time_limit(fn) -> float | None:
+    """Seconds a call of `fn` may run: wool.timeout() if set, else @work's."""
+    seconds = _timeout.get()
+    return fn.__wool_timeout__ if seconds is _MISSING else seconds
 
 
-def _loads(body):
-    """Unpickle a received body with its buffers (if any) given back in
-    place: an array arrives as a writable view of the received memory."""
-    if type(body) is _Parts:
-        return pickle.loads(body.pickle, buffers=body.buffers)
-    return pickle.loads(body)
+def _unpicklable_variable(values: dict | None) -> str:
+    """Which wool.ContextVar value could not be pickled, for an error message."""
+    for name, value in (values or {}).items():
+        try:
+            _pickle(value)
+        except Exception:
+            return f" (wool.ContextVar {name!r} holds {type(value).__name__!r})"
+    return ""
 
 
-_PLAIN = frozenset({int, float, str, bytes, bool, type(None), _Bytes})
+_refs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_function_ids = itertools.count(1)
 
 
-def _plain(obj, depth: int = 2) -> bool:
-    """Whether plain pickle makes the same bytes as cloudpickle: builtin data,
-    in containers nested at most `depth` deep. (Hot: no generators here.)"""
-    kind = type(obj)
-    if kind in _PLAIN:
-        return True
-    if kind is dict:
-        if not _PLAIN.issuperset(map(type, obj)):
-            return False
-        obj = obj.values()
-    elif kind is not tuple and kind is not list:
-        return False
-    if _PLAIN.issuperset(map(type, obj)):
-        return True
-    if depth:
-        for item in obj:
-            if not _plain(item, depth - 1):
-                return False
-        return True
-    return False
+def _ref(fn) -> tuple[tuple[str, str] | int, bytes | None]:
+    """How a @work function travels: (reference, definition). The reference
+    is (module, qualname) when the worker can import it, with no definition;
+    else a number, and the definition is the function pickled by value
+    (functions in __main__, closures), sent once per connection in DEFINE."""
+    try:
+        return _refs[fn]
+    except KeyError:
+        pass
+    module, name = fn.__module__, fn.__qualname__
+    by_value = module == "__main__" or any(
+        module == m or module.startswith(m + ".")
+        for m in cloudpickle.list_registry_pickle_by_value()
+    )
+    if not by_value:
+        try:
+            by_value = _lookup(module, name) is not fn
+        except Exception:
+            by_value = True
+    ref: tuple = ((module, name), None)
+    if by_value:  # with its file's name and lines, for readable tracebacks
+        code = getattr(_target(fn), "__code__", None)
+        where = code.co_filename if code else ""
+        ref = (next(_function_ids), _pickle((fn, where, linecache.getlines(where))))
+    _refs[fn] = ref
+    return ref
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolve(ref: tuple[str, str] | bytes) -> tuple[Callable, bool]:
+    """The function a worker runs for a (module, qualname) or a definition,
+    and whether it is an async generator function."""
+    if not isinstance(ref, bytes):
+        fn = _lookup(*ref).__wool_work__
+        return fn, inspect.isasyncgenfunction(fn)
+    wrapper, where, lines = pickle.loads(ref)
+    # cloudpickle names the code it rebuilds "<dynamic-code>": name it again
+    # (and the @work functions that came along in its globals, which nested
+    # calls send on), and give linecache the file's lines if it is not here.
+    fn, target = wrapper.__wool_work__, _target(wrapper)
+    for other in [wrapper, *(getattr(target, "__globals__", {}).values())]:
+        if hasattr(other, "__wool_work__") and (code := _target(other)) is not None:
+            if code.__code__.co_filename == "<dynamic-code>" and where:
+                code.__code__ = _relabel(code.__code__, where)
+                other.__code__ = _relabel(other.__code__, __file__)
+    if lines and where and not os.path.exists(where):
+        linecache.cache[where] = (sum(map(len, lines)), None, lines, where)
+    return fn, inspect.isasyncgenfunction(fn)
+
+
+def _lookup(module: str, qualname: str):
+    try:
+        obj = sys.modules.get(module) or importlib.import_module(module)
+    except ImportError as e:
+        where = f"worker {me.address}" if (me := _current_worker.get()) else "here"
+        raise ModuleNotFoundError(
+            f"{where} cannot import {module!r} for {qualname}(): {e}. Start the "
+            f"worker where {module!r} imports (its working directory), or give "
+            f"it --path DIR or --preload {module}",
+            name=module,
+        ) from e
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return getattr(obj, "__func__", obj)  # a classmethod's function
+
+
+def _target(fn):
+    """The user's function in a @work function (or in an Executor's adapter)."""
+    fn = getattr(fn, "__wool_work__", fn)
+    if isinstance(fn, functools.partial) and fn.func is _in_thread:
+        fn = fn.args[0]
+    return fn if hasattr(fn, "__code__") else None
+
+
+def _name(fn) -> str:
+    return getattr(_target(fn), "__qualname__", repr(fn))
+
+
+def _relabel(code: types.CodeType, filename: str) -> types.CodeType:
+    consts = tuple(
+        _relabel(c, filename) if isinstance(c, types.CodeType) else c
+        for c in code.co_consts
+    )
+    return code.replace(co_filename=filename, co_consts=consts)
 
 
 def _pickle(
@@ -1774,132 +1835,63 @@ def _pickle(
     return data
 
 
-_refs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_function_ids = itertools.count(1)
+def _plain(obj, depth: int = 2) -> bool:
+    """Whether plain pickle makes the same bytes as cloudpickle: builtin data,
+    in containers nested at most `depth` deep. (Hot: no generators here.)"""
+    kind = type(obj)
+    if kind in _PLAIN:
+        return True
+    if kind is dict:
+        if not _PLAIN.issuperset(map(type, obj)):
+            return False
+        obj = obj.values()
+    elif kind is not tuple and kind is not list:
+        return False
+    if _PLAIN.issuperset(map(type, obj)):
+        return True
+    if depth:
+        for item in obj:
+            if not _plain(item, depth - 1):
+                return False
+        return True
+    return False
 
 
-def _ref(fn) -> tuple[tuple[str, str] | int, bytes | None]:
-    """How a @work function travels: (reference, definition). The reference
-    is (module, qualname) when the worker can import it, with no definition;
-    else a number, and the definition is the function pickled by value
-    (functions in __main__, closures), sent once per connection in DEFINE."""
-    try:
-        return _refs[fn]
-    except KeyError:
-        pass
-    module, name = fn.__module__, fn.__qualname__
-    by_value = module == "__main__" or any(
-        module == m or module.startswith(m + ".")
-        for m in cloudpickle.list_registry_pickle_by_value()
-    )
-    if not by_value:
-        try:
-            by_value = _lookup(module, name) is not fn
-        except Exception:
-            by_value = True
-    ref: tuple = ((module, name), None)
-    if by_value:  # with its file's name and lines, for readable tracebacks
-        code = getattr(_target(fn), "__code__", None)
-        where = code.co_filename if code else ""
-        ref = (next(_function_ids), _pickle((fn, where, linecache.getlines(where))))
-    _refs[fn] = ref
-    return ref
+def _lift(obj):
+    """`obj`, and the tuple or dict it is (a call's args, kwargs), with its
+    large bytes and its memoryviews ready to travel out of band."""
+    kind = type(obj)
+    if (kind is bytes or kind is bytearray) and len(obj) >= LARGE or kind is memoryview:
+        return _Bytes(obj)
+    if kind is tuple or kind is dict:
+        items = obj if kind is tuple else obj.values()
+        if _LIFTED.isdisjoint(map(type, items)):  # the common case, at C speed
+            return obj
+        if kind is tuple:
+            return tuple(map(_lift, obj))
+        return {k: _lift(v) for k, v in obj.items()}
+    return obj
 
 
-def _lookup(module: str, qualname: str):
-    try:
-        obj = sys.modules.get(module) or importlib.import_module(module)
-    except ImportError as e:
-        where = f"worker {me.address}" if (me := _current_worker.get()) else "here"
-        raise ModuleNotFoundError(
-            f"{where} cannot import {module!r} for {qualname}(): {e}. Start the "
-            f"worker where {module!r} imports (its working directory), or give "
-            f"it --path DIR or --preload {module}",
-            name=module,
-        ) from e
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return getattr(obj, "__func__", obj)  # a classmethod's function
+_LIFTED = frozenset({bytes, bytearray, memoryview})
 
 
-@functools.lru_cache(maxsize=1024)
-def _resolve(ref: tuple[str, str] | bytes) -> tuple[Callable, bool]:
-    """The function a worker runs for a (module, qualname) or a definition,
-    and whether it is an async generator function."""
-    if not isinstance(ref, bytes):
-        fn = _lookup(*ref).__wool_work__
-        return fn, inspect.isasyncgenfunction(fn)
-    wrapper, where, lines = pickle.loads(ref)
-    # cloudpickle names the code it rebuilds "<dynamic-code>": name it again
-    # (and the @work functions that came along in its globals, which nested
-    # calls send on), and give linecache the file's lines if it is not here.
-    fn, target = wrapper.__wool_work__, _target(wrapper)
-    for other in [wrapper, *(getattr(target, "__globals__", {}).values())]:
-        if hasattr(other, "__wool_work__") and (code := _target(other)) is not None:
-            if code.__code__.co_filename == "<dynamic-code>" and where:
-                code.__code__ = _relabel(code.__code__, where)
-                other.__code__ = _relabel(other.__code__, __file__)
-    if lines and where and not os.path.exists(where):
-        linecache.cache[where] = (sum(map(len, lines)), None, lines, where)
-    return fn, inspect.isasyncgenfunction(fn)
+class _Bytes:
+    """Large `bytes` or bytearray, or a memoryview, in a message: its buffer
+    travels out of band (pickle keeps bytes and bytearrays inside the pickle,
+    a copy each way, and cannot pickle memoryviews); rebuilt on arrival with
+    one copy, a memoryview as a view of the received memory."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray | memoryview):
+        self.data = data
+
+    def __reduce_ex__(self, protocol):
+        return type(self.data), (pickle.PickleBuffer(self.data),)
 
 
-def _name(fn) -> str:
-    return getattr(_target(fn), "__qualname__", repr(fn))
-
-
-def _target(fn):
-    """The user's function in a @work function (or in an Executor's adapter)."""
-    fn = getattr(fn, "__wool_work__", fn)
-    if isinstance(fn, functools.partial) and fn.func is _in_thread:
-        fn = fn.args[0]
-    return fn if hasattr(fn, "__code__") else None
-
-
-def _relabel(code: types.CodeType, filename: str) -> types.CodeType:
-    consts = tuple(
-        _relabel(c, filename) if isinstance(c, types.CodeType) else c
-        for c in code.co_consts
-    )
-    return code.replace(co_filename=filename, co_consts=consts)
-
-
-def _time_limit(fn) -> float | None:
-    """Seconds a call of `fn` may run: wool.timeout() if set, else @work's."""
-    seconds = _timeout.get()
-    return fn.__wool_timeout__ if seconds is _MISSING else seconds
-
-
-def _unpicklable_variable(values: dict | None) -> str:
-    """Which wool.ContextVar value could not be pickled, for an error message."""
-    for name, value in (values or {}).items():
-        try:
-            _pickle(value)
-        except Exception:
-            return f" (wool.ContextVar {name!r} holds {type(value).__name__!r})"
-    return ""
-
-
-def _dump_task(fn, args, kwargs, max_frame: int) -> tuple[Any, tuple | None]:
-    """A TASK body: (function reference, args, kwargs, context, timeout), and
-    the function's (id, definition) when it travels by value."""
-    context = _context_values()
-    try:
-        ref, definition = _ref(fn)
-    except Exception as e:
-        raise TypeError(f"cannot send {fn.__qualname__}() to a worker: {e}") from e
-    args, kwargs = _lift(args), _lift(kwargs)
-    body = _pickle(
-        (ref, args, kwargs, context, _time_limit(fn)),
-        lambda: (
-            f"{fn.__qualname__}() and its arguments to a worker"
-            + _unpicklable_variable(context)
-        ),
-        max_frame,
-        oob=True,  # the reference and the timeout are plain data:
-        plain=_plain(args) and _plain(kwargs) and (not context or _plain(context)),
-    )
-    return body, None if definition is None else (ref, definition)
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None), _Bytes})
 
 
 def _dump_value(value, changes: dict | None, fn, max_frame: int) -> Any:
@@ -1915,6 +1907,23 @@ def _dump_value(value, changes: dict | None, fn, max_frame: int) -> Any:
         oob=True,
         plain=_plain(value) and (not changes or _plain(changes)),
     )
+
+
+def _dump_error(exc: BaseException, max_frame: int = MAX_FRAME) -> bytes:
+    """An ERROR body for `exc`, whatever it is or does: this never raises, so
+    every call gets its one answer. The exception travels pickled if it can
+    and fits half of max_frame; its type name, message and traceback text
+    (each cut to TRIM characters) always, for a RemoteError where not."""
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    try:
+        message, tb = _trim(str(exc)), _trim(_traceback(exc))
+    except BaseException as e:  # a __str__ that raises
+        message, tb = f"<str() raised {type(e).__name__}>", ""
+    try:
+        payload = _pickle(exc, None, max_frame // 2)
+    except BaseException:
+        payload = None
+    return _pickle((name, message, tb, payload))
 
 
 def _traceback(exc: BaseException) -> str:
@@ -1936,32 +1945,29 @@ def _traceback(exc: BaseException) -> str:
     return f"{earlier}[{where}]\n" + "".join(report.format())
 
 
-def _dump_error(exc: BaseException, max_frame: int = MAX_FRAME) -> bytes:
-    """An ERROR body for `exc`, whatever it is or does: this never raises, so
-    every call gets its one answer. The exception travels pickled if it can
-    and fits half of max_frame; its type name, message and traceback text
-    (each cut to TRIM characters) always, for a RemoteError where not."""
-    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-    try:
-        message, tb = _trim(str(exc)), _trim(_traceback(exc))
-    except BaseException as e:  # a __str__ that raises
-        message, tb = f"<str() raised {type(e).__name__}>", ""
-    try:
-        payload = _pickle(exc, None, max_frame // 2)
-    except BaseException:
-        payload = None
-    return _pickle((name, message, tb, payload))
+def _trim(text: str) -> str:
+    if len(text) <= TRIM:
+        return text
+    cut = f"\n[... {len(text) - TRIM} characters left out ...]\n"
+    return text[: TRIM // 2] + cut + text[-TRIM // 2 :]
 
 
 def _why(e: BaseException) -> str:
     return str(e) if isinstance(e, Exception) else repr(e)  # SystemExit(3), not 3
 
 
-def _trim(text: str) -> str:
-    if len(text) <= TRIM:
-        return text
-    cut = f"\n[... {len(text) - TRIM} characters left out ...]\n"
-    return text[: TRIM // 2] + cut + text[-TRIM // 2 :]
+def _load_reply(kind: int, data, fn):
+    if kind == ERROR:
+        raise _load_error(data)
+    try:
+        value, changes = _loads(data)
+    except BaseException as e:  # SystemExit from a __reduce__ too
+        raise TypeError(
+            f"cannot load the value of {fn.__qualname__}() in the caller: {_why(e)}"
+        ) from e
+    if changes:
+        _apply_changes(changes)
+    return value
 
 
 def _load_error(data) -> BaseException:
@@ -1980,18 +1986,12 @@ def _load_error(data) -> BaseException:
     return exc
 
 
-def _load_reply(kind: int, data, fn):
-    if kind == ERROR:
-        raise _load_error(data)
-    try:
-        value, changes = _loads(data)
-    except BaseException as e:  # SystemExit from a __reduce__ too
-        raise TypeError(
-            f"cannot load the value of {fn.__qualname__}() in the caller: {_why(e)}"
-        ) from e
-    if changes:
-        _apply_changes(changes)
-    return value
+def _loads(body):
+    """Unpickle a received body with its buffers (if any) given back in
+    place: an array arrives as a writable view of the received memory."""
+    if type(body) is _Parts:
+        return pickle.loads(body.pickle, buffers=body.buffers)
+    return pickle.loads(body)
 
 
 # -- Frames: objects <-> bytes. No sockets, no await. --------------------------
@@ -2040,39 +2040,6 @@ _REPLIES = (ACCEPTED, REFUSED, RESULT, ERROR, STOP)  # to a request, from a work
 _URGENT = frozenset({ACCEPTED, REFUSED, GOODBYE, TAKEN})  # ahead of queued frames
 
 
-class _Seal:
-    """One direction of a session: makes (sender) or checks (receiver) each
-    frame's tag, numbering frames so that none can be dropped, replayed or
-    reordered unseen. Keyed BLAKE2b for bodies under SMALL bytes (a third of
-    HMAC's cost per call), HMAC-SHA256 for larger ones (twice BLAKE2b's speed
-    where the CPU has SHA instructions)."""
-
-    __slots__ = ("blake", "hmac", "seq")
-    SMALL = 2**10
-
-    def __init__(self, key: bytes):
-        self.blake = hashlib.blake2b(key=_digest(key, b"blake2b", b""), digest_size=TAG)
-        self.hmac, self.seq = hmac.new(key, digestmod="sha256"), 0
-
-    def begin(self, header, size: int) -> Any:
-        """The next frame's MAC, fed its number and header; feed it the body."""
-        mac: Any = self.blake.copy() if size < self.SMALL else self.hmac.copy()
-        mac.update(self.seq.to_bytes(8, "big") + header)
-        self.seq += 1
-        return mac
-
-    def tag(self, header, body) -> bytes:
-        if len(body) >= self.SMALL:
-            mac = self.begin(header, len(body))
-            mac.update(body)
-            return mac.digest()[:TAG]
-        mac = self.blake.copy()  # the hot path: begin(), inlined
-        mac.update(self.seq.to_bytes(8, "big") + header)
-        mac.update(body)
-        self.seq += 1
-        return mac.digest()
-
-
 def encode(kind: int, rid: int, body, seal: _Seal) -> list:
     """One frame as the parts to write in order: header, body (a _Parts as
     its parts, none copied, with BUFFERS in its kind), tag. (_Outbox.commit
@@ -2105,6 +2072,39 @@ def _check_size(size: int, max_frame: int):
             f"frame of {size / 2**20:.0f} MiB is over max_frame "
             f"({max_frame / 2**20:.0f} MiB)"
         )
+
+
+class _Seal:
+    """One direction of a session: makes (sender) or checks (receiver) each
+    frame's tag, numbering frames so that none can be dropped, replayed or
+    reordered unseen. Keyed BLAKE2b for bodies under SMALL bytes (a third of
+    HMAC's cost per call), HMAC-SHA256 for larger ones (twice BLAKE2b's speed
+    where the CPU has SHA instructions)."""
+
+    __slots__ = ("blake", "hmac", "seq")
+    SMALL = 2**10
+
+    def __init__(self, key: bytes):
+        self.blake = hashlib.blake2b(key=_digest(key, b"blake2b", b""), digest_size=TAG)
+        self.hmac, self.seq = hmac.new(key, digestmod="sha256"), 0
+
+    def begin(self, header, size: int) -> Any:
+        """The next frame's MAC, fed its number and header; feed it the body."""
+        mac: Any = self.blake.copy() if size < self.SMALL else self.hmac.copy()
+        mac.update(self.seq.to_bytes(8, "big") + header)
+        self.seq += 1
+        return mac
+
+    def tag(self, header, body) -> bytes:
+        if len(body) >= self.SMALL:
+            mac = self.begin(header, len(body))
+            mac.update(body)
+            return mac.digest()[:TAG]
+        mac = self.blake.copy()  # the hot path: begin(), inlined
+        mac.update(self.seq.to_bytes(8, "big") + header)
+        mac.update(body)
+        self.seq += 1
+        return mac.digest()
 
 
 class _Parts:

@@ -8,7 +8,7 @@
 Three services, all picklable descriptions (a task can carry "its pool" to a
 worker, which then opens the same service to dispatch nested calls):
 
-    LocalDiscoveryService(namespace)   shared memory on this machine
+    LocalDiscoveryService(namespace)   a discovery table in /dev/shm, this machine
     LanDiscoveryService(filter)        DNS-SD over mDNS, `_wool._tcp.local.`
     DnsDiscoveryService(*names)        what DNS names resolve to (clouds,
                                        Kubernetes), or fixed addresses
@@ -18,7 +18,7 @@ workers announce themselves through it, an async `publish(event)`) works as
 `WorkerPool(discovery=...)`. Discovery only says where a worker *is*: whether
 it is alive is learnt from its TCP connection, never from these records.
 
-Sections: worker records, local discovery (shared memory), LAN discovery,
+Sections: worker records, local discovery (the discovery table), LAN discovery,
 DNS discovery.
 
 wool is licensed Apache-2.0; https://github.com/wool-labs/wool
@@ -56,7 +56,7 @@ __all__ = [
 SERVICE_TYPE = "_wool._tcp.local."
 SLOTS = 256  # workers one local namespace can hold
 SLOT_SIZE = 512  # bytes of JSON per worker record; long tag lists must fit
-POLL_MIN = 0.002  # seconds between shared-memory polls right after a change,
+POLL_MIN = 0.002  # seconds between polls of a discovery table after a change,
 POLL_MAX = 0.05  # ... backing off to this when nothing changes
 LIVENESS_EVERY = 0.5  # seconds between checks that listed local pids still run
 LOCK_WAIT = 5.0  # seconds to wait for a local discovery table's lock
@@ -138,7 +138,7 @@ def _describe(cls_name: str, arg: str, filter) -> str:
     return f"{cls_name}({arg}{', ' if arg else ''}filter={name})"
 
 
-# -- Local discovery: a table in shared memory -------------------------------------
+# -- Local discovery: a discovery table in shared memory (/dev/shm) ---------------
 #
 # The segment `wool-<namespace>` holds a generation counter and SLOTS records,
 # each a 2-byte length and a WorkerInfo as JSON (never pickle: a record is
@@ -264,7 +264,7 @@ class _Table:
 
 
 class LocalDiscoveryService:
-    """Workers on this machine, listed in shared memory under a namespace.
+    """Workers on this machine, listed in a discovery table under a namespace.
 
     Unrelated processes that use the same namespace see each other: `wool
     worker --discovery local:NAME` publishes there and
