@@ -709,16 +709,13 @@ class WorkerPool:
         behind the calls that wait for room already; those that `refused`
         it (full with others' tasks) are asked again after a pause that
         doubles each time."""
-        pause, deadline, roster = (
-            ASK_AGAIN[0],
-            time.monotonic() + self.wait,
-            self._roster,
-        )
+        pause, deadline = ASK_AGAIN[0], time.monotonic() + self.wait
+        roster = self._roster
         conn = None if roster.queued() else self._choose(task, refused, lost)
         while conn is None:
             if self._state not in (_State.READY, _State.STARTING):
                 raise NoWorkersAvailable(f"{self!r} is closed; call inside its block")
-            self._roster.check(task)
+            roster.check(task)
             now = time.monotonic()
             if self.workers:  # busy, not absent: no deadline
                 deadline = now + self.wait
