@@ -243,7 +243,7 @@ async def test_hundreds_of_hostile_connections_at_once(worker, tmp_path):
             await reader.read()
         writer.close()
     assert not marker.exists()
-    assert len(worker._peers) <= 1  # the attackers' are all gone
+    assert worker.status()["connections"] <= 1  # the attackers' are all gone
 
 
 async def test_a_flood_of_bad_connections_logs_a_few_lines_and_a_count(caplog):
@@ -318,7 +318,7 @@ async def test_a_caller_that_stops_reading_stalls_only_itself(worker, slow):
     body = pickle.dumps(((__name__, "echo_big"), args, {}, None, None))
     tasks = ((wool.TASK, rid, body) for rid in range(1, 201))
     reader, writer = await after_hello(worker, *tasks)  # 200 MiB nobody reads
-    await until(lambda: len(worker._peers) == 1)
+    await until(lambda: worker.status()["connections"] == 1)
     (peer,) = worker._peers
     bound = wool.HIGH_WATER + 2**20 + 2**10
     if slow:
@@ -678,7 +678,7 @@ async def test_a_task_that_may_have_started_is_never_sent_elsewhere(tmp_path):
 async def test_accepted_leaves_ahead_of_queued_replies(worker):
     big = pickle.dumps(((__name__, "echo_big"), (2**20,), {}, None, None))
     session = await hello_session(worker, *((wool.TASK, r, big) for r in range(1, 41)))
-    await until(lambda: len(worker._peers) == 1)
+    await until(lambda: worker.status()["connections"] == 1)
     (peer,) = worker._peers
     await until(lambda: peer.out.full())  # replies wait: nobody reads them
     session.send(wool.TASK, 100, TASK_BODY)
@@ -707,7 +707,7 @@ async def test_a_workers_nested_pools_end_with_the_connections_that_use_them(
         for _ in range(8):  # each pool: its connection, and one nested back
             async with wool.WorkerPool(discovery=local(namespace)):
                 assert await test_wool.fibonacci(4) == 3
-        await until(lambda: not worker._nested and not worker._peers)
+        await until(lambda: not worker._nested and not worker.status()["connections"])
 
 
 async def test_a_generator_open_on_a_withdrawn_worker_finishes_without_spinning(

@@ -1213,6 +1213,8 @@ class _Connection:
                 seals = await _authenticate_worker(
                     reader, writer, source.key, info.address
                 )
+                conn = cls(info, (reader, writer), seals, max_frame, on_change)
+                await conn.introduced  # the worker's INFO
             except (ssl.SSLError, asyncio.IncompleteReadError) as e:
                 writer.close()
                 cut = isinstance(e, ssl.SSLError) or not e.partial  # no MAGIC
@@ -1221,12 +1223,6 @@ class _Connection:
                 raise _tls_refused(info.address, e) from None
             except BaseException:
                 writer.close()
-                raise
-            conn = cls(info, (reader, writer), seals, max_frame, on_change)
-            try:
-                await conn.introduced
-            except BaseException:
-                conn.writer.close()
                 raise
         conn.out.send(HELLO, os.getpid() if conn.out.transfer else 0, hello)
         return conn
