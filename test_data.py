@@ -23,7 +23,7 @@ import time
 import pytest
 
 import wool
-from conftest import KEY, Session, decode, frame, until
+from conftest import HELLO, KEY, Session, decode, frame, until
 
 np = pytest.importorskip("numpy")
 
@@ -175,7 +175,7 @@ async def test_shared_files_spoken_by_hand_are_taken_then_closed():
     array = np.arange(2**18, dtype=float)  # 2 MiB
     async with wool.Worker(authkey=KEY) as worker:
         session = await Session.open(worker.info, KEY)
-        session.send(wool.HELLO, os.getpid(), pickle.dumps(([], False)))
+        session.send(wool.HELLO, os.getpid(), HELLO)
         task = wool._pickle(((__name__, "echo"), (array,), {}, None, None), oob=True)
         fd, serial = wool._share(task.buffers)
         body = wool.FILE.pack(fd, serial) + task.table() + task.pickle

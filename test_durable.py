@@ -14,10 +14,14 @@ import ipaddress
 import logging
 import os
 import pickle
+import secrets
 import signal
+import socket
 import ssl
+import struct
 import subprocess
 import sys
+import types
 import uuid
 from pathlib import Path
 
@@ -25,7 +29,7 @@ import pytest
 
 import wool
 import wool_discovery
-from conftest import HERE, in_flight, until
+from conftest import HERE, in_flight, run_script, until
 from test_wool import add, echo
 
 RUN = f"run-{os.getpid()}"
@@ -467,6 +471,56 @@ async def test_mutual_tls_accepts_the_right_certificates_and_refuses_others(
             assert await add(1, 2) == 3
 
 
+def readme_block(marker: str) -> str:
+    """The fenced block that follows `marker` in the README."""
+    text = (HERE / "README.md").read_text().partition(marker)[2]
+    return text.partition("```sh\n")[2].partition("```")[0]
+
+
+async def test_the_readme_tls_recipe_serves_mutual_tls_nested_calls_and_the_cli(
+    tmp_path, namespace
+):
+    recipe = readme_block("<!-- the TLS recipe")
+    env = {**os.environ, "WORKER_IP": "127.0.0.1"}
+    subprocess.run(["bash", "-ec", recipe], cwd=tmp_path, env=env, check=True,
+                   capture_output=True, timeout=60)  # fmt: skip
+    f = {name: str(tmp_path / name) for name in os.listdir(tmp_path)}
+    serve = ["--discovery", f"local:{namespace}", "--tls-cert", f["worker.crt"],
+             "--tls-key", f["worker.key"], "--tls-ca", f["ca.crt"]]  # fmt: skip
+    caller = ["--discovery", f"local:{namespace}", "--tls-ca", f["ca.crt"]]
+    with cli_worker(*serve) as (one, _), cli_worker(*serve) as (two, _):
+        client = ssl.create_default_context(cafile=f["ca.crt"])
+        client.load_cert_chain(f["caller.crt"], f["caller.key"])
+        discovery = wool.LocalDiscoveryService(namespace)
+        async with wool.WorkerPool(discovery=discovery, ssl=client) as pool:
+            await pool.wait_for_workers(2)
+            assert [await nested_add(i, 1) for i in range(4)] == [1, 2, 3, 4]
+        mine = [*caller, "--tls-cert", f["caller.crt"], "--tls-key", f["caller.key"]]
+        listed = ls(*mine)
+        assert len(listed) == 2 and all(line.endswith(" tls") for line in listed)
+        assert {f"pid {one.pid}", f"pid {two.pid}"} <= {" ".join(l.split()[2:4]) for l in listed}
+        status = wool_cli("status", *mine)
+        assert status.returncode == 0 and len(status.stdout.splitlines()) == 2
+        for line in ls(*caller):  # no certificate of ours: each says why
+            assert "does not answer: worker 127.0.0.1:" in line
+            assert "refused our TLS client certificate" in line
+
+    # A worker certificate for serverAuth only: direct calls work, nested ones
+    # fail, saying what the certificate lacks.
+    (tmp_path / "worker.ext").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    subprocess.run(
+        ["openssl", "x509", "-req", "-in", "worker.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+         "-CAcreateserial", "-days", "1", "-extfile", "worker.ext", "-out", "worker.crt"],
+        cwd=tmp_path, check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    with cli_worker(*serve):
+        async with wool.WorkerPool(discovery=discovery, ssl=client):
+            assert await add(1, 2) == 3
+            with pytest.raises(wool.AuthenticationError, match=r"nested calls needs a "
+                               r"certificate whose extendedKeyUsage has clientAuth"):
+                await nested_add(1, 2)
+
+
 async def _listed(namespace):
     events = wool.LocalDiscoveryService(namespace).subscribe()
     try:
@@ -592,6 +646,68 @@ async def test_a_task_module_the_worker_cannot_import_names_module_worker_and_fi
                 r".*--path DIR or --preload mytasks",
             ):
                 await mytasks.double(1)
+
+
+async def test_a_worker_that_cannot_import_the_task_is_skipped_for_it(
+    project, namespace, monkeypatch, caplog
+):
+    monkeypatch.syspath_prepend(str(project))
+    import mytasks
+
+    local = ["--discovery", f"local:{namespace}"]
+    with cli_worker(*local), cli_worker(*local, cwd=project) as (good, _):
+        discovery = wool.LocalDiscoveryService(namespace)
+        async with wool.WorkerPool(discovery=discovery) as pool:
+            await pool.wait_for_workers(2)
+            assert await asyncio.gather(*(mytasks.double(i) for i in range(20))) == [
+                2 * i for i in range(20)
+            ]
+            (status,) = [s for s in await pool.status() if s["pid"] == good.pid]
+            assert status["done"] == 20
+    skipped = [r for r in caplog.records if "sending double() to the others" in r.message]
+    assert len(skipped) == 1 and "cannot import 'mytasks'" in skipped[0].message
+
+
+async def test_modules_sends_a_module_the_workers_do_not_have(tmp_path, namespace, monkeypatch):
+    (tmp_path / "boxes.py").write_text("class Box:\n    def __init__(self, v):\n        self.v = v\n")
+    (tmp_path / "carried.py").write_text(
+        "import wool\nfrom boxes import Box\n\n@wool.work\nasync def double(x):\n"
+        "    return Box(2 * x.v) if isinstance(x, Box) else await twice(x)\n\n"
+        "@wool.work\nasync def twice(x):\n    return 2 * x\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import boxes
+    import carried
+
+    with cli_worker("--discovery", f"local:{namespace}"):  # started elsewhere
+        discovery = wool.LocalDiscoveryService(namespace)
+        async with wool.WorkerPool(discovery=discovery, modules=[carried, boxes]):
+            assert await carried.double(21) == 42  # and its nested call
+            box = await carried.double(boxes.Box(4))
+            assert type(box) is boxes.Box and box.v == 8
+    with pytest.raises(TypeError, match=r"modules= takes imported modules, not 'carried'"):
+        wool.WorkerPool(modules=["carried"])
+
+
+async def test_a_task_module_that_runs_its_program_on_import_gets_the_main_hint(
+    project, namespace, monkeypatch
+):
+    (project / "script.py").write_text(
+        "import asyncio, wool\n\n@wool.work\nasync def one():\n    return 1\n\n"
+        "async def main():\n    print(await one())\n\nasyncio.run(main())\n"
+    )
+    monkeypatch.syspath_prepend(str(project))
+    with cli_worker("--discovery", f"local:{namespace}", cwd=project):
+        discovery = wool.LocalDiscoveryService(namespace)
+        async with wool.WorkerPool(discovery=discovery) as pool:
+            await pool.wait_for_workers(1)
+            script = types.ModuleType("script")  # as the caller has it, not run
+            text = (project / "script.py").read_text().rpartition("asyncio.run")[0]
+            exec(compile(text, str(project / "script.py"), "exec"), script.__dict__)
+            monkeypatch.setitem(sys.modules, "script", script)
+            with pytest.raises(RuntimeError, match=r"failed to import 'script' for one\(\).*"
+                               r'under `if __name__ == "__main__":`'):
+                await script.one()
 
 
 def test_preloading_a_missing_module_stops_the_worker_with_one_line():
@@ -734,24 +850,138 @@ def test_wool_ls_dials_dns_listed_workers_given_the_key(keyfile):
     with cli_worker("--tag", RUN, "--discovery", "none", "--authkey-file", str(keyfile)) as (proc, uid):
         port = proc.port
         (bare,) = ls("--discovery", f"dns:localhost:{port}")
-        assert bare.startswith(f"127.0.0.1:{port}  127.0.0.1:{port}  pid 0")
+        assert bare == f"127.0.0.1:{port}  listed; give the key to see who answers"
         (dialled,) = ls("--discovery", f"dns:localhost:{port}", "--authkey-file", str(keyfile))
         assert dialled.startswith(f"{uid}  127.0.0.1:{port}  pid {proc.pid}  tags {RUN}")
 
 
-def test_the_kubernetes_example_parses():
+def kubernetes_documents() -> dict[str, dict]:
     yaml = pytest.importorskip("yaml")
-    documents = list(yaml.safe_load_all((HERE / "deploy" / "kubernetes.yaml").read_text()))
-    kinds = {d["kind"]: d for d in documents}
-    assert set(kinds) == {"Secret", "Deployment", "Service"}
+    text = (HERE / "deploy" / "kubernetes.yaml").read_text()
+    return {d["kind"]: d for d in yaml.safe_load_all(text)}
+
+
+def test_the_kubernetes_example_is_valid_and_its_commands_parse():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kinds = kubernetes_documents()
+    assert set(kinds) == {"Deployment", "Service", "Job"}  # no Secret to reset a key
+    for document in kinds.values():  # strict: unknown fields are errors too
+        kubernetes_validate.validate(document, "1.30", strict=True)
+    dockerfile = (HERE / "deploy" / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["wool"]' in dockerfile
+    assert "pip install --no-cache-dir /src" in dockerfile  # this checkout, not PyPI
+    assert "COPY deploy/mytasks.py deploy/caller.py /app/" in dockerfile
     assert kinds["Service"]["spec"]["clusterIP"] == "None"  # headless
     pod = kinds["Deployment"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["command"] == ["wool"]
+    assert "command" not in container  # the image's entrypoint: wool
     args = wool._parser().parse_args(container["args"])
     assert (args.command, args.host, args.port) == ("worker", "0.0.0.0", 7000)
     assert args.authkey_file == "/etc/wool/key" and args.discovery == "none"
     assert args.grace < pod["terminationGracePeriodSeconds"]
     (mount,) = container["volumeMounts"]
     assert Path(args.authkey_file).parent == Path(mount["mountPath"])
-    assert container["readinessProbe"]["tcpSocket"]["port"] == container["ports"][0]["name"]
+    assert pod["volumes"][0]["secret"]["secretName"] == "wool-key"
+    probe = container["readinessProbe"]["tcpSocket"]["port"]
+    assert probe == container["ports"][0]["name"]
+    (caller,) = kinds["Job"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in caller["env"]}
+    secret = env["WOOL_AUTHKEY"]["valueFrom"]["secretKeyRef"]
+    assert secret == {"name": "wool-key", "key": "key"}
+    service = kinds["Service"]["metadata"]["name"]
+    assert env["WOOL_WORKERS"]["value"] == f"{service}:{args.port}"
+    assert env["WOOL_REPLICAS"]["value"] == str(kinds["Deployment"]["spec"]["replicas"])
+
+
+def test_the_kubernetes_caller_runs_against_workers_started_as_the_manifest_says(
+    tmp_path,
+):
+    kinds = kubernetes_documents()
+    (worker,) = kinds["Deployment"]["spec"]["template"]["spec"]["containers"]
+    (caller,) = kinds["Job"]["spec"]["template"]["spec"]["containers"]
+    key = tmp_path / "key"
+    key.write_text(secrets.token_hex(32))  # as `kubectl create secret` makes it
+    here = ("--host", "--port", "--advertise", "--authkey-file")  # pod -> 127.0.0.1
+    args = [a for a in worker["args"][1:] if not a.startswith(here)]
+    args += ["--host=127.0.0.1", "--port=0", f"--authkey-file={key}"]
+    deploy = HERE / "deploy"  # the image's /app
+    with cli_worker(*args, cwd=deploy) as (one, _), cli_worker(*args, cwd=deploy) as (
+        two, _
+    ):  # fmt: skip
+        workers = sorted([f"127.0.0.1:{one.port}", f"127.0.0.1:{two.port}"])
+        env = {**os.environ, "WOOL_WORKERS": ",".join(workers), "WOOL_REPLICAS": "2"}
+        env["WOOL_AUTHKEY"] = key.read_text()  # as the Job's secretKeyRef gives it
+        assert caller["command"][0] == "python"
+        result = subprocess.run(
+            [sys.executable, *caller["command"][1:]], cwd=deploy, env=env,
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"workers: {', '.join(workers)}",
+        "fibonacci(15) = 610",
+        f"ran on: {', '.join(workers)}",
+    ]
+
+
+async def test_a_readiness_probe_logs_nothing_above_debug(caplog):
+    caplog.set_level(logging.DEBUG, "wool")
+    probed = "closed before the handshake"
+    async with wool.Worker() as worker:
+        for reset in (False, True, False, True):  # a tcpSocket probe: connect,
+            _, writer = await asyncio.open_connection(worker.info.host, worker.info.port)
+            if reset:  # and close before a byte, with a FIN or with an RST
+                linger = struct.pack("ii", 1, 0)
+                writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            writer.close()
+        await until(lambda: sum(probed in r.message for r in caplog.records) == 4)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_worker_address_where_nothing_listens_is_named_with_the_cause(caplog):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # a port of ours, where nothing listens
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+        nobody = wool.DnsDiscoveryService(address)
+        async with wool.WorkerPool(discovery=nobody, wait=0.5):
+            with pytest.raises(
+                wool.NoWorkersAvailable,
+                match=rf"waited on DnsDiscoveryService\('{address}'\); "
+                rf"worker {address}: Connection refused$",
+            ):
+                await add(1)
+    (logged,) = [r.message for r in caplog.records if address in r.message]
+    assert logged == f"this pool: worker {address}: Connection refused"  # once
+
+
+def test_a_pool_that_could_never_have_a_worker_is_refused_at_once():
+    with pytest.raises(ValueError, match=r"WorkerPool\(size=0\) would have no worker"):
+        wool.WorkerPool(size=0)
+
+
+def test_a_main_function_that_reads_an_unpicklable_global_names_it():
+    result = run_script(
+        """
+        import asyncio, threading, wool
+        lock = threading.Lock()
+
+        @wool.work
+        async def guarded():
+            with lock:
+                return 1
+
+        async def main():
+            async with wool.WorkerPool(size=1):
+                await guarded()
+
+        try:
+            asyncio.run(main())
+        except TypeError as e:
+            print(e)
+        """
+    )
+    assert result.stdout.startswith("cannot send guarded() to a worker: cannot pickle")
+    assert result.stdout.rstrip().endswith(
+        "(its global 'lock' holds 'lock'); define it in a module the workers "
+        "import, or make that value in it"
+    ), result.stdout + result.stderr

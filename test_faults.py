@@ -29,7 +29,8 @@ from hypothesis import strategies as st
 
 import wool
 from conftest import (
-    Session, alive, decode, frame, in_flight, run_script, segment, until, wait_exit
+    HELLO, Session, alive, decode, frame, in_flight, run_script, segment, until,
+    wait_exit,
 )  # fmt: skip
 import test_wool
 from test_wool import add, exists, wait_cancelled
@@ -82,7 +83,7 @@ async def hello_session(worker, *frames, pid=0) -> Session:
     """A session past HELLO that sends `frames` ((kind, rid, body)); `pid`:
     the process it says shares the worker's machine (shared files)."""
     session = await Session.open(worker.info, KEY)
-    session.send(wool.HELLO, pid, pickle.dumps(([], False)))
+    session.send(wool.HELLO, pid, HELLO)
     for kind, rid, body in frames:
         session.send(kind, rid, body)
     return session
@@ -266,7 +267,7 @@ async def test_authenticated_callers_get_in_past_held_half_handshakes():
         held = [await send_raw(w, b"") for _ in range(wool.MAX_HANDSHAKES + 40)]
         for _ in range(4):  # each in turn, as new callers arrive
             session = await Session.open(w.info, KEY)
-            session.send(wool.HELLO, 0, pickle.dumps(([], False)))
+            session.send(wool.HELLO, 0, HELLO)
             session.send(wool.TASK, 1, TASK_BODY)
             kind, _, body = await session.read()
             assert kind == wool.RESULT and pickle.loads(body) == (3, None)

@@ -84,14 +84,22 @@ class Lan:
     def link(self, host: str, state: str):
         ip("-n", self.ns("br"), "link", "set", f"v-{host}", state)
 
-    def run(self, host: str, *argv: str, **kw) -> subprocess.Popen:
+    def run(self, host: str, *argv: str, cwd=HERE, env=None, **kw) -> subprocess.Popen:
         """A process on `host`. Hosts are machines of their own here: large
         buffers go through the network, not through shared memory."""
         return subprocess.Popen(
             ["ip", "netns", "exec", self.ns(host), *argv],
-            cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env={**os.environ, "WOOL_SHARE": "0"}, **kw,
+            cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, "WOOL_SHARE": "0", **(env or {})}, **kw,
         )  # fmt: skip
+
+    def hosts_file(self, host: str, lines: list[str]) -> Path:
+        """`host`'s own /etc/hosts (ip netns exec bind-mounts this file over it)."""
+        path = Path("/etc/netns") / self.ns(host) / "hosts"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:  # in place: the mount follows the inode
+            f.write("\n".join(["127.0.0.1 localhost", *lines]) + "\n")
+        return path
 
     def destroy(self):
         for ns in reversed(self.made):
@@ -214,15 +222,11 @@ def test_dns_discovery_follows_a_name_across_hosts(lan, tmp_path):
     (ip netns exec bind-mounts /etc/netns/NS/hosts over /etc/hosts)."""
     key = tmp_path / "key"
     key.write_bytes(b"s3cret")
-    hosts = Path("/etc/netns") / lan.ns("c") / "hosts"
-    hosts.parent.mkdir(parents=True, exist_ok=True)
 
-    def resolve_to(*names: str):  # rewritten in place: the mount follows the inode
-        lines = ["127.0.0.1 localhost"] + [f"{ADDRESSES[h]} workers.test" for h in names]
-        with open(hosts, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    def resolve_to(*names: str):
+        return lan.hosts_file("c", [f"{ADDRESSES[h]} workers.test" for h in names])
 
-    resolve_to("h1", "h2", "h3")
+    hosts = resolve_to("h1", "h2", "h3")
     workers = {}
     for host in ("h1", "h2", "h3"):
         workers[host] = lan.run(
@@ -349,3 +353,117 @@ def test_a_link_cut_with_50_mib_in_flight_is_worker_lost_within_10_s(lan, tmp_pa
         for proc in [caller, worker]:
             proc.kill()
             proc.wait()
+
+
+FIRST_TIME_TASKS = """
+import wool
+import mathlib  # installed on h1 and h2; h3 was deployed without it
+
+@wool.work
+async def where(i: int) -> str:
+    return wool.current_worker().address
+
+@wool.work
+async def fib(n: int) -> int:
+    return n if n <= 1 else await fib(n - 1) + await fib(n - 2)
+
+@wool.work
+async def square(i: int) -> int:
+    return mathlib.square(i)
+"""
+
+FIRST_TIME_CALLER = """
+import asyncio, json, ssl, sys, wool
+sys.path.insert(0, "lib")  # mathlib, as installed here
+import mytasks  # on this machine only: it travels (modules=)
+
+async def main():
+    context = ssl.create_default_context(cafile="ca.crt")
+    context.load_cert_chain("caller.crt", "caller.key")
+    dns = wool.DnsDiscoveryService("workers.test", port=7000)  # resolves here only
+    async with wool.WorkerPool(discovery=dns, authkey=open("key", "rb").read(),
+                               ssl=context, wait=8, modules=[mytasks]) as pool:
+        await pool.wait_for_workers(3)
+        where = await asyncio.gather(*(mytasks.where(i) for i in range(30)))
+        squares = await asyncio.gather(*(mytasks.square(i) for i in range(30)))
+        print(json.dumps({"where": sorted(set(where)), "fib": await mytasks.fib(10),
+                          "squares": squares == [i * i for i in range(30)]}), flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_an_operators_first_time_across_machines(lan, tmp_path):
+    """Three worker machines that hold wool but not the task module (one also
+    lacks a library the tasks use), on 0.0.0.0:7000 with mutual TLS made by
+    the README's recipe; DNS names that resolve on the caller only."""
+    from test_durable import readme_block
+
+    recipe = readme_block("<!-- the TLS recipe")
+    for host in ("h1", "h2", "h3"):  # one CA; a certificate per worker address
+        env = {**os.environ, "WORKER_IP": ADDRESSES[host]}
+        subprocess.run(["bash", "-ec", recipe], cwd=tmp_path, env=env, check=True,
+                       capture_output=True, timeout=60)  # fmt: skip
+        for ext in ("crt", "key"):
+            (tmp_path / f"worker.{ext}").rename(tmp_path / f"{host}.{ext}")
+    (tmp_path / "key").write_bytes(b"s3cret")
+    (tmp_path / "mytasks.py").write_text(FIRST_TIME_TASKS)
+    (tmp_path / "caller.py").write_text(FIRST_TIME_CALLER)
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "mathlib.py").write_text("def square(i):\n    return i * i\n")
+    (tmp_path / "empty").mkdir()  # where the workers start: no task module there
+    hosts = lan.hosts_file("c", [f"{ADDRESSES[h]} workers.test" for h in ADDRESSES if h != "c"])
+    procs = []
+    try:
+        for host in ("h1", "h2", "h3"):
+            lib = ["--path", str(tmp_path / "lib")] if host != "h3" else []
+            procs.append(lan.run(
+                host, sys.executable, "-m", "wool", "worker", "--host", "0.0.0.0",
+                "--port", "7000", "--discovery", "none", "--authkey-file", "../key",
+                "--tls-cert", f"../{host}.crt", "--tls-key", f"../{host}.key",
+                "--tls-ca", "../ca.crt", *lib, cwd=tmp_path / "empty",
+            ))  # fmt: skip
+            assert "listening on 0.0.0.0:7000" in procs[-1].stdout.readline()
+        caller = lan.run("c", sys.executable, "caller.py", cwd=tmp_path)
+        procs.append(caller)
+        result = json.loads(caller.stdout.readline())
+        assert result == {
+            "where": [f"{ADDRESSES[h]}:7000" for h in ("h1", "h2", "h3")],
+            "fib": 55,  # nested calls, from workers where workers.test does not resolve
+            "squares": True,  # h3 refused square(); the others ran all of them
+        }
+        status = lan.run(
+            "c", sys.executable, "-m", "wool", "status", "--discovery", "dns:workers.test:7000",
+            "--authkey-file", "key", "--tls-ca", "ca.crt", "--tls-cert", "caller.crt",
+            "--tls-key", "caller.key", cwd=tmp_path,
+        )  # fmt: skip
+        procs.append(status)
+        lines = status.stdout.read().splitlines()
+        assert status.wait(timeout=30) == 0
+        assert sorted(line.split()[1] for line in lines) == [
+            f"{ADDRESSES[h]}:7000" for h in ("h1", "h2", "h3")
+        ]  # each machine by its address, not 0.0.0.0
+    finally:
+        hosts.unlink(missing_ok=True)
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def test_the_readmes_first_example_runs_as_written_on_a_lan(lan):
+    from test_readme import COMPLETE
+
+    (quick_start,) = [b for b in COMPLETE if "LanDiscoveryService" in b]
+    key = {"WOOL_AUTHKEY": "s3cret"}  # the example relies on the environment's key
+    worker = lan.run(
+        "h1", sys.executable, "-m", "wool", "worker", "--host", ADDRESSES["h1"],
+        "--tag", "production", "--discovery", "lan", env=key,
+    )  # fmt: skip
+    try:
+        assert "listening on" in worker.stdout.readline()
+        caller = lan.run("c", sys.executable, "-c", quick_start, env=key)
+        out, _ = caller.communicate(timeout=60)
+        assert caller.returncode == 0 and out.splitlines() == ["55", "55"]
+    finally:
+        worker.kill()
+        worker.wait()

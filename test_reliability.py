@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import wool
-from conftest import KEY, Session, in_flight, until
+from conftest import HELLO, KEY, Session, in_flight, until
 
 # -- Every call gets exactly one answer ---------------------------------------------
 
@@ -317,7 +317,7 @@ async def test_a_peer_that_never_says_taken_holds_at_most_shared_files():
     n = wool.SHARED_FILES + 20
     async with wool.Worker(authkey=KEY) as worker:
         session = await Session.open(worker.info, KEY)
-        session.send(wool.HELLO, os.getpid(), pickle.dumps(([], False)))
+        session.send(wool.HELLO, os.getpid(), HELLO)
         task = pickle.dumps(((__name__, "buffer"), (2**21,), {}, None, None))
         for rid in range(1, n + 1):
             session.send(wool.TASK, rid, task)

@@ -23,7 +23,7 @@ import pytest
 
 import wool
 from conftest import (
-    HERE, KEY, Session, Transport, alive, decode, frame, frames_taking_every_kind,
+    HELLO, HERE, KEY, Session, Transport, alive, decode, frame, frames_taking_every_kind,
     in_flight, run_script,
     segment, wait_exit,
 )  # fmt: skip
@@ -331,7 +331,7 @@ async def test_closures_travel_by_value_defined_once_per_connection():
 
 async def test_accepted_comes_after_a_first_step_that_did_not_answer(worker):
     session = await Session.open(worker.info, b"secret")
-    session.send(wool.HELLO, 0, pickle.dumps(([], False)))
+    session.send(wool.HELLO, 0, HELLO)
     HELD["accepted"] = asyncio.Event()
     session.send(wool.TASK, 1, pickle.dumps(((__name__, "hold"), ("accepted",), {}, None, None)))
     session.send(wool.TASK, 2, pickle.dumps(((__name__, "add"), (1, 2), {}, None, None)))
@@ -345,7 +345,7 @@ async def test_accepted_comes_after_a_first_step_that_did_not_answer(worker):
 
 async def test_a_task_naming_an_undefined_function_fails_alone(worker):
     session = await Session.open(worker.info, b"secret")
-    session.send(wool.HELLO, 0, pickle.dumps(([], False)))
+    session.send(wool.HELLO, 0, HELLO)
     session.send(wool.TASK, 1, pickle.dumps((12345, (), {}, None, None)))
     kind, rid, data = await session.read()  # no ACCEPTED: its first step answered
     assert (kind, rid) == (wool.ERROR, 1)
@@ -857,3 +857,45 @@ def test_the_modules_type_check():
         capture_output=True, text=True, timeout=120, cwd=HERE,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout
+
+
+USER_CODE = """
+import wool
+
+@wool.work
+async def double(x: int) -> int:
+    return 2 * x
+
+def square(x: int) -> str:
+    return str(x * x)
+
+async def main() -> None:
+    async with wool.WorkerPool(size=1) as pool:
+        reveal_type(await double(2))
+        async for a in pool.map(double, [1, 2]):
+            reveal_type(a)
+        async for b in pool.map(square, [1, 2]):
+            reveal_type(b)
+    with wool.Executor(1) as executor:
+        reveal_type(executor.submit(double, 2))
+        reveal_type(executor.submit(square, 2))
+        reveal_type(list(executor.map(square, [1])))
+        executor.submit(square, "2")  # an error mypy finds
+"""
+
+
+def test_mypy_users_see_the_types_of_calls_maps_and_futures(tmp_path):
+    """As mypy sees wool vendored, or installed with follow_untyped_imports."""
+    pytest.importorskip("mypy")
+    (tmp_path / "use.py").write_text(USER_CODE)
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--no-incremental", str(tmp_path / "use.py")],
+        capture_output=True, text=True, timeout=120, cwd=HERE,
+        env={**os.environ, "MYPYPATH": str(HERE)},
+    )  # fmt: skip
+    revealed = [line.split('"')[1] for line in result.stdout.splitlines() if "Revealed" in line]
+    assert revealed == [
+        "int", "int", "str", "concurrent.futures._base.Future[int]",
+        "concurrent.futures._base.Future[str]", "list[str]",
+    ], result.stdout  # fmt: skip
+    assert 'No overload variant of "submit"' in result.stdout

@@ -69,7 +69,7 @@ import traceback
 import types
 import uuid
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, NamedTuple, ParamSpec, Self, TypeVar, cast, overload
 
@@ -103,6 +103,7 @@ MAX_HANDSHAKES = 64  # unauthenticated connections a worker holds; the oldest yi
 MAX_CONNECTIONS = 1024  # authenticated connections per worker; more are closed
 LISTEN_BACKLOG = 1024  # connections the kernel queues before the worker takes them
 WAIT = 30.0  # seconds a call waits for a worker to appear before giving up
+SEEDS = 64  # workers of each discovery source a HELLO lists, for nested pools
 START = 60.0  # seconds spawned workers get to start, however loaded the machine
 GRACE = 5.0  # seconds in-flight tasks get to finish when a worker stops
 PATIENCE = 1.0  # seconds a peer gets to close, or a stuck worker to answer, first
@@ -124,6 +125,9 @@ log = logging.getLogger("wool")
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
+Items = Iterable[T] | collections.abc.AsyncIterable[T]
+Future = concurrent.futures.Future
 
 
 # -- Errors --------------------------------------------------------------------
@@ -499,6 +503,7 @@ class WorkerPool:
         grace: float = GRACE,
         max_frame: int = MAX_FRAME,
         max_tasks_per_worker: int | None = None,
+        modules: collections.abc.Iterable[types.ModuleType] = (),
     ):
         if spawn is not None:
             if size is not None and size != spawn:
@@ -508,6 +513,8 @@ class WorkerPool:
             size = os.cpu_count() or 1
         if size is not None and (not isinstance(size, int) or size < 0):
             raise ValueError(f"size must be a whole number >= 0, not {size!r}")
+        if size == 0 and discovery is None:
+            raise ValueError("WorkerPool(size=0) would have no worker: give discovery=")
         if lease is not None and lease < 0:
             raise ValueError(f"lease must be >= 0, not {lease!r}")
         if max_tasks_per_worker is not None and max_tasks_per_worker < 1:
@@ -516,6 +523,9 @@ class WorkerPool:
             )
         if authkey is not None and not isinstance(authkey, bytes):
             raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}")
+        self.modules = tuple(modules)
+        if bad := [m for m in self.modules if not isinstance(m, types.ModuleType)]:
+            raise TypeError(f"modules= takes imported modules, not {bad[0]!r}")
         self.tags, self.size = _check_tags(tags, "WorkerPool"), size or 0
         self.discovery, self.lease = discovery, lease
         self.authkey, self.ssl = authkey, ssl
@@ -529,14 +539,17 @@ class WorkerPool:
         self._token: contextvars.Token | None = None
 
     @classmethod
-    def _nested(cls, worker: Worker, services: list) -> WorkerPool:
+    def _nested(cls, worker: Worker, services: list, wait: float) -> WorkerPool:
         """A worker's pool for nested calls: the discovery services a caller's
-        HELLO named, reached with the worker's own key and TLS settings."""
+        HELLO named, with its `wait`, reached with the worker's own key and
+        TLS settings."""
         key, ssl = worker.authkey, worker.client_ssl
-        pool = cls(size=0, authkey=key, ssl=ssl)
-        pool._roster.who = f"worker {worker.info and worker.info.address}'s nested pool"
+        pool = cls(size=0, discovery=services, authkey=key, ssl=ssl, wait=wait)
+        roster = pool._roster
+        roster.who = f"worker {worker.info and worker.info.address}'s nested pool"
+        roster.nested = True
         sources = [_Source(s, key, ssl) for s in services]
-        pool._roster.follow(sources, _pickle((services, True)))
+        roster.follow(sources, _pickle((services, True, wait)))
         pool._state = _State.READY
         return pool
 
@@ -584,6 +597,10 @@ class WorkerPool:
         if self._state is not _State.NEW:
             raise RuntimeError(f"{self!r} cannot be started twice")
         self._state = _State.STARTING
+        for module in self.modules:  # from now on their code travels by value
+            if module.__name__ not in cloudpickle.list_registry_pickle_by_value():
+                cloudpickle.register_pickle_by_value(module)
+                _refs.clear()  # functions sent by reference so far
         try:
             sources = []
             if self.size:
@@ -594,7 +611,8 @@ class WorkerPool:
                 sources.append(
                     _Source(self.discovery, _authkey(self.authkey), self.ssl)
                 )
-            self._roster.follow(sources, _pickle(([s.service for s in sources], False)))
+            services = [s.service for s in sources]
+            self._roster.follow(sources, _pickle((services, False, self.wait)))
             if self._spawner is not None:
                 await self._spawner.start()
         except BaseException:
@@ -627,7 +645,17 @@ class WorkerPool:
         conns = [c for c in self._roster.conns.values() if not c.retiring]
         return list(await asyncio.gather(*(conn.status() for conn in conns)))
 
-    async def map(self, fn, iterable, *, concurrency: int | None = None, ordered=True):
+    @overload  # typed for its callers: what an async `fn` returns is awaited
+    def map(
+        self, fn: Callable[[T], Awaitable[R]], iterable: Items[T], *,
+        concurrency: int | None = None, ordered: bool = True,
+    ) -> AsyncIterator[R]: ...  # fmt: skip
+    @overload
+    def map(
+        self, fn: Callable[[T], R], iterable: Items[T], *,
+        concurrency: int | None = None, ordered: bool = True,
+    ) -> AsyncIterator[R]: ...  # fmt: skip
+    async def map(self, fn, iterable, *, concurrency=None, ordered=True):
         """Call `fn` on each item of `iterable` (or async iterable) on this
         pool's workers, and yield the results: in input order, or as they
         complete with `ordered=False`.
@@ -742,6 +770,7 @@ class WorkerPool:
             for info, conn in conns.items()
             if not conn.retiring
             and info.uid not in refused
+            and task.fn not in conn.cannot
             and (cap is None or conn.calls < cap)
         }
         if lost and any(info.uid not in lost for info in loads):
@@ -757,8 +786,10 @@ class WorkerPool:
         return conns[info]
 
     def _waited_on(self) -> str:
-        sources = self._roster.sources
-        return ", ".join(repr(s.service) for s in sources) or "no discovery"
+        """The discovery sources, and why the workers they list cannot be used."""
+        roster = self._roster
+        sources = ", ".join(repr(s.service) for s in roster.sources) or "no discovery"
+        return "; ".join([sources, *map(str, roster.errors.values())][:9])
 
     async def _run(self, fn, args, kwargs, generator: bool = False, started=None):
         """Send a call to a worker that accepts it: its value; or, for a
@@ -805,6 +836,10 @@ class WorkerPool:
                 conn.finish(rid)
                 if kind != REFUSED:
                     return _load_reply(kind, data, fn)
+                if len(data) and fn not in conn.cannot:  # it cannot run there
+                    conn.cannot[fn] = data  # so that worker is skipped for fn
+                    why = _load_error(data)
+                    log.warning("%s; sending %s() to the others", why, fn.__qualname__)
             refused |= {conn.info.uid}
 
 
@@ -843,10 +878,11 @@ class _Roster:
         self.lease, self.max_frame = lease, max_frame
         self.who = "this pool"  # or, in a worker, "worker X's nested pool"
         self.sources: list[_Source] = []
-        self.hello = b""  # HELLO: the sources, for the workers' nested calls
+        self.hello = b""  # (services, nested, wait) pickled, for workers' nested calls
+        self.nested = False  # a worker's nested pool: its TLS is the worker's
         self.listed: dict[str, tuple[WorkerInfo, _Source]] = {}  # by uid
         self.conns: dict[WorkerInfo, _Connection] = {}  # open ones, retiring too
-        self.refused: dict[str, AuthenticationError] = {}  # uid -> why
+        self.errors: dict[str, Exception] = {}  # uid -> why it cannot be used
         self.leased: set[str] = set()  # uids of admitted discovered workers
         self.failed: dict[int, Exception] = {}  # id(source) -> why it failed
         self.queue: collections.deque[asyncio.Future] = collections.deque()
@@ -858,6 +894,21 @@ class _Roster:
         self.sources, self.hello = sources, hello
         for source in sources:
             self.spawn(self.watch(source))
+
+    def greeting(self) -> bytes:
+        """HELLO's body: `hello`, and up to SEEDS workers each source lists, so
+        that a worker's nested pool knows them before (or without) discovery."""
+        seeds = [
+            [i for i, s in self.listed.values() if s is src] for src in self.sources
+        ]
+        return _pickle((self.hello, [each[:SEEDS] for each in seeds]))
+
+    def seed(self, seeds: list):
+        """In a nested pool: learn the workers a caller's HELLO listed."""
+        for source, infos in zip(self.sources, seeds):
+            for info in infos:
+                if isinstance(info, WorkerInfo) and info.uid not in self.listed:
+                    self.learn(DiscoveryEvent("worker-added", info), source)
 
     def spawn(self, coro):
         task = asyncio.ensure_future(coro)
@@ -915,7 +966,11 @@ class _Roster:
             await asyncio.wait([c.closed for c in conns], timeout=PATIENCE)
 
     def check(self, task: Task):
-        """Raise what makes waiting for a worker pointless."""
+        """Raise what makes waiting for a worker pointless: every worker
+        cannot run the task, or refused us, or discovery failed."""
+        conns = [c for c in self.conns.values() if not c.retiring]
+        if conns and all(task.fn in c.cannot for c in conns):
+            raise _load_error(conns[0].cannot[task.fn])
         if self.failed and len(self.failed) == len(self.sources):
             raise NoWorkersAvailable(
                 f"no worker for {task.fn.__qualname__}(): discovery failed: "
@@ -923,10 +978,10 @@ class _Roster:
                     f"{s.service!r}: {self.failed[id(s)]!r}" for s in self.sources
                 )
             )
-        if self.refused and len(self.refused) >= len(self.listed):
+        refused = [e for e in self.errors.values() if type(e) is AuthenticationError]
+        if refused and len(refused) >= len(self.listed):
             raise AuthenticationError(
-                f"every worker refused {self.who}: "
-                + "; ".join(str(e) for e in self.refused.values())
+                f"every worker refused {self.who}: " + "; ".join(map(str, refused))
             )
 
     async def watch(self, source: _Source):
@@ -942,7 +997,7 @@ class _Roster:
         info = event.info
         if event.type == "worker-dropped":
             self.listed.pop(info.uid, None)
-            self.refused.pop(info.uid, None)
+            self.errors.pop(info.uid, None)
             if (conn := self.find(info.uid)) is not None:
                 conn.retire()  # no new tasks; closes once its calls are answered
             self.notify()
@@ -975,23 +1030,31 @@ class _Roster:
                 try:
                     if info.secure and source.ssl is None:
                         raise AuthenticationError(
-                            f"worker {info.address} speaks TLS; give "
-                            f"{self.who} ssl= (an ssl.SSLContext)"
+                            f"worker {info.address} speaks TLS; give {self.who} "
+                            + ("--tls-cert" if self.nested else "ssl= (an SSLContext)")
                         )
                     conn = await _Connection.open(
-                        info, source, self.hello, self.max_frame, self.room
+                        info,
+                        source,
+                        self.greeting(),
+                        self.max_frame,
+                        self.room,
+                        self.nested,
                     )
-                except AuthenticationError as e:
-                    if uid not in self.refused:  # once, not at each retry
-                        log.warning("%s: %s", self.who, e)
-                    self.refused[uid] = e
-                    self.notify()
                 except (OSError, asyncio.IncompleteReadError, WoolError) as e:
-                    log.debug("cannot connect to worker %s: %r", info.address, e)
-                except TimeoutError:
-                    log.debug("worker %s did not answer in time", info.address)
+                    if not isinstance(e, WoolError):  # name the worker and the cause
+                        errno = getattr(e, "errno", None)
+                        cause = os.strerror(errno) if errno else _why(e)
+                        if isinstance(e, asyncio.IncompleteReadError):
+                            cause = "it closed the connection during the handshake"
+                        cause = cause or f"no answer within {HANDSHAKE_TIMEOUT:g} s"
+                        e = ConnectionError(f"worker {info.address}: {cause}")
+                    if uid not in self.errors and source.leased:  # once, not per try
+                        log.warning("%s: %s", self.who, e)
+                    self.errors[uid] = e
+                    self.notify()
                 else:
-                    self.refused.pop(uid, None)
+                    self.errors.pop(uid, None)
                     conn.listed_as, delay = uid, RECONNECT[0]
                     if await self.unwanted(conn, source, info):
                         continue
@@ -1056,7 +1119,7 @@ class _Spawner:
         self.service = LocalDiscoveryService(f"p{uuid.uuid4().hex[:12]}")
         self.key = _authkey(pool.authkey) or secrets.token_bytes(32)
         self.procs: set[asyncio.subprocess.Process] = set()
-        self.replaced: collections.deque[float] = collections.deque()  # when
+        self.replaced = collections.deque[float](maxlen=RESPAWNS)  # when, last ones
         self.failed: int | None = None  # exit code of a worker that could not start
         self.watchers: set[asyncio.Task] = set()
         self.stopping = False
@@ -1123,19 +1186,16 @@ class _Spawner:
         if self.stopping:
             return
         log.warning("worker pid %d exited with %s; replacing it", proc.pid, code)
-        while True:
-            now = time.monotonic()
-            while self.replaced and now - self.replaced[0] > RESPAWN_WINDOW:
-                self.replaced.popleft()
-            if len(self.replaced) < RESPAWNS:
-                break
-            delay = self.replaced[0] + RESPAWN_WINDOW - now
+        while (
+            len(self.replaced) == RESPAWNS
+            and (delay := self.replaced[0] + RESPAWN_WINDOW - time.monotonic()) > 0
+        ):  # (rechecked: other replacements may have waited too)
             log.error(
-                "%d workers were replaced in the last %g s; the next starts in %.1f s",
-                len(self.replaced), RESPAWN_WINDOW, delay,
+                "%d workers were replaced in %g s; the next starts in %.1f s",
+                RESPAWNS, RESPAWN_WINDOW, delay,
             )  # fmt: skip
             await asyncio.sleep(delay)
-        self.replaced.append(now)
+        self.replaced.append(time.monotonic())
         await self.spawn()
 
     async def stop(self):
@@ -1192,6 +1252,7 @@ class _Connection:
         self.rids = itertools.count(1)
         self.defined: set[int] = set()  # functions sent by value on this connection
         self.defined_bytes = 0
+        self.cannot: dict[Callable, Any] = {}  # @work functions it REFUSED, and why
         self.lost: str | None = None
         self.listed_as = info.uid  # the discovery record it was opened for
         self.goodbye = self.retiring = False
@@ -1201,14 +1262,16 @@ class _Connection:
         self.frames.begin({INFO: self._introduce}, unknown, streams[0])
 
     @classmethod
-    async def open(cls, info, source: _Source, hello: bytes, max_frame: int, on_change):
+    async def open(
+        cls, info, source: _Source, hello, max_frame, on_change, nested=False
+    ):
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):
             try:
                 reader, writer = await asyncio.open_connection(
                     info.host, info.port, ssl=source.ssl
                 )
             except ssl.SSLError as e:
-                raise _tls_refused(info.address, e) from None
+                raise _tls_refused(info.address, e, nested) from None
             try:
                 seals = await _authenticate_worker(
                     reader, writer, source.key, info.address
@@ -1220,7 +1283,7 @@ class _Connection:
                 cut = isinstance(e, ssl.SSLError) or not e.partial  # no MAGIC
                 if source.ssl is None or not cut:
                     raise
-                raise _tls_refused(info.address, e) from None
+                raise _tls_refused(info.address, e, nested) from None
             except BaseException:
                 writer.close()
                 raise
@@ -1358,7 +1421,7 @@ class _Connection:
         finally:
             self.asking -= 1
             self.finish(rid)
-        return _loads(data)[0]
+        return _loads(data)[0] | {"address": self.info.address}  # as we reach it
 
     def finish(self, rid: int):
         """The call got its last reply, or is abandoned."""
@@ -1374,15 +1437,23 @@ class _Connection:
             self.finish(rid)
 
 
-def _tls_refused(address: str, error: Exception) -> AuthenticationError:
-    """What a failed TLS handshake with a worker means, and what to do."""
+def _tls_refused(address: str, error: Exception, nested: bool) -> AuthenticationError:
+    """What a failed TLS handshake with a worker means, and what to do (in a
+    worker's `nested` pool, its TLS settings are the worker's own)."""
     reason = getattr(error, "reason", None) or ""
     if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE"):
-        why = "does not speak TLS; do not give its pool ssl="
+        why = "does not speak TLS; " + ("run all workers with TLS or none" if nested
+                                        else "do not give its pool ssl=")  # fmt: skip
     elif reason == "CERTIFICATE_VERIFY_FAILED":
+        why = f"has a certificate we do not trust ({error}); " + (
+            "give both workers the CA that signed it (--tls-ca)" if nested
+            else "load the CA that signed it into ssl= (cafile=)"
+        )  # fmt: skip
+    elif nested:  # the worker presents its own certificate as a client one
         why = (
-            f"has a certificate we do not trust ({error}); load the CA that "
-            "signed it into ssl= (cafile=)"
+            f"refused this worker's certificate as a client's ({error!r}): a worker "
+            "that makes nested calls needs a certificate whose extendedKeyUsage "
+            "has clientAuth as well as serverAuth (see the README's TLS guide)"
         )
     else:  # a TLS 1.3 server refuses a client certificate after the handshake
         why = (
@@ -1481,7 +1552,15 @@ class Executor(concurrent.futures.Executor):
     def __repr__(self):
         return f"<wool.Executor {self._pool!r}>"
 
-    def submit(self, fn, /, *args, **kwargs) -> concurrent.futures.Future:
+    @overload  # typed for its callers: what an async `fn` returns is awaited
+    def submit(
+        self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Future[R]: ...
+    @overload
+    def submit(
+        self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Future[R]: ...
+    def submit(self, fn, /, *args, **kwargs):
         task, args, kwargs = _as_call(fn, args, kwargs, self._init)
         future = _Future(inspect.iscoroutinefunction(getattr(fn, "__wool_work__", fn)))
         with self._lock:
@@ -1520,6 +1599,15 @@ class Executor(concurrent.futures.Executor):
         with self._lock:
             self._futures.discard(future)
 
+    @overload  # typed as submit
+    def map(
+        self, fn: Callable[..., Awaitable[R]], *iterables: Iterable, timeout=None,
+        chunksize=1,
+    ) -> collections.abc.Iterator[R]: ...  # fmt: skip
+    @overload
+    def map(
+        self, fn: Callable[..., R], *iterables: Iterable, timeout=None, chunksize=1
+    ) -> collections.abc.Iterator[R]: ...
     def map(self, fn, *iterables, timeout=None, chunksize=1):
         """As Executor.map; each item is its own task (`chunksize` is checked
         and otherwise ignored: calls are cheap here)."""
@@ -1534,21 +1622,15 @@ class Executor(concurrent.futures.Executor):
             for future in pending:
                 if not future.running():  # those that run are left to finish
                     future.cancel()
-        if wait:
-            concurrent.futures.wait(pending)
-            self._close()
-        else:
-            threading.Thread(
-                target=_close, args=(None, None, None, pending, self._close)
-            ).start()
+        if not wait:  # the same, in a thread of its own
+            return threading.Thread(target=self.shutdown).start()
+        concurrent.futures.wait(pending)
+        self._close()
 
 
-def _close(loop, pool, thread, pending=(), then=None):
-    """Stop an executor's pool once `pending` are done, then its loop and
-    thread (from another thread, where the loop's own one is calling)."""
-    concurrent.futures.wait(pending)
-    if then is not None:
-        return then()
+def _close(loop, pool, thread):
+    """Stop an executor's pool, then its loop and thread (from another
+    thread, where the loop's own one is calling)."""
     if threading.current_thread() is thread:
         return threading.Thread(target=_close, args=(loop, pool, thread)).start()
     if loop.is_running():
@@ -1664,13 +1746,19 @@ def _dump_task(fn, args, kwargs, max_frame: int) -> tuple[Any, tuple | None]:
     try:
         ref, definition = _ref(fn)
     except Exception as e:
-        raise TypeError(f"cannot send {fn.__qualname__}() to a worker: {e}") from e
+        code = _target(fn)
+        names = getattr(code, "__code__", None) and code.__code__.co_names
+        used = {n: code.__globals__[n] for n in names or () if n in code.__globals__}
+        raise TypeError(
+            f"cannot send {fn.__qualname__}() to a worker: {e}"
+            + _unpicklable(used, "its global")
+            + "; define it in a module the workers import, or make that value in it"
+        ) from e
     args, kwargs = _lift(args), _lift(kwargs)
     body = _pickle(
         (ref, args, kwargs, context, _time_limit(fn)),
         lambda: (
-            f"{fn.__qualname__}() and its arguments to a worker"
-            + _unpicklable_variable(context)
+            f"{fn.__qualname__}() and its arguments to a worker" + _unpicklable(context)
         ),
         max_frame,
         oob=True,  # the reference and the timeout are plain data:
@@ -1685,13 +1773,13 @@ def _time_limit(fn) -> float | None:
     return fn.__wool_timeout__ if seconds is _MISSING else seconds
 
 
-def _unpicklable_variable(values: dict | None) -> str:
-    """Which wool.ContextVar value could not be pickled, for an error message."""
+def _unpicklable(values: dict | None, what: str = "wool.ContextVar") -> str:
+    """Which of the named `values` cannot be pickled, for an error message."""
     for name, value in (values or {}).items():
         try:
             _pickle(value)
         except Exception:
-            return f" (wool.ContextVar {name!r} holds {type(value).__name__!r})"
+            return f" ({what} {name!r} holds {type(value).__name__!r})"
     return ""
 
 
@@ -1752,12 +1840,18 @@ def _resolve(ref: tuple[str, str] | bytes) -> tuple[Callable, bool]:
 def _lookup(module: str, qualname: str):
     try:
         obj = sys.modules.get(module) or importlib.import_module(module)
-    except ImportError as e:
+    except Exception as e:
         where = f"worker {me.address}" if (me := _current_worker.get()) else "here"
+        if not isinstance(e, ImportError):  # it ran a program as it was imported
+            raise RuntimeError(
+                f"{where} failed to import {module!r} for {qualname}(): {e!r}; "
+                "put the code a module runs as a program under "
+                '`if __name__ == "__main__":`'
+            ) from e
         raise ModuleNotFoundError(
             f"{where} cannot import {module!r} for {qualname}(): {e}. Start the "
-            f"worker where {module!r} imports (its working directory), or give "
-            f"it --path DIR or --preload {module}",
+            f"worker where {module!r} imports (its working directory), give it "
+            f"--path DIR or --preload {module}, or send it: WorkerPool(modules=)",
             name=module,
         ) from e
     for part in qualname.split("."):
@@ -1894,7 +1988,7 @@ def _dump_value(value, changes: dict | None, fn, max_frame: int) -> Any:
         (value, changes),
         lambda: (
             f"the value of {fn.__qualname__}() back to the caller"
-            + _unpicklable_variable(changes)
+            + _unpicklable(changes)
         ),
         max_frame,
         oob=True,
@@ -2016,7 +2110,8 @@ STATUS = 9  # no body: what is the worker doing? Answered by a RESULT at once
 # worker -> caller
 ACCEPTED = 16  # no body: the task runs here (sent after its first step, if that
 #              did not answer); it will not run anywhere else
-REFUSED = 17  # no body: not accepted (stopping or full); try another worker
+REFUSED = 17  # not accepted, so try another worker. No body: stopping or full;
+#              else an ERROR's: it cannot run here (it did not import or load)
 RESULT = 18  # body: (value returned or yielded, context values the task set)
 ERROR = 19  # body: (type name, message, traceback text, pickled exception)
 STOP = 20  # no body: the generator finished
@@ -2393,17 +2488,17 @@ class _Frames(asyncio.BufferedProtocol):
             self.on_lost(error)
 
     def eof_received(self):
-        if self.large is not None or self.untagged is not None:
-            size = len(self.large if self.large is not None else self.untagged[2])
+        """The peer closed its side: a clean end only between frames."""
+        if (body := self.large or self.untagged and self.untagged[2]) is not None:
+            self.lose(
+                ProtocolError(f"stream ended inside a frame of {len(body)} bytes")
+            )
         elif self.end - self.start >= HEADER.size:
             size = HEADER.unpack_from(self.buf, self.start)[0]
+            self.lose(ProtocolError(f"stream ended inside a frame of {size} bytes"))
         elif self.end > self.start:
             self.lose(ProtocolError("stream ended inside a frame header"))
-            return False
-        else:
-            return False  # a clean end: the transport closes
-        self.lose(ProtocolError(f"stream ended inside a frame of {size} bytes"))
-        return False
+        return False  # the transport closes
 
     def connection_lost(self, exc: Exception | None):
         self.lose(exc)
@@ -3026,12 +3121,11 @@ class Worker:
             why = self._shaking.get(writer) or e
             if isinstance(e, TimeoutError):
                 why = f"no handshake within {self.handshake_timeout:g} s"
-            elif not self._shaking.get(writer) and isinstance(
-                e, (asyncio.IncompleteReadError, ConnectionError)
-            ):
-                if isinstance(e, asyncio.IncompleteReadError) and not e.partial:
-                    log.info("connection from %s closed before the handshake", address)
-                    return  # a probe (a readiness check, a port scan): no harm
+            elif why is e and isinstance(e, (asyncio.IncompleteReadError, OSError)):
+                got = getattr(e, "partial", None) or reader._buffer  # type: ignore
+                if not got:  # a probe (a readiness check, a port scan): no harm
+                    log.debug("connection from %s closed before the handshake", address)
+                    return
                 why = "it closed the connection during the handshake"
             self._log.warning(address, "closed connection from %s: %s", address, why)
             return
@@ -3056,10 +3150,11 @@ class Worker:
         """
         entry = self._nested.get(peer.hello)
         if entry is None:
-            pool = WorkerPool._nested(self, peer.services)
+            pool = WorkerPool._nested(self, peer.services, peer.wait)
             entry = self._nested[peer.hello] = (pool, set())
         if not peer.nested or not entry[1]:
             entry[1].add(peer)
+        entry[0]._roster.seed(peer.seeds)
         return entry[0]
 
     def _release_nested(self, peer: _Peer):
@@ -3110,8 +3205,9 @@ class _Peer:
         self.frames, self.out = _switch(
             self.writer, seals, worker.max_frame, self.on_lost, on_resume=self.release
         )
-        self.hello, self.nested = b"", False  # from HELLO
-        self.services: list = []
+        self.hello, self.nested, self.wait = b"", False, WAIT  # from HELLO, with
+        self.services: list = []  # the caller's discovery, and workers it lists
+        self.seeds: list = []
         self.context: contextvars.Context | None = None  # tasks run in copies
         self.tasks: dict[int, asyncio.Task] = {}
         self.running: dict[int, tuple] = {}  # rid -> (function, start): status
@@ -3131,9 +3227,9 @@ class _Peer:
 
     def on_hello(self, kind: int, rid: int, body):
         self.deadline.cancel()
-        self.hello = bytes(body)
         try:
-            self.services, self.nested = pickle.loads(self.hello)
+            self.hello, self.seeds = pickle.loads(body)
+            self.services, self.nested, self.wait = pickle.loads(self.hello)
         except Exception as e:
             raise ProtocolError(f"a HELLO that does not load: {e!r}") from None
         if rid and _machine() is not None:  # the caller shares this machine
@@ -3142,7 +3238,12 @@ class _Peer:
         # caller's pool, and current_worker() answers.
         self.context = contextvars.copy_context()
         self.context.run(_current_pool.set, _NestedPool(self))
-        self.context.run(_current_worker.set, self.worker.info)
+        info = cast(WorkerInfo, self.worker.info)
+        if info.host in ("0.0.0.0", "::", ""):  # the address this caller reached
+            info = dataclasses.replace(
+                info, host=self.writer.get_extra_info("sockname")[0]
+            )
+        self.context.run(_current_worker.set, info)
         self.frames.handlers = {
             TASK: self.accept, STREAM: self.accept, NEXT: self.step,
             THROW: self.step, CLOSE: self.step, CANCEL: self.cancel,
@@ -3204,9 +3305,10 @@ class _Peer:
     def started(self, rid: int, task: asyncio.Task):
         """After a task's first step: ACCEPTED, ahead of queued replies;
         not needed when it is done and its answer is on its way (a frame
-        less per quick call)."""
-        if not task.done() or self.out.paused or self.out.large is not None:
-            self.out.send(ACCEPTED, rid)
+        less per quick call), nor when it was REFUSED (it never ran)."""
+        out = self.out
+        if rid in self.running and (not task.done() or out.paused or out.large):
+            out.send(ACCEPTED, rid)
 
     def resolve(self, ref) -> tuple[Callable, bool]:
         if type(ref) is not int:
@@ -3269,14 +3371,18 @@ class _Peer:
         worker, start, fn, outcome = self.worker, time.monotonic(), None, "done"
         max_frame = worker.max_frame
         try:
-            ref, args, kwargs, context, seconds = _loads(body)
-            fn, is_generator = self.resolve(ref)
+            try:  # nothing of the task runs before it is found and loaded here
+                ref, args, kwargs, context, seconds = _loads(body)
+                fn, is_generator = self.resolve(ref)
+                if is_generator != generator:
+                    raise TypeError(
+                        f"{fn.__qualname__} is {'not ' * generator}an async "
+                        "generator function here"
+                    )
+            except Exception as e:  # so its caller may send it to another worker
+                outcome = f"refused: {type(e).__name__}"
+                return self.out.send(REFUSED, rid, _dump_error(e, max_frame))
             self.running[rid] = (fn, start)  # for status
-            if is_generator != generator:
-                raise TypeError(
-                    f"{fn.__qualname__} is {'not ' * generator}an async generator "
-                    "function here"
-                )
             changed = _enter_context(context)
             if generator:
                 outcome = await self.drive(rid, fn, fn(*args, **kwargs), changed)
@@ -3438,8 +3544,6 @@ def _parser() -> argparse.ArgumentParser:
     add("--port", type=int, default=0, help="default: any free port")
     add("--advertise", help="address callers use (default: --host)")
     add("--tag", action="append", default=[], help="repeatable")
-    add("--tls-cert", help="this worker's certificate (PEM)")
-    add("--tls-key", help="its private key (PEM)")
     add("--insecure", action="store_true", help="allow no key off loopback")
     add("--grace", type=float, default=GRACE, help="seconds to drain")
     add("--max-tasks", type=int, help="tasks run at once (default: no limit)")
@@ -3456,6 +3560,8 @@ def _parser() -> argparse.ArgumentParser:
         add("--interface", action="append", help="mDNS interface address")
         add("--authkey-file", help="the key (else WOOL_AUTHKEY)")
         add("--tls-ca", help="CA of the peers' certificates (mutual TLS)")
+        add("--tls-cert", help="our certificate (PEM): needed by mutual TLS")
+        add("--tls-key", help="its private key (PEM)")
     demo.add_argument("--size", type=int, default=2, help="worker processes")
     for command in (worker, ls, status, demo):
         command.add_argument("--log-level", default="WARNING", help="default WARNING")
@@ -3506,22 +3612,15 @@ async def _serve_cli(args) -> int:
         except Exception as e:
             print(f"wool worker: cannot preload {module!r}: {e!r}", file=sys.stderr)
             return 2
-    authkey = _authkey_file(args.authkey_file)
+    tls = args.tls_cert, args.tls_key, args.tls_ca
+    options = "host", "port", "advertise", "insecure", "grace", "max_frame", "max_tasks"
     worker = Worker(
         *args.tag,
-        host=args.host,
-        port=args.port,
-        advertise=args.advertise,
-        authkey=authkey,
-        ssl=_tls(args.tls_cert, args.tls_key, args.tls_ca, ssl.Purpose.CLIENT_AUTH),
-        client_ssl=_tls(
-            args.tls_cert, args.tls_key, args.tls_ca, ssl.Purpose.SERVER_AUTH
-        ),
+        authkey=_authkey_file(args.authkey_file),
+        ssl=_tls(*tls, ssl.Purpose.CLIENT_AUTH),
+        client_ssl=_tls(*tls, ssl.Purpose.SERVER_AUTH),
         discovery=_discovery(args.discovery, args.interface, publish=True),
-        insecure=args.insecure,
-        grace=args.grace,
-        max_frame=args.max_frame,
-        max_tasks=args.max_tasks,
+        **{option: getattr(args, option) for option in options},
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -3536,65 +3635,57 @@ async def _serve_cli(args) -> int:
     return 0
 
 
-async def _ls(args) -> int:
-    """List what a discovery service sees; given a key, dial each worker and
-    show who answers there (the only way to know a DNS-listed worker)."""
-    service = _discovery(args.discovery, args.interface, publish=False)
-    wait = _listen(args)
-    workers: dict[str, WorkerInfo] = {}
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(wait):
-            async for event in service.subscribe():
-                if event.type == "worker-dropped":
-                    workers.pop(event.info.uid, None)
-                else:
-                    workers[event.info.uid] = event.info
-    key = _authkey_file(args.authkey_file) or _authkey(None)
-    context = _tls(None, None, args.tls_ca, ssl.Purpose.SERVER_AUTH)
-    for w in sorted(workers.values(), key=lambda w: (w.host, w.port)):
-        if key or context:
-            try:
-                source = _Source(service, key, context)
-                conn = await _Connection.open(
-                    w, source, _pickle(([], False)), LARGE, bool
-                )
-                w = conn.info
-                conn.close()
-            except (OSError, WoolError, TimeoutError) as e:
-                print(f"{w.address}  does not answer: {e}")
-                continue
-        tags = ",".join(sorted(w.tags)) or "-"
-        tls = " tls" if w.secure else ""
-        print(f"{w.uid}  {w.address}  pid {w.pid}  tags {tags}  v{w.version}{tls}")
-    return 0
-
-
-def _listen(args) -> float:
-    """Seconds to listen to discovery: --wait, else long enough for mDNS."""
-    return (
-        args.wait if args.wait is not None else 2.0 if args.discovery == "lan" else 0.1
+@contextlib.asynccontextmanager
+async def _cli_pool(args, dial: bool = True):
+    """A pool on the command's discovery, key and TLS, once the workers that
+    discovery listed within --wait answered or failed (without `dial`, it
+    only lists them)."""
+    pool = WorkerPool(
+        discovery=_discovery(args.discovery, args.interface, publish=False),
+        authkey=_authkey_file(args.authkey_file),
+        ssl=_tls(args.tls_cert, args.tls_key, args.tls_ca, ssl.Purpose.SERVER_AUTH),
+        lease=None if dial else 0,
     )
+    async with pool:
+        roster = pool._roster
+        wait = 2.0 if args.discovery == "lan" else 0.1  # long enough for mDNS
+        await asyncio.sleep(wait if args.wait is None else args.wait)
+        with contextlib.suppress(TimeoutError):
+            await pool._until(
+                lambda: (
+                    len(roster.conns) + len(roster.errors) >= len(roster.listed)
+                    or not dial
+                ),
+                HANDSHAKE_TIMEOUT,
+            )
+        yield pool
+
+
+async def _ls(args) -> int:
+    """`wool ls`: the workers discovery lists; given a key or TLS, each as it
+    says who it is there, or why it does not answer."""
+    key = _authkey_file(args.authkey_file) or _authkey(None)
+    async with _cli_pool(args, dial=bool(key or args.tls_ca)) as pool:
+        roster = pool._roster
+        for uid, (w, _) in sorted(roster.listed.items(), key=lambda i: i[1][0].address):
+            if (conn := roster.find(uid)) is not None:
+                w = conn.info
+            elif error := roster.errors.get(uid):
+                print(f"{w.address}  does not answer: {error}")
+                continue
+            elif not w.pid:  # a DNS record: only an address
+                print(f"{w.address}  listed; give the key to see who answers")
+                continue
+            tags, tls = ",".join(sorted(w.tags)) or "-", " tls" if w.secure else ""
+            print(f"{w.uid}  {w.address}  pid {w.pid}  tags {tags}  v{w.version}{tls}")
+    return 0
 
 
 async def _status(args) -> int:
     """`wool status`: one line per worker (or JSON), once or every second."""
-    pool = WorkerPool(
-        discovery=_discovery(args.discovery, args.interface, publish=False),
-        authkey=_authkey_file(args.authkey_file),
-        ssl=_tls(None, None, args.tls_ca, ssl.Purpose.SERVER_AUTH),
-    )
-    async with pool:
-        roster = pool._roster
-        await asyncio.sleep(_listen(args))  # what discovery lists by then
-        with contextlib.suppress(TimeoutError):  # ... has answered
-            await pool._until(
-                lambda: len(roster.conns) + len(roster.refused) >= len(roster.listed),
-                HANDSHAKE_TIMEOUT,
-            )
-        if roster.refused and not pool.workers:
-            raise AuthenticationError(
-                f"a key is needed: {next(iter(roster.refused.values()))}"
-            )
+    async with _cli_pool(args) as pool:
+        if pool._roster.errors and not pool.workers:
+            raise next(iter(pool._roster.errors.values()))
         while True:
             for s in sorted(await pool.status(), key=lambda s: s["address"]):
                 print(json.dumps(s) if args.json else _status_line(s), flush=True)
@@ -3623,11 +3714,6 @@ async def _demo_fibonacci(n: int) -> int:
 
 
 @work
-async def _demo_where(label: str) -> str:
-    return f"{label} ran in worker pid {os.getpid()}"
-
-
-@work
 async def _demo_countdown(n: int):
     for i in range(n, 0, -1):
         yield i, os.getpid()
@@ -3639,25 +3725,19 @@ async def _demo_fail() -> None:
 
 
 async def _demo(args) -> int:
-    size, start = args.size, time.perf_counter()
-    async with WorkerPool(size=size) as pool:
-        ready = time.perf_counter()
-        print(f"started {pool!r} in {ready - start:.2f} s (caller pid {os.getpid()})")
-        for line in await asyncio.gather(*(_demo_where(f"task {i}") for i in range(4))):
-            print(" ", line)
+    start = time.perf_counter()
+    async with WorkerPool(size=args.size) as pool:
+        print(f"started {pool!r} in {time.perf_counter() - start:.2f} s")
         t = time.perf_counter()
         value = await _demo_fibonacci(12)
-        print(
-            f"  fibonacci(12) = {value}: 465 nested tasks in {time.perf_counter() - t:.2f} s"
-        )
+        took = time.perf_counter() - t
+        print(f"  fibonacci(12) = {value}: 465 nested tasks in {took:.2f} s")
         async for i, pid in _demo_countdown(3):
             print(f"  countdown yielded {i} from worker pid {pid}")
         try:
             await _demo_fail()
         except ValueError as e:
-            print(
-                f"  caught ValueError({str(e)!r}) with the worker's traceback as its cause"
-            )
+            print(f"  caught ValueError({str(e)!r}), the worker's traceback its cause")
     print(f"stopped the pool; {time.perf_counter() - start:.2f} s in all")
     return 0
 
