@@ -49,7 +49,7 @@ def segment(pool: wool.WorkerPool) -> Path:
     """The /dev/shm file of a pool's spawned workers' private namespace: the
     only segment a pool makes, so tests check just that one (other wool
     users share /dev/shm)."""
-    return Path(f"/dev/shm/{pool._spawner.service.segment}")
+    return Path(pool._spawner.service.path)
 
 
 async def until(condition, timeout: float = 10):

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import shutil
 
 import wool
 from conftest import in_flight
@@ -230,7 +231,7 @@ async def test_a_full_worker_refuses_before_accepting():
                     await busy
                 assert await queued == 4
     finally:
-        Path(f"/dev/shm/wool-{namespace}").unlink(missing_ok=True)
+        shutil.rmtree(f"/dev/shm/wool-{namespace}", ignore_errors=True)
 
 
 # -- Balancing and current_worker() --------------------------------------------

@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import shutil
 
 import wool
 import wool_discovery
@@ -94,7 +95,7 @@ def keyfile(tmp_path):
 def namespace():
     name = f"t{uuid.uuid4().hex[:10]}"
     yield name
-    Path(f"/dev/shm/wool-{name}").unlink(missing_ok=True)
+    shutil.rmtree(f"/dev/shm/wool-{name}", ignore_errors=True)
 
 
 # -- LAN discovery ------------------------------------------------------------------

@@ -20,6 +20,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
+import shutil
 
 import wool
 from conftest import until, wait_exit
@@ -349,7 +350,7 @@ async def local_pool():
                 await pool.wait_for_workers(1)
                 yield pool
     finally:
-        Path(f"/dev/shm/wool-{namespace}").unlink(missing_ok=True)
+        shutil.rmtree(f"/dev/shm/wool-{namespace}", ignore_errors=True)
 
 
 async def test_map_yields_in_order_with_bounded_calls_in_flight(local_pool):

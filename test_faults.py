@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import shutil
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -51,7 +52,7 @@ async def worker():
             worker.namespace = namespace
             yield worker
     finally:
-        Path(f"/dev/shm/wool-{namespace}").unlink(missing_ok=True)
+        shutil.rmtree(f"/dev/shm/wool-{namespace}", ignore_errors=True)
 
 
 async def good_client(worker, n=300):
@@ -608,7 +609,7 @@ async def test_a_relay_that_passed_the_handshake_can_inject_nothing(tmp_path, ca
             await good_client_of(real)
     finally:
         server.close()
-        Path(f"/dev/shm/wool-{namespace}").unlink(missing_ok=True)
+        shutil.rmtree(f"/dev/shm/wool-{namespace}", ignore_errors=True)
 
 
 async def good_client_of(worker):
@@ -620,7 +621,7 @@ async def good_client_of(worker):
             assert await add(1, 2) == 3
     finally:
         await service.close()
-        Path(f"/dev/shm/wool-{namespace}").unlink(missing_ok=True)
+        shutil.rmtree(f"/dev/shm/wool-{namespace}", ignore_errors=True)
 
 
 @wool.work
@@ -673,7 +674,7 @@ async def test_a_task_that_may_have_started_is_never_sent_elsewhere(tmp_path):
         assert read_it.is_set() and not runs.exists()  # never run elsewhere
     finally:
         server.close()
-        Path(f"/dev/shm/wool-{namespace}").unlink(missing_ok=True)
+        shutil.rmtree(f"/dev/shm/wool-{namespace}", ignore_errors=True)
 
 
 async def test_accepted_leaves_ahead_of_queued_replies(worker):
@@ -697,7 +698,7 @@ async def test_accepted_leaves_ahead_of_queued_replies(worker):
 def namespace():
     name = f"t{uuid.uuid4().hex[:10]}"
     yield name
-    Path(f"/dev/shm/wool-{name}").unlink(missing_ok=True)
+    shutil.rmtree(f"/dev/shm/wool-{name}", ignore_errors=True)
 
 
 async def test_a_workers_nested_pools_end_with_the_connections_that_use_them(

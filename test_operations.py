@@ -17,6 +17,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
+import shutil
 
 import wool
 from conftest import HERE, run_script, until
@@ -37,7 +38,7 @@ async def held(name: str) -> str:
 def namespace():
     name = f"t{uuid.uuid4().hex[:10]}"
     yield name
-    Path(f"/dev/shm/wool-{name}").unlink(missing_ok=True)
+    shutil.rmtree(f"/dev/shm/wool-{name}", ignore_errors=True)
 
 
 async def test_status_shows_running_tasks_then_counts_them(namespace):

@@ -20,6 +20,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import shutil
 
 import wool
 from conftest import (
@@ -347,8 +348,8 @@ async def test_a_task_naming_an_undefined_function_fails_alone(worker):
     session = await Session.open(worker.info, b"secret")
     session.send(wool.HELLO, 0, HELLO)
     session.send(wool.TASK, 1, pickle.dumps((12345, (), {}, None, None)))
-    kind, rid, data = await session.read()  # no ACCEPTED: its first step answered
-    assert (kind, rid) == (wool.ERROR, 1)
+    kind, rid, data = await session.read()  # refused: it never ran
+    assert (kind, rid) == (wool.REFUSED, 1)
     with pytest.raises(wool.ProtocolError, match="function 12345 was never defined"):
         raise wool._load_error(data)
     session.writer.close()
@@ -504,7 +505,7 @@ async def test_refused_task_goes_to_another_worker_and_balancer_is_asked_again()
                 assert await where_am_i() == other.uid  # `full` refused it
             held.cancel()
     finally:
-        Path(f"/dev/shm/wool-{namespace}").unlink(missing_ok=True)
+        shutil.rmtree(f"/dev/shm/wool-{namespace}", ignore_errors=True)
     assert balancer.seen == [{full.uid, other.uid}, {other.uid}]  # asked again
 
 
@@ -532,15 +533,16 @@ def test_killed_caller_leaves_no_worker_behind():
         import asyncio, os, wool
         async def main():
             async with wool.WorkerPool(size=2) as pool:
-                print(*[w.pid for w in pool.workers], flush=True)
+                print(pool._spawner.service.path, *[w.pid for w in pool.workers], flush=True)
                 os.kill(os.getpid(), 9)
         asyncio.run(main())
         """
     )
-    pids = [int(p) for p in result.stdout.split()]
+    path, *pids = result.stdout.split()
     assert len(pids) == 2
     for p in pids:  # they see their stdin close and stop
-        wait_exit(p)
+        wait_exit(int(p))
+    assert not Path(path).exists()  # and the last one out removed the namespace
 
 
 # -- Frames ------------------------------------------------------------------------
@@ -668,7 +670,7 @@ async def test_pool_with_the_wrong_key_raises_authentication_error(tmp_path):
                 ):
                     await add(1)
     finally:
-        Path(f"/dev/shm/wool-{namespace}").unlink(missing_ok=True)
+        shutil.rmtree(f"/dev/shm/wool-{namespace}", ignore_errors=True)
 
 
 async def test_worker_lifecycle_shows_in_its_repr_and_starts_once():
@@ -743,7 +745,7 @@ def test_caller_killed_mid_task_has_its_task_cancelled():
     finally:
         worker.kill()
         worker.wait()
-        Path(f"/dev/shm/wool-{namespace}").unlink(missing_ok=True)
+        shutil.rmtree(f"/dev/shm/wool-{namespace}", ignore_errors=True)
 
 
 async def add_in(namespace: str) -> int:
@@ -772,31 +774,29 @@ async def test_local_discovery_sees_added_updated_dropped_and_stale():
         await events.aclose()
     finally:
         await service.close()
-        Path(f"/dev/shm/wool-{namespace}").unlink(missing_ok=True)
+        shutil.rmtree(f"/dev/shm/wool-{namespace}", ignore_errors=True)
 
 
-def test_attaching_process_never_unlinks_or_warns():
+def test_a_process_that_publishes_and_leaves_never_removes_the_namespace():
     namespace = f"t{os.getpid()}r"
-    service = wool.LocalDiscoveryService(namespace)
-    service.create_segment()
     try:
         result = run_script(
             f"""
-            import asyncio, wool_discovery as d
+            import asyncio, os, wool_discovery as d
             async def main():
-                events = d.LocalDiscoveryService({namespace!r}).subscribe()
-                info = d.WorkerInfo("x", "127.0.0.1", 1, 1, "0")
                 s = d.LocalDiscoveryService({namespace!r})
+                info = d.WorkerInfo("x", "127.0.0.1", 1, os.getppid(), "0")
                 await s.publish(d.DiscoveryEvent("worker-added", info))
-                await s.close()
             asyncio.run(main())
             """
         )
         assert result.returncode == 0, result.stderr
-        assert "leaked" not in result.stderr and "resource_tracker" not in result.stderr
-        assert Path(f"/dev/shm/wool-{namespace}").exists()
+        assert result.stderr == ""
+        (record,) = wool.LocalDiscoveryService(namespace).records().values()
+        assert record.uid == "x"  # outlives its publisher (its pid: ours)
+        assert os.stat(f"/dev/shm/wool-{namespace}").st_mode & 0o777 == 0o700
     finally:
-        service.remove_segment()
+        wool.LocalDiscoveryService(namespace).remove()
 
 
 def test_bad_namespace_and_oversized_record_are_refused():

@@ -207,21 +207,16 @@ def work(
 def work(fn=None, /, *, timeout=None, retries=0):
     """Make an async function (or async generator) run as a task on a worker.
 
-    Calling the result returns what the function would: a coroutine, which
-    dispatches when awaited, or an async generator, which dispatches when
-    first iterated and then pulls one value per step from the worker. The
-    task goes to the pool of the enclosing `async with WorkerPool()`, or, in
-    a worker, to the pool that sent the running task.
-
-    `@work(timeout=s)` bounds each call's run on the worker: past `s`
-    seconds the task is cancelled there and the caller gets TimeoutError
-    (`with wool.timeout(s):` overrides it for the calls made in a block); for
-    a generator it bounds each step, from the request for a value to its
-    arrival. `@work(retries=n)` sends a call again, to another worker where
-    there is one, up to `n` times after WorkerLost: for idempotent tasks only
-    (`with wool.retries(n):` likewise). On methods, `@work` is the innermost
-    decorator (`@classmethod` above it). Raises TypeError at decoration time
-    for anything but `async def`.
+    Calling the result returns what the function would: a coroutine that
+    dispatches when awaited, or an async generator that dispatches when first
+    iterated and pulls one value per step. The task goes to the pool of the
+    enclosing `async with WorkerPool()` (in a worker: the pool that sent the
+    running task). `timeout=s` bounds each run (each generator step) on the
+    worker: past it the task is cancelled there, and the caller gets
+    TimeoutError. `retries=n` sends a call again after WorkerLost, up to n
+    times: for idempotent tasks. wool.timeout() and wool.retries() set both
+    for a block. On methods, @work is innermost. TypeError for anything but
+    `async def`.
     """
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be a number of seconds > 0, not {timeout!r}")
@@ -317,17 +312,12 @@ _set_by_task: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar(
 
 
 class ContextVar:
-    """A context variable whose value travels with @work calls.
-
-        request_id = wool.ContextVar("request_id", default=None)
-
-    Like contextvars.ContextVar (`get`, `set`, `reset` with a token): a value
-    set in the caller is seen by the task on the worker, and by the tasks it
-    dispatches in turn; values the task sets come back to the caller when the
-    call returns or the generator yields. Only values explicitly set travel,
-    and they must pickle (else TypeError at dispatch, naming the variable).
-    Concurrent tasks never see each other's values. The name identifies the
-    variable across processes: one variable per name.
+    """A context variable whose value travels with @work calls, as
+    contextvars.ContextVar does in a process (`get`, `set`, `reset`): to the
+    task and the tasks it dispatches, and back when a call returns or a
+    generator yields. Only values explicitly set travel, and they must pickle
+    (else TypeError at dispatch, naming the variable). The name identifies
+    the variable across processes: one variable per name.
     """
 
     __class_getitem__: Any = classmethod(types.GenericAlias)  # ContextVar[str]
@@ -411,14 +401,10 @@ class Task:
 
 
 class RoundRobinLoadBalancer:
-    """Send each task to the next worker in turn.
-
-    A load balancer is any object with `select(workers, task)` returning one
-    key of `workers`: a read-only mapping of the WorkerInfo of the connected
-    workers with room to this caller's tasks in flight on each (see
-    WorkerPool.load). When the chosen worker refuses the task, the pool asks
-    again without it.
-    """
+    """Send each task to the next worker in turn. (A load balancer is any
+    object whose `select(workers, task)` returns a key of `workers`: the
+    workers with room, each mapped to its load, see WorkerPool.load. When the
+    chosen one refuses the task, the pool asks again without it.)"""
 
     def __init__(self):
         self._turn = 0
@@ -464,24 +450,17 @@ class WorkerPool:
         async with WorkerPool(discovery=LanDiscoveryService()): ...  # durable
         async with WorkerPool("gpu", size=2, discovery=lan): ...     # hybrid
 
-    `size` (alias `spawn`) worker processes are started on this machine, given
-    the positional `tags`; with neither `size` nor `discovery`, one per CPU.
-    `discovery` adds the workers a discovery service finds, at most `lease` of
-    them. `loadbalancer` picks a worker per task (default round-robin). A
-    call waits up to `wait` seconds for a worker to exist, and for room on a
-    busy one as long as it takes (a queue).
-
-    Resource handling: spawned workers get `authkey` (else WOOL_AUTHKEY, else
-    a fresh random key), never published; leaving the block stops them
-    (in-flight tasks get `grace` seconds), kills stragglers and removes the
-    pool's discovery table, also when the block raised or was cancelled. A
-    spawned worker that dies is replaced, at most RESPAWNS per RESPAWN_WINDOW.
-
-    Error handling: a task goes to another worker only when it provably did
-    not start where it was sent (REFUSED, or never sent); otherwise a dead
-    connection is WorkerLost. With no worker after `wait` seconds a call
-    raises NoWorkersAvailable; when every worker refused the key,
-    AuthenticationError.
+    `size` (alias `spawn`) processes are started here with the positional
+    `tags` and `authkey` (else WOOL_AUTHKEY, else a random key), one per CPU
+    without `size` or `discovery`; `discovery` adds the workers it finds, at
+    most `lease`; `modules` travel by value. A call waits up to `wait` s for
+    a worker to exist, then for room as long as it takes, in turn. Leaving
+    the block stops the spawned workers (`grace` s for their tasks), kills
+    stragglers and removes their discovery table, whatever ended the block;
+    one that dies is replaced (RESPAWNS per RESPAWN_WINDOW at most). A task
+    goes to another worker only while it provably did not start (REFUSED, or
+    never sent); else a dead connection is WorkerLost. No worker in time:
+    NoWorkersAvailable; every worker refused us: AuthenticationError.
     """
 
     # Rules: the pool is a lifecycle and a dispatcher. Its _Roster owns the
@@ -656,16 +635,11 @@ class WorkerPool:
         concurrency: int | None = None, ordered: bool = True,
     ) -> AsyncIterator[R]: ...  # fmt: skip
     async def map(self, fn, iterable, *, concurrency=None, ordered=True):
-        """Call `fn` on each item of `iterable` (or async iterable) on this
-        pool's workers, and yield the results: in input order, or as they
-        complete with `ordered=False`.
-
-        `iterable` is consumed lazily, with at most `concurrency` calls in
-        flight (default: 4 per connected worker, at least 4), so a map over
-        millions of items holds few of them at a time. The first exception
-        stops the map, cancels the calls in flight, and is raised. `fn` is
-        any function Executor.submit takes.
-        """
+        """Call `fn` (any callable Executor.submit takes) on each item of
+        `iterable`, or async iterable, consumed lazily with at most
+        `concurrency` calls in flight (default 4 per connected worker), and
+        yield the results in input order (or as they come: `ordered=False`).
+        The first exception cancels the calls in flight, and is raised."""
         running = collections.deque[asyncio.Task]()
         limit = 4 * max(1, len(self.workers)) if concurrency is None else concurrency
         if not isinstance(limit, int) or limit < 1:
@@ -721,7 +695,7 @@ class WorkerPool:
             with contextlib.suppress(ValueError):
                 _started.remove(self)
             if self._spawner is not None:
-                self._spawner.service.remove_segment()
+                self._spawner.service.remove()
             if self._token is not None:
                 with contextlib.suppress(ValueError):
                     _current_pool.reset(self._token)
@@ -1105,14 +1079,10 @@ class _Source(NamedTuple):
 
 class _Spawner:
     """The worker processes a pool starts on this machine, listed in a private
-    local namespace and given a key of their own. Only the spawner starts and
-    stops them.
-
-    Each is `python -c "import wool; wool._spawned()"`, configured through
-    stdin, which stays open: its EOF tells the worker to stop, also when this
-    process is killed. One that dies while the pool is ready is replaced, at
-    most RESPAWNS times per RESPAWN_WINDOW; past that, when the window allows.
-    """
+    local namespace: only the spawner starts and stops them. Each is `python
+    -c "import wool; wool._spawned()"`, configured through stdin, whose EOF
+    tells it to stop (also when this process is killed). One that dies while
+    the pool is ready is replaced, RESPAWNS per RESPAWN_WINDOW at most."""
 
     def __init__(self, pool: WorkerPool):
         self.pool = pool
@@ -1130,7 +1100,7 @@ class _Spawner:
     async def start(self):
         """Start the workers; return once all are connected to the pool."""
         pool = self.pool
-        self.service.create_segment()
+        os.mkdir(self.service.path, 0o700)  # ours alone, and new
         await asyncio.gather(*(self.spawn() for _ in range(pool.size)))
 
         def ready():
@@ -1442,13 +1412,11 @@ def _tls_refused(address: str, error: Exception, nested: bool) -> Authentication
     worker's `nested` pool, its TLS settings are the worker's own)."""
     reason = getattr(error, "reason", None) or ""
     if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE"):
-        why = "does not speak TLS; " + ("run all workers with TLS or none" if nested
-                                        else "do not give its pool ssl=")  # fmt: skip
+        why = "does not speak TLS; give TLS to all workers and their callers or none"
     elif reason == "CERTIFICATE_VERIFY_FAILED":
-        why = f"has a certificate we do not trust ({error}); " + (
-            "give both workers the CA that signed it (--tls-ca)" if nested
-            else "load the CA that signed it into ssl= (cafile=)"
-        )  # fmt: skip
+        why = (
+            f"has a certificate we do not trust ({error}); trust the CA that signed it"
+        )
     elif nested:  # the worker presents its own certificate as a client one
         why = (
             f"refused this worker's certificate as a client's ({error!r}): a worker "
@@ -1503,18 +1471,12 @@ class Executor(concurrent.futures.Executor):
         with wool.Executor(4) as executor:        # was ProcessPoolExecutor(4)
             print(list(executor.map(pow, [2, 3], [10, 10])))
 
-    `max_workers` (alias `size`) workers are spawned; WorkerPool's other
-    arguments go by keyword (`tags=` for its positional ones). Each worker
-    runs one call of this executor at a time, as a pool's process does
-    (`max_tasks_per_worker=N` for more). `initializer(*initargs)` runs once
-    in each worker before its first call from this executor; `mp_context` is
-    accepted and ignored. `submit` takes any callable: a plain one runs in a
-    thread on the worker (which keeps answering), and an awaitable it
-    returns is awaited there. A future is running() once its worker started
-    it; cancel() then stops an async task there (it sees CancelledError), and
-    is False for a plain function, which a thread cannot interrupt. A lost
-    worker is WorkerLost, a BrokenProcessPool; a failed initializer breaks
-    the executor. The pool runs on an event loop in a thread of its own,
+    `max_workers` (alias `size`) workers, each running one call at a time
+    (`max_tasks_per_worker=N` for more); WorkerPool's other arguments by
+    keyword (`tags=` for its positional ones); `mp_context` is ignored.
+    `submit` takes any callable: a plain one runs in a thread on the worker.
+    A future is running() once its worker started it; cancel() then stops an
+    async task there. The pool runs on an event loop in a thread of its own,
     stopped at shutdown(), when the executor is collected, or at exit.
     """
 
@@ -1661,13 +1623,11 @@ class _Future(concurrent.futures.Future):
 
 
 def _as_call(fn, args: tuple, kwargs: dict, init=None) -> tuple[Callable, tuple, dict]:
-    """A call of any callable as one of a @work function: fn itself if it is
-    one (or a partial of one, unwrapped); a function, adapted once (kept on
-    it, so that it goes when the function goes): a plain one runs in a thread
-    on the worker, and is checked here that it travels (else TypeError). Any
-    other callable (a bound or class method, a partial, a callable object, a
-    builtin) goes to `_call` as its first argument, pickled with each call,
-    and so does each call of an executor with an `init`ializer."""
+    """A call of any callable as one of a @work function: fn itself (or a
+    partial of one, unwrapped); a function, adapted once and kept on it (a
+    plain one runs in a thread), checked here that it travels (else
+    TypeError); any other callable, and any call of an executor with an
+    `init`ializer, as the first argument of `_call`, pickled with each call."""
     if hasattr(fn, "__wool_work__"):
         return fn, args, kwargs
     if isinstance(fn, functools.partial) and hasattr(fn.func, "__wool_work__"):
@@ -1886,13 +1846,11 @@ def _pickle(
     oob=False,
     plain=None,
 ) -> Any:
-    """The one way wool pickles: plain pickle for builtin data, else
-    cloudpickle (functions and classes from __main__ travel by value, at
-    about five times the cost). With `oob`, buffers of LARGE bytes or more
-    (arrays, bytearrays, _Bytes) stay out of band: a _Parts, else bytes. A
-    failure, or a message over max_frame, is a TypeError saying what could
-    not be sent (`what()`, asked only then). `plain`: whether _plain(obj),
-    when the caller knows it more cheaply."""
+    """The one way wool pickles: plain pickle for builtin data (`plain`:
+    _plain(obj), if the caller knows it more cheaply), else cloudpickle, at
+    about five times the cost. With `oob`, buffers of LARGE bytes or more stay
+    out of band: a _Parts, else bytes. A failure, or a message over max_frame,
+    is a TypeError saying what could not be sent (`what()`, asked only then)."""
     buffers: list = []
 
     def aside(buffer: pickle.PickleBuffer) -> bool:  # False: out of band
@@ -3505,16 +3463,21 @@ async def _serve_spawned(tags: list[str], namespace: str, options: dict):
         # loop must not keep an orphaned worker alive.
         while os.read(0, 1024):  # until EOF: the pool closed it, or died
             pass
+        ended.append(True)
         with contextlib.suppress(RuntimeError):  # the loop is gone: we are exiting
             loop.call_soon_threadsafe(stop.set)
         time.sleep(worker.grace + 2 * PATIENCE)  # the loop's chance to stop well
         os._exit(1)
 
+    ended: list[bool] = []
     threading.Thread(target=lifeline, daemon=True).start()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     await worker.start()
     await stop.wait()
     await worker.stop()
+    if ended:  # the last worker out removes a killed pool's empty namespace
+        with contextlib.suppress(OSError):
+            os.rmdir(discovery.path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,18 +29,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import fcntl
 import ipaddress
 import json
 import logging
 import os
 import re
+import shutil
 import socket
-import struct
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from multiprocessing import shared_memory
+from stat import S_ISDIR
 from typing import Any, Literal
 
 __all__ = [
@@ -54,12 +52,10 @@ __all__ = [
 ]
 
 SERVICE_TYPE = "_wool._tcp.local."
-SLOTS = 256  # workers one local namespace can hold
-SLOT_SIZE = 512  # bytes of JSON per worker record; long tag lists must fit
+RECORD = 2**16  # bytes of a local record read, at most
 POLL_MIN = 0.002  # seconds between polls of a discovery table after a change,
 POLL_MAX = 0.05  # ... backing off to this when nothing changes
 LIVENESS_EVERY = 0.5  # seconds between checks that listed local pids still run
-LOCK_WAIT = 5.0  # seconds to wait for a local discovery table's lock
 REANNOUNCE_EVERY = 5.0  # seconds between mDNS re-announcements of a worker
 
 
@@ -138,20 +134,16 @@ def _describe(cls_name: str, arg: str, filter) -> str:
     return f"{cls_name}({arg}{', ' if arg else ''}filter={name})"
 
 
-# -- Local discovery: a discovery table in shared memory (/dev/shm) ---------------
+# -- Local discovery: a discovery table in /dev/shm ---------------------------------
 #
-# The segment `wool-<namespace>` holds a generation counter and SLOTS records,
-# each a 2-byte length and a WorkerInfo as JSON (never pickle: a record is
-# data, whoever wrote it). Only a segment of our own user, private to it, is
-# used: another user could otherwise squat the name, hold its lock or forge
-# records. Writers and readers take fcntl.flock on the segment's descriptor,
-# which the kernel releases if a holder dies. Records whose pid is not a
-# running process of ours are stale (a SIGKILLed worker) or foreign, and are
-# cleared by whoever sees them next.
-
-_GENERATION = struct.Struct("!Q")
-_LENGTH = struct.Struct("!H")
-_SEGMENT_SIZE = _GENERATION.size + SLOTS * SLOT_SIZE
+# A namespace is a directory, /dev/shm/wool-<namespace>, of one file per
+# worker: its WorkerInfo as JSON (never pickle: a record is data, whoever
+# wrote it), written whole under a temporary name and renamed into place, so
+# a reader never sees half of one. Every record added or removed changes the
+# directory's mtime, which readers poll. Only a directory of our own user,
+# private to it, is used: another user could otherwise squat the name or
+# forge records. Records whose pid is not a running process of ours are stale
+# (a SIGKILLed worker) or foreign, and are removed by whoever sees them next.
 
 
 def _pid_alive(pid: int) -> bool:
@@ -162,105 +154,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _attach(name: str, create: bool, track: bool) -> shared_memory.SharedMemory:
-    """Open segment `name` (creating it if asked) without letting an attaching
-    process unlink it at exit."""
-    if sys.version_info >= (3, 13):
-        shm = shared_memory.SharedMemory(name, create, _SEGMENT_SIZE, track=track)
-    else:
-        # Before 3.13 every open registers the segment with resource_tracker,
-        # which unlinks it when *this* process exits (CPython gh-82300).
-        # Unregistering afterwards is wrong for spawn children, which share
-        # their creator's tracker; not registering at all is right for all.
-        from multiprocessing import resource_tracker
-
-        register = resource_tracker.register
-        if not track:
-            resource_tracker.register = lambda name, rtype: None
-        try:
-            shm = shared_memory.SharedMemory(name, create, _SEGMENT_SIZE)
-        finally:
-            resource_tracker.register = register
-    stat = os.fstat(shm._fd)  # type: ignore[attr-defined]
-    if stat.st_uid != os.getuid() or stat.st_mode & 0o077:
-        shm.close()
+def _private(path: str) -> os.stat_result:
+    """The stat of directory `path`, which must be ours and private."""
+    stat = os.stat(path, follow_symlinks=False)  # FileNotFoundError if absent
+    if not S_ISDIR(stat.st_mode) or stat.st_uid != os.getuid() or stat.st_mode & 0o77:
         raise PermissionError(
-            f"the discovery table /dev/shm/{name} belongs to uid {stat.st_uid} "
-            f"with mode {stat.st_mode & 0o777:o}; wool uses only one its own user "
-            "made private: remove it (its owner or root can) or use another namespace"
+            f"the discovery table {path} belongs to uid {stat.st_uid} with mode "
+            f"{stat.st_mode & 0o777:o}; wool uses only a directory its own user made "
+            "private: remove it (its owner or root can) or use another namespace"
         )
-    return shm
-
-
-class _Table:
-    """One process's handle on a namespace's segment. Methods never await."""
-
-    def __init__(self, shm: shared_memory.SharedMemory):
-        self.shm = shm
-        self.buf: Any = shm.buf  # a memoryview; None once closed
-
-    @contextlib.asynccontextmanager
-    async def locked(self):
-        # Our own processes hold the lock for microseconds, never across an
-        # await (a holder that died released it with its descriptor); waiting
-        # for it never blocks the event loop, and gives up after LOCK_WAIT.
-        delay, deadline = POLL_MIN / 8, time.monotonic() + LOCK_WAIT
-        while True:
-            try:
-                fcntl.flock(self.shm._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"the discovery table {self.shm.name} was locked for "
-                        f"{LOCK_WAIT:g} s by another process of this user"
-                    ) from None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, POLL_MAX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self.shm._fd, fcntl.LOCK_UN)
-
-    def generation(self) -> int:
-        return _GENERATION.unpack_from(self.buf, 0)[0]
-
-    def _slot(self, i: int) -> int:
-        return _GENERATION.size + i * SLOT_SIZE
-
-    def read(self) -> dict[str, tuple[int, WorkerInfo]]:
-        """uid -> (slot, info) of the live records; clears stale ones. Locked."""
-        records, cleared = {}, False
-        for i in range(SLOTS):
-            at = self._slot(i)
-            (n,) = _LENGTH.unpack_from(self.buf, at)
-            if not n:
-                continue
-            try:
-                info = WorkerInfo.from_json(bytes(self.buf[at + 2 : at + 2 + n]))
-            except (ValueError, KeyError, TypeError):
-                info = None  # a torn or foreign record: treat as stale
-            if info is None or not _pid_alive(info.pid):
-                _LENGTH.pack_into(self.buf, at, 0)
-                cleared = True
-            else:
-                records[info.uid] = (i, info)
-        if cleared:
-            self.bump()
-        return records
-
-    def bump(self):
-        _GENERATION.pack_into(self.buf, 0, (self.generation() + 1) % 2**64)
-
-    def write(self, slot: int, data: bytes):
-        at = self._slot(slot)
-        self.buf[at + 2 : at + 2 + len(data)] = data
-        _LENGTH.pack_into(self.buf, at, len(data))
-        self.bump()
-
-    def close(self):
-        self.buf = None
-        self.shm.close()
+    return stat
 
 
 class LocalDiscoveryService:
@@ -269,10 +172,9 @@ class LocalDiscoveryService:
     Unrelated processes that use the same namespace see each other: `wool
     worker --discovery local:NAME` publishes there and
     `WorkerPool(discovery=LocalDiscoveryService("NAME"))` finds it. A named
-    namespace's segment (`/dev/shm/wool-NAME`, 128 KiB) outlives its workers;
-    an ephemeral pool's private namespace is removed when the pool exits.
-    With `create=False`, publishing never creates the segment: it fails
-    (FileNotFoundError) once the namespace is gone.
+    namespace (`/dev/shm/wool-NAME`) outlives its workers; an ephemeral
+    pool's private one is removed when the pool exits. With `create=False`,
+    publishing never creates it: it fails (FileNotFoundError) once it is gone.
     """
 
     def __init__(
@@ -284,112 +186,78 @@ class LocalDiscoveryService:
                 f"local discovery namespace {namespace!r} must be 1-64 letters, "
                 "digits, '_', '.' or '-'"
             )
-        self.namespace = namespace
-        self.filter = filter
-        self.create = create
-        self._table: _Table | None = None  # this process's publishing handle
+        self.namespace, self.filter, self.create = namespace, filter, create
+        self.path = f"/dev/shm/wool-{namespace}"
 
     def __repr__(self):
         return _describe("LocalDiscoveryService", repr(self.namespace), self.filter)
 
-    def __getstate__(self):
-        return self.__dict__ | {"_table": None}
-
-    @property
-    def segment(self) -> str:
-        return f"wool-{self.namespace}"
-
-    def create_segment(self) -> None:
-        """Create the namespace's segment, owned by this process (an ephemeral
-        pool): it goes away with remove_segment(), or when this process dies.
-        Fails if it exists."""
-        self._table = _Table(_attach(self.segment, True, track=True))
-
-    def remove_segment(self) -> None:
-        """Remove the segment this process created."""
-        if self._table is not None:
-            shm = self._table.shm
-            self._table.close()
-            self._table = None
-            with contextlib.suppress(FileNotFoundError):
-                shm.unlink()
-
-    def _open(self, create: bool) -> _Table:
-        try:
-            return _Table(_attach(self.segment, False, track=False))
-        except FileNotFoundError:
-            if not create:
-                raise
-        try:
-            return _Table(_attach(self.segment, True, track=False))
-        except FileExistsError:  # another worker created it first
-            return _Table(_attach(self.segment, False, track=False))
+    def records(self, cache: dict | None = None) -> dict[str, WorkerInfo]:
+        """uid -> WorkerInfo of the live records; removes stale ones. `cache`
+        (file name -> (inode, info)) spares reading a record twice."""
+        cache, seen = {} if cache is None else cache, {}
+        for entry in os.scandir(self.path):
+            if entry.name.startswith("."):  # being written
+                continue
+            inode, info = cache.get(entry.name, (None, None))
+            if inode != entry.inode():
+                try:
+                    with open(entry.path, "rb") as f:
+                        info = WorkerInfo.from_json(f.read(RECORD))
+                except FileNotFoundError:  # removed meanwhile
+                    continue
+                except (OSError, ValueError, KeyError, TypeError):
+                    info = None  # a torn or foreign record: stale
+            if info is None or not _pid_alive(info.pid):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                continue
+            seen[entry.name] = (entry.inode(), info)
+        cache.clear()
+        cache.update(seen)
+        return {info.uid: info for _, info in seen.values()}
 
     async def publish(self, event: DiscoveryEvent) -> None:
         """Add, update or withdraw `event.info` in the namespace."""
-        if self._table is None:
-            self._table = self._open(create=self.create)
-        table, info = self._table, event.info
-        data = info.to_json()
-        if len(data) > SLOT_SIZE - _LENGTH.size:
-            raise ValueError(
-                f"worker record of {len(data)} bytes does not fit a local discovery "
-                f"slot ({SLOT_SIZE - _LENGTH.size}); use fewer or shorter tags"
-            )
-        async with table.locked():
-            records = table.read()
-            if event.type == "worker-dropped":
-                if info.uid in records:
-                    table.write(records[info.uid][0], b"")
-                return
-            if info.uid in records:
-                table.write(records[info.uid][0], data)
-                return
-            used = {slot for slot, _ in records.values()}
-            free = next((i for i in range(SLOTS) if i not in used), None)
-            if free is None:
-                raise RuntimeError(
-                    f"local discovery namespace {self.namespace!r} is full "
-                    f"({SLOTS} workers); use another namespace"
-                )
-            table.write(free, data)
+        if self.create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self.path, 0o700)
+        _private(self.path)
+        info, name = event.info, event.info.uid.encode().hex()
+        if event.type == "worker-dropped":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self.path}/{name}")
+            return
+        written = f"{self.path}/.{os.getpid()}.{name}"
+        with open(written, "wb") as f:
+            f.write(info.to_json())
+        os.replace(written, f"{self.path}/{name}")
 
     async def subscribe(self) -> AsyncIterator[DiscoveryEvent]:
         """Events for the namespace's workers: those present first, as added."""
-        table, generation = None, None
         known: dict[str, WorkerInfo] = {}
-        delay, checked = POLL_MIN, 0.0
-        try:
-            while True:
-                if table is None:
-                    with contextlib.suppress(FileNotFoundError):
-                        table = self._open(create=False)
-                now = time.monotonic()
-                if table is not None and (
-                    table.generation() != generation or now - checked > LIVENESS_EVERY
-                ):
-                    async with table.locked():
-                        records = table.read()
-                        generation = table.generation()
-                    checked = now
-                    seen = {uid: info for uid, (_, info) in records.items()}
-                    events = list(_changes(known, seen, self.filter))
+        files: dict[str, tuple] = {}
+        delay, seen, checked = POLL_MIN, None, 0.0
+        while True:
+            now = time.monotonic()
+            with contextlib.suppress(FileNotFoundError):  # not yet made
+                changed = _private(self.path).st_mtime_ns
+                if changed != seen or now - checked > LIVENESS_EVERY:
+                    seen, checked = changed, now
+                    events = list(_changes(known, self.records(files), self.filter))
                     for event in events:
                         yield event
                     if events:
                         delay = POLL_MIN
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, POLL_MAX)
-        finally:
-            if table is not None:
-                table.close()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, POLL_MAX)
 
     async def close(self):
-        """Release this process's publishing handle (never unlinks a named
-        namespace)."""
-        if self._table is not None:
-            self._table.close()
-            self._table = None
+        """Nothing to release (a record stays until it is withdrawn)."""
+
+    def remove(self) -> None:
+        """Remove the namespace and its records (an ephemeral pool's)."""
+        shutil.rmtree(self.path, ignore_errors=True)
 
 
 LocalDiscovery = LocalDiscoveryService
