@@ -540,7 +540,7 @@ async def test_memory_is_flat_over_100_000_tasks():
 
 
 async def test_a_worker_that_cannot_start_fails_the_pool_at_once():
-    pool = wool.WorkerPool("x" * 600, size=1)  # its record does not fit
+    pool = wool.WorkerPool("x" * 70_000, size=1)  # its record does not fit
     with pytest.raises(
         RuntimeError, match="a spawned worker exited with code 1 as it started"
     ):

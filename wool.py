@@ -44,6 +44,7 @@ import contextlib
 import contextvars
 import dataclasses
 import enum
+import errno
 import functools
 import hashlib
 import hmac
@@ -56,6 +57,7 @@ import logging
 import mmap
 import os
 import pickle
+import random
 import resource
 import secrets
 import signal
@@ -103,7 +105,8 @@ MAX_HANDSHAKES = 64  # unauthenticated connections a worker holds; the oldest yi
 MAX_CONNECTIONS = 1024  # authenticated connections per worker; more are closed
 LISTEN_BACKLOG = 1024  # connections the kernel queues before the worker takes them
 WAIT = 30.0  # seconds a call waits for a worker to appear before giving up
-SEEDS = 64  # workers of each discovery source a HELLO lists, for nested pools
+SEEDS = 64  # workers of each discovery source a HELLO lists, for nested pools,
+NESTED = 16  # ... each of which connects to this many of them: a bounded mesh
 START = 60.0  # seconds spawned workers get to start, however loaded the machine
 GRACE = 5.0  # seconds in-flight tasks get to finish when a worker stops
 PATIENCE = 1.0  # seconds a peer gets to close, or a stuck worker to answer, first
@@ -403,23 +406,30 @@ class Task:
 class RoundRobinLoadBalancer:
     """Send each task to the next worker in turn. (A load balancer is any
     object whose `select(workers, task)` returns a key of `workers`: the
-    workers with room, each mapped to its load, see WorkerPool.load. When the
-    chosen one refuses the task, the pool asks again without it.)"""
+    workers with room, each mapped to its load, see WorkerPool.load. It runs
+    per call: a scan of `workers` costs as much as the fleet is large; their
+    `order`, a list where present, costs nothing. When the chosen worker
+    refuses the task, the pool asks again without it.)"""
 
     def __init__(self):
         self._turn = 0
 
     def select(self, workers: Mapping[WorkerInfo, int], task: Task) -> WorkerInfo:
         self._turn += 1
-        return next(itertools.islice(workers, self._turn % len(workers), None))
+        order = getattr(workers, "order", None) or list(workers)  # no scan: _Ready
+        return order[self._turn % len(order)]
 
 
 class LeastLoadedLoadBalancer:
-    """Send each task to the worker with the fewest of this caller's tasks in
-    flight: better than round-robin when task durations vary widely."""
+    """Send each task to the less loaded (fewer of this caller's tasks in
+    flight) of two workers drawn at random, the least loaded of all among
+    two: better than round-robin when task durations vary widely, and as
+    cheap at a thousand workers as at two ("the power of two choices")."""
 
     def select(self, workers: Mapping[WorkerInfo, int], task: Task) -> WorkerInfo:
-        return min(workers, key=workers.__getitem__)
+        order = getattr(workers, "order", None) or list(workers)
+        a, b = random.sample(order, 2) if len(order) > 1 else order * 2
+        return a if workers[a] <= workers[b] else b
 
 
 _NOBODY: frozenset[str] = frozenset()  # no workers' uids
@@ -511,10 +521,9 @@ class WorkerPool:
         self.loadbalancer = loadbalancer or RoundRobinLoadBalancer()
         self.wait, self.grace, self.max_frame = wait, grace, max_frame
         self.max_tasks_per_worker = max_tasks_per_worker
-        self._cap = max_tasks_per_worker  # of its calls on a worker (Executor: 1)
         self._state = _State.NEW
         self._spawner: _Spawner | None = None
-        self._roster = _Roster(lease, max_frame)
+        self._roster = _Roster(lease, max_frame, max_tasks_per_worker)
         self._token: contextvars.Token | None = None
 
     @classmethod
@@ -523,7 +532,8 @@ class WorkerPool:
         HELLO named, with its `wait`, reached with the worker's own key and
         TLS settings."""
         key, ssl = worker.authkey, worker.client_ssl
-        pool = cls(size=0, discovery=services, authkey=key, ssl=ssl, wait=wait)
+        pool = cls(size=0, discovery=services, lease=NESTED, authkey=key, ssl=ssl,
+                   wait=wait)  # fmt: skip
         roster = pool._roster
         roster.who = f"worker {worker.info and worker.info.address}'s nested pool"
         roster.nested = True
@@ -576,6 +586,7 @@ class WorkerPool:
         if self._state is not _State.NEW:
             raise RuntimeError(f"{self!r} cannot be started twice")
         self._state = _State.STARTING
+        _more_files()
         for module in self.modules:  # from now on their code travels by value
             if module.__name__ not in cloudpickle.list_registry_pickle_by_value():
                 cloudpickle.register_pickle_by_value(module)
@@ -719,7 +730,7 @@ class WorkerPool:
                 raise NoWorkersAvailable(f"{self!r} is closed; call inside its block")
             roster.check(task)
             now = time.monotonic()
-            if self.workers:  # busy, not absent: no deadline
+            if roster.conns:  # busy, not absent: no deadline
                 deadline = now + self.wait
             elif now >= deadline:
                 raise NoWorkersAvailable(
@@ -730,34 +741,36 @@ class WorkerPool:
                 await asyncio.sleep(pause)
                 refused, pause = _NOBODY, min(pause * 2, ASK_AGAIN[1])
             else:
-                seconds = None if self.workers else deadline - now
+                seconds = None if roster.conns else deadline - now
                 await roster.wait_change(seconds, queued=True)
             conn = self._choose(task, refused, lost)
         return conn
 
     def _choose(self, task: Task, refused: frozenset[str], lost: frozenset[str]):
         """A connected worker with room for `task` that has not `refused` it
-        (uids), and where it was not `lost` if another has room; or None."""
-        cap, conns = self._cap, self._roster.conns
-        loads = {
-            info: conn.calls
-            for info, conn in conns.items()
-            if not conn.retiring
-            and info.uid not in refused
-            and task.fn not in conn.cannot
-            and (cap is None or conn.calls < cap)
-        }
-        if lost and any(info.uid not in lost for info in loads):
-            loads = {i: n for i, n in loads.items() if i.uid not in lost}
+        (uids), and where it was not `lost` if another has room; or None. The
+        balancer sees the roster's live view (no copy: the same cost at any
+        size), or, when some workers are to be left out, a filtered copy."""
+        roster = self._roster
+        loads: Mapping[WorkerInfo, int] = roster.ready
+        if refused or lost or task.fn in roster.cannot:
+            loads = {
+                info: conn.calls
+                for info, conn in roster.ready.conns.items()
+                if info.uid not in refused and task.fn not in conn.cannot
+            }
+            if lost and any(info.uid not in lost for info in loads):
+                loads = {i: n for i, n in loads.items() if i.uid not in lost}
+            loads = types.MappingProxyType(loads)
         if not loads:
             return None
-        info = self.loadbalancer.select(types.MappingProxyType(loads), task)
+        info = self.loadbalancer.select(loads, task)
         if info not in loads:
             raise TypeError(
                 f"{self.loadbalancer!r}.select() returned {info!r}, "
                 "which is not one of the workers it was given"
             )
-        return conns[info]
+        return roster.ready.conns[info]
 
     def _waited_on(self) -> str:
         """The discovery sources, and why the workers they list cannot be used."""
@@ -812,6 +825,7 @@ class WorkerPool:
                     return _load_reply(kind, data, fn)
                 if len(data) and fn not in conn.cannot:  # it cannot run there
                     conn.cannot[fn] = data  # so that worker is skipped for fn
+                    self._roster.cannot.add(fn)
                     why = _load_error(data)
                     log.warning("%s; sending %s() to the others", why, fn.__qualname__)
             refused |= {conn.info.uid}
@@ -823,6 +837,15 @@ def _check_tags(tags: tuple, who: str) -> frozenset[str]:
         hint = " (for a number of workers, write size=N)" if who == "WorkerPool" else ""
         raise TypeError(f"{who} tags must be strings, not {bad[0]!r}{hint}")
     return frozenset(tags)
+
+
+@functools.cache
+def _more_files():
+    """Raise the soft limit on open files to the hard one, as servers do: a
+    pool or a worker holds a socket per peer, and 1,024 is a common default."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _authkey(key: bytes | None) -> bytes:
@@ -848,8 +871,11 @@ class _Roster:
     room() wakes the oldest. The roster's tasks end with close().
     """
 
-    def __init__(self, lease: int | None, max_frame: int):
+    def __init__(self, lease: int | None, max_frame: int, cap: int | None):
         self.lease, self.max_frame = lease, max_frame
+        self.cap = cap  # of the pool's calls on one worker (Executor: 1)
+        self.ready = _Ready()  # the connections that take a task now
+        self.cannot: set[Callable] = set()  # functions some worker REFUSED
         self.who = "this pool"  # or, in a worker, "worker X's nested pool"
         self.sources: list[_Source] = []
         self.hello = b""  # (services, nested, wait) pickled, for workers' nested calls
@@ -870,12 +896,14 @@ class _Roster:
             self.spawn(self.watch(source))
 
     def greeting(self) -> bytes:
-        """HELLO's body: `hello`, and up to SEEDS workers each source lists, so
-        that a worker's nested pool knows them before (or without) discovery."""
+        """HELLO's body: `hello`, and a sample of SEEDS workers each source
+        lists, so that a worker's nested pool knows some before (or without)
+        discovery, and nested calls spread over the fleet."""
         seeds = [
             [i for i, s in self.listed.values() if s is src] for src in self.sources
         ]
-        return _pickle((self.hello, [each[:SEEDS] for each in seeds]))
+        sample = [random.sample(each, min(SEEDS, len(each))) for each in seeds]
+        return _pickle((self.hello, sample))
 
     def seed(self, seeds: list):
         """In a nested pool: learn the workers a caller's HELLO listed."""
@@ -897,9 +925,17 @@ class _Roster:
                 waiter.set_result(None)
         self.watchers = []
 
-    def room(self, freed: bool = True):
-        """A call started, or ended (`freed` room): wake the watchers, and
-        then the oldest call waiting in the queue."""
+    def update(self, conn: _Connection):
+        """Keep `conn` in `ready` while it takes tasks: open and registered,
+        not retiring, with room under the cap."""
+        ok = self.conns.get(conn.info) is conn and not conn.retiring and not conn.lost
+        self.ready.put(conn, ok and (self.cap is None or conn.calls < self.cap))
+
+    def room(self, conn: _Connection | None = None, freed: bool = True):
+        """A call of `conn` started, or ended (`freed` room): wake the
+        watchers, and then the oldest call waiting in the queue."""
+        if conn is not None:
+            self.update(conn)
         watchers, self.watchers = self.watchers, []
         for waiter in watchers:
             if not waiter.done():
@@ -942,9 +978,10 @@ class _Roster:
     def check(self, task: Task):
         """Raise what makes waiting for a worker pointless: every worker
         cannot run the task, or refused us, or discovery failed."""
-        conns = [c for c in self.conns.values() if not c.retiring]
-        if conns and all(task.fn in c.cannot for c in conns):
-            raise _load_error(conns[0].cannot[task.fn])
+        if task.fn in self.cannot:  # every worker it reached cannot run it?
+            conns = [c for c in self.conns.values() if not c.retiring]
+            if conns and all(task.fn in c.cannot for c in conns):
+                raise _load_error(conns[0].cannot[task.fn])
         if self.failed and len(self.failed) == len(self.sources):
             raise NoWorkersAvailable(
                 f"no worker for {task.fn.__qualname__}(): discovery failed: "
@@ -981,8 +1018,10 @@ class _Roster:
         if known is None:
             self.spawn(self.link(info.uid))
         elif (conn := self.find(info.uid)) is not None and conn.info != info:
+            self.ready.put(conn, False)
             self.conns[info] = self.conns.pop(conn.info)
             conn.info = info
+            self.update(conn)
             self.notify()
 
     def find(self, uid: str) -> _Connection | None:
@@ -1007,18 +1046,16 @@ class _Roster:
                             f"worker {info.address} speaks TLS; give {self.who} "
                             + ("--tls-cert" if self.nested else "ssl= (an SSLContext)")
                         )
+                    hello, nested = self.greeting(), self.nested
                     conn = await _Connection.open(
-                        info,
-                        source,
-                        self.greeting(),
-                        self.max_frame,
-                        self.room,
-                        self.nested,
+                        info, source, hello, self.max_frame, self.room, nested
                     )
                 except (OSError, asyncio.IncompleteReadError, WoolError) as e:
                     if not isinstance(e, WoolError):  # name the worker and the cause
-                        errno = getattr(e, "errno", None)
-                        cause = os.strerror(errno) if errno else _why(e)
+                        number = getattr(e, "errno", None)
+                        cause = os.strerror(number) if number else _why(e)
+                        if number == errno.EMFILE:  # past the hard limit we raised to
+                            cause += "; raise the hard limit on open files (ulimit -Hn)"
                         if isinstance(e, asyncio.IncompleteReadError):
                             cause = "it closed the connection during the handshake"
                         cause = cause or f"no answer within {HANDSHAKE_TIMEOUT:g} s"
@@ -1026,6 +1063,7 @@ class _Roster:
                     if uid not in self.errors and source.leased:  # once, not per try
                         log.warning("%s: %s", self.who, e)
                     self.errors[uid] = e
+                    self.leased.discard(uid)  # its lease goes to another meanwhile
                     self.notify()
                 else:
                     self.errors.pop(uid, None)
@@ -1033,12 +1071,14 @@ class _Roster:
                     if await self.unwanted(conn, source, info):
                         continue
                     self.conns[conn.info] = conn
+                    self.update(conn)
                     self.notify()
                     try:
                         await conn.closed
                     finally:
                         conn.close()
                         self.conns.pop(conn.info, None)
+                        self.update(conn)
                         self.notify()
                     continue
                 await asyncio.sleep(delay)
@@ -1065,6 +1105,38 @@ class _Roster:
         ):
             await self.wait_change(None)
         return True
+
+
+class _Ready(Mapping[WorkerInfo, int]):
+    """The connections that take a task now, as balancers see them: each
+    worker's WorkerInfo -> its calls in flight from the pool. Kept as calls
+    start and end (see _Roster.update), so a balancer that picks from
+    `order` (a list, in no particular order) need not scan the fleet."""
+
+    def __init__(self):
+        self.conns: dict[WorkerInfo, _Connection] = {}
+        self.order: list[WorkerInfo] = []
+        self.at: dict[WorkerInfo, int] = {}  # each one's index in order
+
+    def __getitem__(self, info: WorkerInfo) -> int:
+        return self.conns[info].calls
+
+    def __iter__(self):
+        return iter(self.conns)
+
+    def __len__(self):
+        return len(self.conns)
+
+    def put(self, conn: _Connection, ready: bool):
+        info = conn.info
+        if ready and info not in self.conns:
+            self.conns[info], self.at[info] = conn, len(self.order)
+            self.order.append(info)
+        elif not ready and self.conns.get(info) is conn:
+            del self.conns[info]
+            at, last = self.at.pop(info), self.order.pop()
+            if last is not info:  # the last one takes its place
+                self.order[at], self.at[last] = last, at
 
 
 class _Source(NamedTuple):
@@ -1323,7 +1395,7 @@ class _Connection:
             lost = f"lost worker {self.info.address} ({reason}) {what}"
             call.reply.set_exception(WorkerLost(lost))
         self.pending.clear()
-        self.on_change(False)
+        self.on_change(self, False)
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -1336,7 +1408,7 @@ class _Connection:
         worker that withdrew or is stopping is draining them)."""
         if not self.retiring:
             self.retiring = True
-            self.on_change(False)
+            self.on_change(self, False)
         if not self.pending:
             self.close()
 
@@ -1355,7 +1427,7 @@ class _Connection:
         rid = next(self.rids)
         call = self.pending[rid] = _Call(self.loop.create_future(), started)
         self.out.send(STREAM if generator else TASK, rid, body)
-        self.on_change(False)
+        self.on_change(self, False)
         return rid, call
 
     async def answer(self, rid: int, call: _Call) -> tuple[int, Any]:
@@ -1398,7 +1470,7 @@ class _Connection:
         if self.pending.pop(rid, None) is not None:
             if self.retiring and not self.pending:
                 self.close()
-            self.on_change(True)
+            self.on_change(self, True)
 
     def cancel(self, rid: int):
         if rid in self.pending:
@@ -1493,7 +1565,7 @@ class Executor(concurrent.futures.Executor):
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         self._pool = WorkerPool(*tags, **options)  # checks them in the caller
-        self._pool._cap = options.get("max_tasks_per_worker") or 1
+        self._pool._roster.cap = options.get("max_tasks_per_worker") or 1
         self._init = initializer and (uuid.uuid4().hex, initializer, tuple(initargs))
         self._futures: set[concurrent.futures.Future] = set()
         self._lock = threading.Lock()  # guards _futures, _shutdown, _broken
@@ -2104,14 +2176,6 @@ def _feed(mac, parts: list):
         mac.update(part)
 
 
-def decode_header(data, max_frame: int, at: int = 0) -> tuple[int, int, int]:
-    """(body length, kind, request id) of the header at data[at:]; checks the
-    length before any body is read."""
-    size, kind, rid = HEADER.unpack_from(data, at)
-    _check_size(size, max_frame)
-    return size, kind, rid
-
-
 def _check_size(size: int, max_frame: int):
     if size > max_frame:
         raise ProtocolError(
@@ -2297,7 +2361,8 @@ async def _authenticate_worker(reader, writer, key: bytes, address: str):
 
 LARGE = 64 * 2**10  # bytes; a larger body is received into its own buffer
 CHUNK = 256 * 2**10  # bytes of a large message handed to the kernel at a time
-BUFFER = 256 * 2**10  # bytes of a connection's reusable receive buffer
+BUFFER = (8 * 2**10, 256 * 2**10)  # bytes of a connection's receive buffer: idle,
+#                                    and grown to while frames keep coming
 SHARE = 2**20  # bytes of buffers from which a message to this machine is shared
 SHARED_FILES = 64  # shared files a connection holds until mapped; more: the socket
 BATCH = 48  # frames written to the transport at once while flushing a queue
@@ -2324,7 +2389,7 @@ class _Frames(asyncio.BufferedProtocol):
         self.out, self.on_lost = out, on_lost
         self.handlers: dict[int, Callable] = {}  # set by the owner, as it goes
         self.unknown = "unknown frame kind {} from the peer"  # its error, formatted
-        self.buf = bytearray(BUFFER)
+        self.buf = bytearray(BUFFER[0])
         self.start = self.end = 0  # buf[start:end]: received, not yet delivered
         self.large: bytearray | None = None  # a large body being received,
         self.filled, self.head = 0, (0, 0)  # its bytes so far, its kind and rid,
@@ -2346,15 +2411,21 @@ class _Frames(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int):
         if self.large is not None:
             return memoryview(self.large)[self.filled :]
-        if self.end == len(self.buf):  # move the undelivered tail to the front
-            tail = self.end - self.start
-            self.buf[:tail] = self.buf[self.start : self.end]
+        if self.end == len(self.buf):  # move the undelivered tail to the front,
+            tail, buf = self.end - self.start, self.buf  # of a larger buffer if
+            if 2 * tail > len(buf) and len(buf) < BUFFER[1]:  # it was half full
+                self.buf = bytearray(min(2 * len(buf), BUFFER[1]))
+            self.buf[:tail] = buf[self.start : self.end]
             self.start, self.end = 0, tail
         return memoryview(self.buf)[self.end :]
 
     def buffer_updated(self, nbytes: int):
         try:
             if self.large is None:
+                if nbytes < BUFFER[0] < len(self.buf) and self.end == self.start == 0:
+                    self.buf = self.buf[:nbytes] + bytes(
+                        BUFFER[0] - nbytes
+                    )  # idle again
                 self.end += nbytes
             else:
                 self.mac.update(
@@ -2382,7 +2453,8 @@ class _Frames(asyncio.BufferedProtocol):
                 continue
             if self.end - self.start < HEADER.size:
                 break
-            size, kind, rid = decode_header(buf, self.max_frame, self.start)
+            size, kind, rid = HEADER.unpack_from(buf, self.start)
+            _check_size(size, self.max_frame)  # before any of the body is read
             at = self.start + HEADER.size
             if size > LARGE:
                 got = min(size, self.end - at)
@@ -2940,39 +3012,25 @@ class Worker:
                 "(--tls-ca), or pass --insecure"
             )
         self.state, self._started = _State.STARTING, time.monotonic()
+        _more_files()
         self._server = await asyncio.start_server(
-            self._serve,
-            self.host,
-            self.port,
-            ssl=self.ssl,
-            backlog=LISTEN_BACKLOG,
+            self._serve, self.host, self.port, ssl=self.ssl, backlog=LISTEN_BACKLOG,
             ssl_handshake_timeout=self.handshake_timeout if self.ssl else None,
-        )
+        )  # fmt: skip
         port = self._server.sockets[0].getsockname()[1]
         # A worker on every interface (0.0.0.0) is listed as such: LAN discovery
-        # announces each of the machine's addresses, and on this machine
-        # 0.0.0.0 reaches it too.
-        self.info = WorkerInfo(
-            self.uid,
-            self.advertise or self.host,
-            port,
-            os.getpid(),
-            __version__,
-            self.tags,
-            self.ssl is not None,
-        )
+        # announces each of the machine's addresses, and its callers learn the
+        # one they reached it at.
+        self.info = WorkerInfo(self.uid, self.advertise or self.host, port, os.getpid(),
+                               __version__, self.tags, self.ssl is not None)  # fmt: skip
         try:
             if self.discovery is not None:
                 await self.discovery.publish(DiscoveryEvent("worker-added", self.info))
         except BaseException:  # a discovery table of another user's, ...
             await self.stop()
             raise
-        self.state = _State.READY
-        log.info(
-            "worker %s listening (tags: %s)",
-            self.info.address,
-            ",".join(sorted(self.tags)),
-        )
+        self.state, tags = _State.READY, ",".join(sorted(self.tags))
+        log.info("worker %s listening (tags: %s)", self.info.address, tags)
 
     async def stop(self, grace: float | None = None):
         """Withdraw, stop listening, drain in-flight tasks, then cancel them."""
@@ -3343,8 +3401,7 @@ class _Peer:
             self.running[rid] = (fn, start)  # for status
             changed = _enter_context(context)
             if generator:
-                outcome = await self.drive(rid, fn, fn(*args, **kwargs), changed)
-                return
+                return await self.drive(rid, fn, fn(*args, **kwargs), changed)
             if seconds is None:
                 value = await fn(*args, **kwargs)
             else:
@@ -3365,38 +3422,23 @@ class _Peer:
                     outcome, time.monotonic() - start,
                 )  # fmt: skip
 
-    async def drive(self, rid: int, fn, agen, changed: set[str]) -> str:
-        """Run a generator one step per NEXT/THROW; CLOSE or cancel closes it.
-        Returns how it ended."""
+    async def drive(self, rid: int, fn, agen, changed: set[str]):
+        """Run a generator one step per NEXT/THROW, until it stops or CLOSE
+        (or cancel) closes it; what it raises goes to run(), which answers."""
         steps, max_frame = self.streams[rid], self.worker.max_frame
         try:
-            while True:
-                kind, body = await steps.get()
+            while (step := await steps.get())[0] != CLOSE:
+                kind, body = step
+                value = _loads(body) if len(body) else None
                 try:
-                    if kind == CLOSE:
-                        await agen.aclose()
-                        await self.reply(STOP, rid, bytes)
-                        return "done"
-                    value = _loads(body) if len(body) else None
-                    if kind == NEXT:
-                        value = await agen.asend(value)
-                    else:
-                        value = await agen.athrow(value)
+                    value = await (agen.asend if kind == NEXT else agen.athrow)(value)
                 except StopAsyncIteration:
-                    await self.reply(STOP, rid, bytes)
-                    return "done"
-                except BaseException as e:
-                    await self.reply(
-                        ERROR, rid, functools.partial(_dump_error, e, max_frame)
-                    )
-                    return f"failed: {type(e).__name__}"
-                await self.reply(
-                    RESULT,
-                    rid,
-                    lambda: _dump_value(
-                        value, _context_changes(changed), fn, max_frame
-                    ),
-                )
+                    break
+                changes = _context_changes(changed)
+                make = functools.partial(_dump_value, value, changes, fn, max_frame)
+                await self.reply(RESULT, rid, make)
+            await agen.aclose()
+            await self.reply(STOP, rid, bytes)
         finally:
             await agen.aclose()  # runs the generator's `finally` if it is open
 

@@ -228,9 +228,14 @@ class LocalDiscoveryService:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{self.path}/{name}")
             return
+        if len(data := info.to_json()) > RECORD:
+            raise ValueError(
+                f"a worker record of {len(data)} bytes is over {RECORD}; use fewer "
+                "or shorter tags"
+            )
         written = f"{self.path}/.{os.getpid()}.{name}"
         with open(written, "wb") as f:
-            f.write(info.to_json())
+            f.write(data)
         os.replace(written, f"{self.path}/{name}")
 
     async def subscribe(self) -> AsyncIterator[DiscoveryEvent]:
@@ -326,14 +331,11 @@ def _from_service(service) -> WorkerInfo | None:
 
 
 class LanDiscoveryService:
-    """Workers on the local network, found with DNS-SD over mDNS.
-
-    `interfaces` goes to zeroconf: None for every interface, or a list of
-    addresses (tests use ["127.0.0.1"]). A worker re-announces itself every
-    REANNOUNCE_EVERY seconds, so browsers that missed it (a partition that
-    healed) find it without a restart. Multicast does not cross routers and
-    most clouds block it; there, use a fixed list (see README).
-    """
+    """Workers on the local network, found with DNS-SD over mDNS (which
+    does not cross routers, and most clouds block). `interfaces` goes to
+    zeroconf: None for all, or a list of addresses. A worker re-announces
+    itself every REANNOUNCE_EVERY seconds, so browsers that missed it (a
+    partition that healed) find it without a restart."""
 
     def __init__(
         self, filter: Callable[[WorkerInfo], bool] | None = None, *, interfaces=None
@@ -483,20 +485,20 @@ def _split(name: str, port: int | None) -> tuple[str, int]:
     return host, port
 
 
+def _literal(host: str) -> str | None:
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(host))
+    return None
+
+
 class DnsDiscoveryService:
     """Workers at the addresses DNS names resolve to, re-resolved every
-    `interval` seconds.
-
-        DnsDiscoveryService("wool-workers.default.svc.cluster.local", port=7000)
-        DnsDiscoveryService("10.0.0.5:7000", "10.0.0.6:7000", "[fd00::7]:7000")
-
-    Each name is a DNS name or an address, with `:port` (`[v6]:port` for IPv6
-    literals) or the `port` given. Every address a name resolves to (A and
-    AAAA, through the event loop's getaddrinfo) is a worker: added when it
-    appears, dropped when it is gone from the answers. A name that does not
-    resolve is logged (once per change) and tried again; it fails nothing.
-    Records carry no uid, pid or tags: the pool learns them from the worker
-    after the handshake, and applies `filter` then.
+    `interval` seconds: each name a DNS name or an address, with `:port`
+    (`[v6]:port`) or `port`, as in DnsDiscoveryService("10.0.0.5:7000",
+    "workers.svc.cluster.local", port=7000). Every address (A and AAAA) is
+    a worker, dropped once it is gone from the answers; a name that does not
+    resolve is logged once per change and tried again. Records carry no uid,
+    pid or tags: the pool learns them from the worker, and applies `filter`.
     """
 
     def __init__(
@@ -525,7 +527,11 @@ class DnsDiscoveryService:
         errors = {} if errors is None else errors
         for host, port in self.targets:
             try:
-                answers = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                answers: list = [(0, 0, 0, "", (_literal(host), port))]
+                if answers[0][4][0] is None:  # not an address: resolve it
+                    answers = await loop.getaddrinfo(
+                        host, port, type=socket.SOCK_STREAM
+                    )
             except OSError as e:  # socket.gaierror: no such name, no DNS server
                 if errors.get(host) != str(e):
                     log.warning(
