@@ -71,6 +71,7 @@ import traceback
 import types
 import uuid
 import weakref
+from dataclasses import astuple
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, NamedTuple, ParamSpec, Self, TypeVar, cast, overload
@@ -105,7 +106,7 @@ MAX_HANDSHAKES = 64  # unauthenticated connections a worker holds; the oldest yi
 MAX_CONNECTIONS = 1024  # authenticated connections per worker; more are closed
 LISTEN_BACKLOG = 1024  # connections the kernel queues before the worker takes them
 WAIT = 30.0  # seconds a call waits for a worker to appear before giving up
-SEEDS = 64  # workers of each discovery source a HELLO lists, for nested pools,
+SEEDS = 32  # workers of each discovery source a HELLO lists, for nested pools,
 NESTED = 16  # ... each of which connects to this many of them: a bounded mesh
 START = 60.0  # seconds spawned workers get to start, however loaded the machine
 GRACE = 5.0  # seconds in-flight tasks get to finish when a worker stops
@@ -899,17 +900,15 @@ class _Roster:
         """HELLO's body: `hello`, and a sample of SEEDS workers each source
         lists, so that a worker's nested pool knows some before (or without)
         discovery, and nested calls spread over the fleet."""
-        seeds = [
-            [i for i, s in self.listed.values() if s is src] for src in self.sources
-        ]
+        seeds = [[i for i, s in self.listed.values() if s is o] for o in self.sources]
         sample = [random.sample(each, min(SEEDS, len(each))) for each in seeds]
-        return _pickle((self.hello, sample))
+        return pickle.dumps((self.hello, [[astuple(i) for i in s] for s in sample]))
 
     def seed(self, seeds: list):
         """In a nested pool: learn the workers a caller's HELLO listed."""
         for source, infos in zip(self.sources, seeds):
-            for info in infos:
-                if isinstance(info, WorkerInfo) and info.uid not in self.listed:
+            for info in (WorkerInfo(*fields) for fields in infos):
+                if info.uid not in self.listed:
                     self.learn(DiscoveryEvent("worker-added", info), source)
 
     def spawn(self, coro):
@@ -1046,9 +1045,13 @@ class _Roster:
                             f"worker {info.address} speaks TLS; give {self.who} "
                             + ("--tls-cert" if self.nested else "ssl= (an SSLContext)")
                         )
-                    hello, nested = self.greeting(), self.nested
                     conn = await _Connection.open(
-                        info, source, hello, self.max_frame, self.room, nested
+                        info,
+                        source,
+                        self.greeting,
+                        self.max_frame,
+                        self.room,
+                        self.nested,
                     )
                 except (OSError, asyncio.IncompleteReadError, WoolError) as e:
                     if not isinstance(e, WoolError):  # name the worker and the cause
@@ -1126,6 +1129,9 @@ class _Ready(Mapping[WorkerInfo, int]):
 
     def __len__(self):
         return len(self.conns)
+
+    def __contains__(self, info):
+        return info in self.conns
 
     def put(self, conn: _Connection, ready: bool):
         info = conn.info
@@ -1329,7 +1335,7 @@ class _Connection:
             except BaseException:
                 writer.close()
                 raise
-        conn.out.send(HELLO, os.getpid() if conn.out.transfer else 0, hello)
+        conn.out.send(HELLO, os.getpid() if conn.out.transfer else 0, hello())
         return conn
 
     def _introduce(self, kind: int, rid: int, body):
@@ -2361,7 +2367,7 @@ async def _authenticate_worker(reader, writer, key: bytes, address: str):
 
 LARGE = 64 * 2**10  # bytes; a larger body is received into its own buffer
 CHUNK = 256 * 2**10  # bytes of a large message handed to the kernel at a time
-BUFFER = (8 * 2**10, 256 * 2**10)  # bytes of a connection's receive buffer: idle,
+BUFFER = (4 * 2**10, 256 * 2**10)  # bytes of a connection's receive buffer: idle,
 #                                    and grown to while frames keep coming
 SHARE = 2**20  # bytes of buffers from which a message to this machine is shared
 SHARED_FILES = 64  # shared files a connection holds until mapped; more: the socket
@@ -2401,7 +2407,8 @@ class _Frames(asyncio.BufferedProtocol):
         """Deliver frames to `handlers`: first those that came in with the
         end of the handshake, still held by its `reader`."""
         self.handlers, self.unknown = handlers, unknown
-        data = memoryview(reader._buffer)  # type: ignore[attr-defined]
+        left = reader._buffer  # type: ignore[attr-defined]
+        data, reader._buffer = memoryview(left), bytearray()  # type: ignore
         while data and not self.lost:
             buffer = self.get_buffer(-1)
             n = min(len(buffer), len(data))
@@ -2571,18 +2578,15 @@ class _Outbox:
             transport.set_write_buffer_limits(high=0)
 
     def send(self, kind: int, rid: int, body=b""):
-        if self.corked or self.paused or self.large is not None:
-            self.queued += len(body)
-            if kind in _URGENT:
-                self.queue.insert(self.urgent, (kind, rid, body))
-                self.urgent += 1
-            else:
-                self.queue.append((kind, rid, body))
-            return
-        self.corked = True
-        self.loop.call_soon(self.flush)
-        self.commit(kind, rid, body)
-        self.write()
+        self.queued += len(body)
+        if kind in _URGENT:
+            self.queue.insert(self.urgent, (kind, rid, body))
+            self.urgent += 1
+        else:
+            self.queue.append((kind, rid, body))
+        if not self.corked:  # the turn's frames go out together at its end
+            self.corked = True
+            self.loop.call_soon(self.flush)
 
     def flush(self):
         self.corked = False

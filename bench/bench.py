@@ -18,6 +18,10 @@ Measures, each the median of --rounds rounds, with 2 worker processes:
   fanout      fib(15) where every call is a task (1,973 tasks; s)
   startup     WorkerPool(size=2) to the first result, and exit (s)
   memory      caller RSS growth over 100,000 tasks after warm-up (MiB)
+  fleet       one caller over 16 and 1,024 workers (in one other process,
+              listed by address): caller CPU per call and calls/s in a
+              5,000-call burst, caller memory per connected worker, and the
+              caller's CPU while connected and idle (5 s)
 
 Peers: a raw asyncio RPC (length-prefixed pickle frames over TCP, the floor
 wool's design stands on), concurrent.futures.ProcessPoolExecutor, and, when
@@ -33,6 +37,7 @@ import importlib.util
 import json
 import os
 import pickle
+import resource
 import statistics
 import struct
 import socket
@@ -389,7 +394,58 @@ TARGETS = [
     ("bytes vs executor", lambda r: r["wool"]["payload_mbs"] >= 2 * r["executor"]["payload_mbs"], ">= 2x executor, 10 MB bytes"),
     ("array memory", lambda r: r["wool"]["array_rss_x"] <= 3, "caller peak <= 3x payload"),
     ("sync map", lambda r: r["sync_map"]["wool"] >= r["sync_map"]["executor_1"], ">= executor, chunksize 1"),
+    ("fleet CPU per call", lambda r: r["fleet"][1024]["cpu_us"] <= 1.3 * r["fleet"][16]["cpu_us"], "1,024 workers <= 1.3x 16"),
+    ("fleet memory", lambda r: r["fleet"][1024]["kib"] <= 32, "<= 32 KiB per idle connection"),
+    ("fleet idle", lambda r: r["fleet"][1024]["idle"] <= 0.01, "<= 1% of a core, 1,024 idle workers"),
 ]  # fmt: skip
+FLEET = (16, 1024)  # workers in the fleet rows
+
+
+FLEET_HOST = """
+import asyncio, sys, wool
+async def main(n):
+    workers = [wool.Worker(authkey=b"fleet") for _ in range(n)]
+    for w in workers:
+        await w.start()
+    print(" ".join(w.info.address for w in workers), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+asyncio.run(main(int(sys.argv[1])))
+"""
+
+
+def cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def bench_fleet(n: int, calls: int = 5000) -> dict:
+    """One caller over `n` workers (in one other process, on loopback, listed
+    by address): its CPU per no-op call and calls/s in a burst, its memory
+    per connected worker, and its CPU while connected and idle."""
+    host = subprocess.Popen(
+        [sys.executable, "-c", FLEET_HOST, str(n)], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        addresses = host.stdout.readline().split()
+        before = rss()
+        listed = wool.DnsDiscoveryService(*addresses)
+        async with wool.WorkerPool(discovery=listed, authkey=b"fleet") as pool:
+            await pool.wait_for_workers(n, timeout=120)
+            for _ in range(3):  # warm: every connection, every worker's function
+                await asyncio.gather(*(noop(i) for i in range(n)))
+            memory = (rss() - before) / n
+            t, c = time.perf_counter(), cpu()
+            await asyncio.sleep(5)
+            idle = (cpu() - c) / (time.perf_counter() - t)
+            t, c = time.perf_counter(), cpu()
+            await asyncio.gather(*(noop(i) for i in range(calls)))
+            wall, used = time.perf_counter() - t, cpu() - c
+    finally:
+        host.stdin.close()
+        host.wait(timeout=60)
+    return {"cpu_us": used / calls * 1e6, "rate": calls / wall,
+            "kib": memory / 1024, "idle": idle}  # fmt: skip
 
 
 def mac_cost() -> dict:
@@ -491,6 +547,14 @@ def main():
         f"{mac['echo_ms']:.1f} ms per 10 MB echo through the socket "
         f"({mac['echo_ms'] / echo_ms:.0%} of it; shared memory skips them)"
     )
+    fleet = {n: median_of([asyncio.run(bench_fleet(n)) for _ in range(args.rounds)])
+             for n in FLEET}  # fmt: skip
+    results["fleet"] = fleet
+    print(f"\n{'fleet':<14} {'caller CPU/call':>16} {'calls/s':>8} {'KiB/worker':>11} "
+          f"{'idle CPU':>9}")  # fmt: skip
+    for n, f in fleet.items():
+        print(f"{n:>5} workers {f['cpu_us']:>13.0f} µs {f['rate']:>8.0f} {f['kib']:>11.1f} "
+              f"{f['idle']:>9.2%}")  # fmt: skip
     print("\ntargets:")
     for name, check, text in TARGETS:
         print(f"  {'met ' if check(results) else 'MISS'}  {name:<24} {text}")
