@@ -115,7 +115,7 @@ class Transport:
 
 
 KEY = b"frames"
-HELLO = pickle.dumps((pickle.dumps(([], False, 30.0)), []))  # a plain caller's
+HELLO = pickle.dumps((pickle.dumps(([], False, 30.0)), [], False))  # a plain caller's
 
 
 class EveryKind(dict):

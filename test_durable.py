@@ -986,3 +986,110 @@ def test_a_main_function_that_reads_an_unpicklable_global_names_it():
         "(its global 'lock' holds 'lock'); define it in a module the workers "
         "import, or make that value in it"
     ), result.stdout + result.stderr
+
+
+def unsealed_evil(marker: Path, kind: int, rid: int) -> bytes:
+    """A frame over _Seal.SMALL whose tag is the zeros of an unsealed body:
+    what a relay would inject if TLS trust were granted where it must not."""
+    body = pickle.dumps(RunsOnLoad(str(marker), "x" * 2 * wool._Seal.SMALL))
+    return wool.HEADER.pack(len(body), kind, rid) + body + bytes(wool.TAG)
+
+
+class RunsOnLoad:
+    def __init__(self, marker, padding):
+        self.marker, self.padding = marker, padding
+
+    def __reduce__(self):  # writes the padding: a body over _Seal.SMALL
+        return (Path.write_text, (Path(self.marker), self.padding))
+
+
+@pytest.mark.parametrize("verifying", [True, False])
+async def test_a_tls_relay_runs_nothing_and_only_verified_tls_goes_unsealed(
+    tmp_path, verifying, caplog
+):
+    """A fake record points a pool at a relay that ends the caller's TLS with
+    a certificate of its own, opens TLS to the real worker and passes the
+    wool handshake on, then injects unsealed frames both ways. A caller that
+    verifies refuses the relay's certificate; one that does not keeps every
+    MAC (no side verified the other), so the injection is caught."""
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "relays").mkdir()
+    certs, other = make_certs(tmp_path / "ours"), make_certs(tmp_path / "relays")
+    on_worker, on_caller = tmp_path / "worker-pwned", tmp_path / "caller-pwned"
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(certs["server.crt"], certs["server.key"])
+    relays = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    relays.load_cert_chain(other["server.crt"], other["server.key"])  # not trusted
+    onward = ssl.create_default_context(cafile=certs["ca.crt"])
+
+    async def relay(reader, writer):
+        up_reader, up_writer = await asyncio.open_connection(
+            "127.0.0.1", real.info.port, ssl=onward
+        )
+        writer.write(await up_reader.readexactly(len(wool.MAGIC) + wool.NONCE))
+        up_writer.write(await reader.readexactly(len(wool.MAGIC) + 64))
+        writer.write(await up_reader.readexactly(1 + wool.DIGEST))
+
+        answered = asyncio.Event()  # the worker took (or refused) the relay's task
+
+        async def pump(src, dst, inject=False):
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while True:
+                    header = await src.readexactly(wool.HEADER.size)
+                    size, kind, rid = wool.HEADER.unpack(header)
+                    frame = header + await src.readexactly(size + wool.TAG)
+                    if rid == 99 and not inject:
+                        answered.set()  # its answer is the relay's, not passed on
+                        continue
+                    dst.write(frame)
+                    if inject and kind == wool.HELLO:  # a task of its own, then
+                        dst.write(unsealed_evil(on_worker, wool.TASK, 99))
+                        await answered.wait()  # the caller's, once it was seen
+                    elif inject and kind == wool.TASK:  # an answer of its own
+                        writer.write(unsealed_evil(on_caller, wool.RESULT, rid))
+            answered.set()
+            dst.close()
+
+        await asyncio.gather(pump(reader, up_writer, True), pump(up_reader, writer))
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0, ssl=relays)
+    port = server.sockets[0].getsockname()[1]
+    caller = ssl.create_default_context(cafile=certs["ca.crt"])
+    if not verifying:
+        caller.check_hostname, caller.verify_mode = False, ssl.CERT_NONE
+    listed = wool.DnsDiscoveryService(f"127.0.0.1:{port}")
+    try:
+        async with wool.Worker(authkey=b"k", ssl=served) as real:
+            async with wool.WorkerPool(discovery=listed, authkey=b"k", ssl=caller, wait=3):
+                with pytest.raises((wool.WorkerLost, wool.NoWorkersAvailable,
+                                    wool.AuthenticationError)):  # fmt: skip
+                    await add(1, 2)
+            assert not on_worker.exists() and not on_caller.exists()
+            lines = " ".join(r.getMessage() for r in caplog.records)
+            if verifying:
+                assert "has a certificate we do not trust" in lines
+            else:
+                assert "a frame failed its MAC check" in lines
+    finally:
+        server.close()
+
+
+async def test_verified_tls_leaves_large_bodies_unsealed_and_plain_tcp_does_not(
+    tmp_path, namespace
+):
+    certs = make_certs(tmp_path)
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(certs["server.crt"], certs["server.key"])
+    caller = ssl.create_default_context(cafile=certs["ca.crt"])
+    data = os.urandom(3 * 2**20)
+    for tls in (True, False):
+        async with wool.Worker(authkey=b"k", ssl=served if tls else None) as worker:
+            listed = wool.DnsDiscoveryService(worker.info.address)
+            async with wool.WorkerPool(
+                discovery=listed, authkey=b"k", ssl=caller if tls else None
+            ) as pool:
+                assert await echo(data) == data
+                (conn,) = pool._roster.conns.values()
+                (peer,) = worker._peers
+                seals = [conn.out.seal, conn.frames.seal, peer.out.seal, peer.frames.seal]
+                assert [s.trusted for s in seals] == [tls] * 4

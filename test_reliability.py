@@ -382,7 +382,7 @@ async def test_a_namespace_squatted_by_another_user_is_refused_at_once():
             worker = wool.Worker(discovery=local)
             with pytest.raises(PermissionError, match=who):
                 await worker.start()
-            assert worker.state.value == "stopped"  # and it listens no more
+            assert worker.state is wool._State.STOPPED  # and it listens no more
             async with wool.WorkerPool(discovery=local, wait=20):
                 with pytest.raises(wool.NoWorkersAvailable, match=who):
                     await echo(1)

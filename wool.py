@@ -276,30 +276,29 @@ def current_worker() -> WorkerInfo | None:
     return _current_worker.get()
 
 
-@contextlib.contextmanager
-def timeout(seconds: float | None):
+def timeout(seconds: float | None) -> contextlib.AbstractContextManager:
     """Within the block, each @work call may run `seconds` on its worker
     (None: no limit), overriding `@work(timeout=)`. Past it the task is
     cancelled on the worker and the caller gets TimeoutError."""
-    token = _timeout.set(seconds)
-    try:
-        yield
-    finally:
-        _timeout.reset(token)
+    return _setting(_timeout, seconds)
 
 
-@contextlib.contextmanager
-def retries(n: int):
+def retries(n: int) -> contextlib.AbstractContextManager:
     """Within the block, each @work call is sent again up to `n` times after
     WorkerLost (to another worker where there is one), overriding
     `@work(retries=)`. For idempotent tasks only: a lost task may have run."""
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"retries must be a whole number >= 0, not {n!r}")
-    token = _retries.set(n)
+    return _setting(_retries, n)
+
+
+@contextlib.contextmanager
+def _setting(var: contextvars.ContextVar, value):
+    token = var.set(value)
     try:
         yield
     finally:
-        _retries.reset(token)
+        var.reset(token)
 
 
 _MISSING: Any = object()
@@ -436,15 +435,9 @@ class LeastLoadedLoadBalancer:
 _NOBODY: frozenset[str] = frozenset()  # no workers' uids
 
 
-class _State(enum.Enum):
-    """The lifecycle of a pool or a worker: new -> starting -> ready ->
-    stopping -> stopped, each once."""
-
-    NEW = "new"
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
+# The lifecycle of a pool or a worker: new -> starting -> ready -> stopping ->
+# stopped, each once.
+_State = enum.Enum("_State", "NEW STARTING READY STOPPING STOPPED")
 
 
 _started: list[WorkerPool] = []  # pools start()ed and not stopped, oldest first
@@ -480,21 +473,13 @@ class WorkerPool:
     # calls in flight, which the balancer sees as a read-only mapping.
 
     def __init__(
-        self,
-        *tags: str,
-        size: int | None = None,
-        spawn: int | None = None,
-        discovery=None,
-        lease: int | None = None,
-        loadbalancer=None,
-        authkey: bytes | None = None,
-        ssl=None,
-        wait: float = WAIT,
-        grace: float = GRACE,
-        max_frame: int = MAX_FRAME,
+        self, *tags: str, size: int | None = None, spawn: int | None = None,
+        discovery=None, lease: int | None = None, loadbalancer=None,
+        authkey: bytes | None = None, ssl=None, wait: float = WAIT,
+        grace: float = GRACE, max_frame: int = MAX_FRAME,
         max_tasks_per_worker: int | None = None,
         modules: collections.abc.Iterable[types.ModuleType] = (),
-    ):
+    ):  # fmt: skip
         if spawn is not None:
             if size is not None and size != spawn:
                 raise TypeError("give size= or its alias spawn=, not both")
@@ -545,7 +530,7 @@ class WorkerPool:
 
     def __repr__(self):
         expected = f"/{self.size}" if self.size and not self.discovery else ""
-        return f"<WorkerPool {self._state.value} {len(self.workers)}{expected}>"
+        return f"<WorkerPool {self._state.name.lower()} {len(self.workers)}{expected}>"
 
     @property
     def workers(self) -> list[WorkerInfo]:
@@ -896,13 +881,14 @@ class _Roster:
         for source in sources:
             self.spawn(self.watch(source))
 
-    def greeting(self) -> bytes:
+    def greeting(self, verified: bool) -> bytes:
         """HELLO's body: `hello`, and a sample of SEEDS workers each source
         lists, so that a worker's nested pool knows some before (or without)
         discovery, and nested calls spread over the fleet."""
         seeds = [[i for i, s in self.listed.values() if s is o] for o in self.sources]
         sample = [random.sample(each, min(SEEDS, len(each))) for each in seeds]
-        return pickle.dumps((self.hello, [[astuple(i) for i in s] for s in sample]))
+        seeds = [[astuple(i) for i in s] for s in sample]
+        return pickle.dumps((self.hello, seeds, verified))
 
     def seed(self, seeds: list):
         """In a nested pool: learn the workers a caller's HELLO listed."""
@@ -1306,6 +1292,7 @@ class _Connection:
         self.goodbye = self.retiring = False
         self.closed = self.loop.create_future()
         self.frames, self.out = _switch(streams[1], seals, max_frame, self._lose)
+        self.verified = _verified(streams[1])  # the worker's TLS certificate
         unknown = f"worker {info.address} did not start with INFO"
         self.frames.begin({INFO: self._introduce}, unknown, streams[0])
 
@@ -1335,17 +1322,16 @@ class _Connection:
             except BaseException:
                 writer.close()
                 raise
-        conn.out.send(HELLO, os.getpid() if conn.out.transfer else 0, hello())
+        conn.out.send(
+            HELLO, os.getpid() if conn.out.transfer else 0, hello(conn.verified)
+        )
         return conn
 
     def _introduce(self, kind: int, rid: int, body):
         """INFO: who answers at this address (as it says; discovery gave the
         address), and whether it shares this machine with us."""
         try:
-            record, machine = (
-                WorkerInfo.from_json(body),
-                json.loads(body).get("machine"),
-            )
+            record, fields = WorkerInfo.from_json(body), json.loads(body)
         except (ValueError, TypeError, KeyError) as e:  # JSON that is not ours
             raise ProtocolError(
                 f"worker {self.info.address} sent no record: {e}"
@@ -1353,8 +1339,9 @@ class _Connection:
         self.info = dataclasses.replace(
             record, host=self.info.host, port=self.info.port
         )
-        if _sharing(record.pid, machine):
+        if _sharing(record.pid, fields.get("machine")):
             self.out.share_with(record.pid)
+        _trust(self.frames, self.verified or fields.get("verified") is True)
         self.frames.handlers = {kind: self._reply for kind in _REPLIES} | {
             GOODBYE: self._goodbye,
             TAKEN: self.out.taken,
@@ -2197,15 +2184,19 @@ class _Seal:
     HMAC's cost per call), HMAC-SHA256 for larger ones (twice BLAKE2b's speed
     where the CPU has SHA instructions)."""
 
-    __slots__ = ("blake", "hmac", "seq")
+    __slots__ = ("blake", "hmac", "seq", "trusted")
     SMALL = 2**10
 
     def __init__(self, key: bytes):
         self.blake = hashlib.blake2b(key=_digest(key, b"blake2b", b""), digest_size=TAG)
         self.hmac, self.seq = hmac.new(key, digestmod="sha256"), 0
+        self.trusted = False  # see _trust
 
     def begin(self, header, size: int) -> Any:
         """The next frame's MAC, fed its number and header; feed it the body."""
+        if self.trusted and size >= self.SMALL:
+            self.seq += 1
+            return _UNSEALED
         mac: Any = self.blake.copy() if size < self.SMALL else self.hmac.copy()
         mac.update(self.seq.to_bytes(8, "big") + header)
         self.seq += 1
@@ -2273,6 +2264,35 @@ class _Parts:
             buffers.append(memoryview(memory)[start : start + length])
             start += length
         return cls(view[at:end], buffers)
+
+
+class _Unsealed:
+    """The MAC of a body over SMALL on an end-to-end TLS connection: TLS
+    authenticates those bytes already (see _trust); its tag is zeros."""
+
+    def update(self, data):
+        pass
+
+    def digest(self) -> bytes:
+        return bytes(TAG)
+
+
+_UNSEALED = _Unsealed()
+
+
+def _verified(writer) -> bool:
+    """Whether TLS on this connection verified the peer's certificate."""
+    tls = writer.get_extra_info("ssl_object")
+    return tls is not None and bool(tls.getpeercert())
+
+
+def _trust(frames: _Frames, end_to_end: bool):
+    """Where either side verified the other's TLS certificate, no one can
+    stand between them (a relay would need that certificate's key), so TLS
+    binds every byte to the peer that passed the handshake within it: the
+    bodies over SMALL go unsealed, both ways (one MAC, not two). Each side
+    says in INFO or HELLO, themselves sealed, whether it verified."""
+    frames.seal.trusted = frames.out.seal.trusted = end_to_end
 
 
 def _forged() -> ProtocolError:
@@ -2705,7 +2725,7 @@ class _Outbox:
         """Whether HIGH_WATER bytes wait here or in the transport (which
         holds none while not paused, unless TLS keeps its own limits)."""
         unsent = self.queued + (self.large.left if self.large else 0)
-        if self.paused or self.tls:
+        if (self.paused or self.tls) and not self.transport.is_closing():
             unsent += self.transport.get_write_buffer_size()
         return unsent >= HIGH_WATER
 
@@ -2957,22 +2977,12 @@ class Worker:
     """
 
     def __init__(
-        self,
-        *tags: str,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        authkey: bytes | None = None,
-        ssl=None,
-        client_ssl=None,
-        discovery=None,
-        advertise: str | None = None,
-        insecure: bool = False,
-        grace: float = GRACE,
-        max_frame: int = MAX_FRAME,
-        max_connections: int = MAX_CONNECTIONS,
-        handshake_timeout: float = HANDSHAKE_TIMEOUT,
-        max_tasks: int | None = None,
-    ):
+        self, *tags: str, host: str = "127.0.0.1", port: int = 0,
+        authkey: bytes | None = None, ssl=None, client_ssl=None, discovery=None,
+        advertise: str | None = None, insecure: bool = False, grace: float = GRACE,
+        max_frame: int = MAX_FRAME, max_connections: int = MAX_CONNECTIONS,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT, max_tasks: int | None = None,
+    ):  # fmt: skip
         self.tags, self.authkey = _check_tags(tags, "Worker"), _authkey(authkey)
         self.host, self.port, self.advertise = host, port, advertise
         self.ssl, self.client_ssl, self.insecure = ssl, client_ssl, insecure
@@ -2995,7 +3005,7 @@ class Worker:
 
     def __repr__(self):
         where = self.info.address if self.info else f"{self.host}:{self.port}"
-        return f"<Worker {self.state.value} {where}>"
+        return f"<Worker {self.state.name.lower()} {where}>"
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -3157,7 +3167,8 @@ class Worker:
         peer = _Peer(self, (reader, writer), seals, address)
         self._peers.add(peer)
         assert self.info is not None
-        peer.out.send(INFO, 0, self.info.to_json(machine=_machine()))  # who answers
+        info = self.info.to_json(machine=_machine(), verified=peer.verified)
+        peer.out.send(INFO, 0, info)  # who answers here
         log.info("connection from %s opened", address)
 
     def _nested_pool(self, peer: _Peer) -> WorkerPool:
@@ -3225,6 +3236,7 @@ class _Peer:
         self.frames, self.out = _switch(
             self.writer, seals, worker.max_frame, self.on_lost, on_resume=self.release
         )
+        self.verified = _verified(self.writer)  # the caller's TLS certificate
         self.hello, self.nested, self.wait = b"", False, WAIT  # from HELLO, with
         self.services: list = []  # the caller's discovery, and workers it lists
         self.seeds: list = []
@@ -3248,12 +3260,13 @@ class _Peer:
     def on_hello(self, kind: int, rid: int, body):
         self.deadline.cancel()
         try:
-            self.hello, self.seeds = pickle.loads(body)
+            self.hello, self.seeds, verified = pickle.loads(body)
             self.services, self.nested, self.wait = pickle.loads(self.hello)
         except Exception as e:
             raise ProtocolError(f"a HELLO that does not load: {e!r}") from None
         if rid and _machine() is not None:  # the caller shares this machine
             self.out.share_with(rid)
+        _trust(self.frames, self.verified or verified is True)
         # Tasks run in copies of this context: nested calls go to the
         # caller's pool, and current_worker() answers.
         self.context = contextvars.copy_context()
@@ -3309,9 +3322,9 @@ class _Peer:
             self.streams[rid] = steps = asyncio.Queue[tuple[int, bytes]](1)
             steps.put_nowait((NEXT, b""))
         assert self.context is not None
-        task = self.tasks[rid] = self.loop.create_task(
-            self.run(rid, body, generator), context=self.context.copy()
-        )
+        run, context = self.run(rid, body, generator), self.context.copy()
+        task = asyncio.Task(run, loop=self.loop, context=context, **_EAGER)
+        self.tasks[rid] = task
         task.add_done_callback(functools.partial(self.done, rid))
         self.loop.call_soon(self.started, rid, task)
         worker.tally(1)
@@ -3445,6 +3458,11 @@ class _Peer:
             await self.reply(STOP, rid, bytes)
         finally:
             await agen.aclose()  # runs the generator's `finally` if it is open
+
+
+# Python 3.12+ runs a task's first step as it is made: a quick task is done
+# without a trip through the event loop (current_task() and timeouts hold).
+_EAGER: dict[str, Any] = {"eager_start": True} if sys.version_info >= (3, 12) else {}
 
 
 def _is_loopback(host: str) -> bool:

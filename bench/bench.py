@@ -41,8 +41,10 @@ import resource
 import statistics
 import struct
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -52,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import wool  # noqa: E402
 
 CALLS = 20_000
+TLS = ("", "", "")  # (CA, certificate, key) for TLS echoes, made by main()
 PAYLOAD = 10 * 10**6
 ARRAY = 80 * 10**6
 
@@ -74,8 +77,22 @@ def rss() -> int:
     )
 
 
-async def measure(call, latency_n=2000):
-    """(latency µs, throughput calls/s, payload MB/s) for an async `call(x)`."""
+def cpu(pids=()) -> float:
+    """CPU seconds used so far by this process, or by processes `pids`."""
+    if not pids:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    ticks = os.sysconf("SC_CLK_TCK")
+    stats = [Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split() for p in pids]
+    return sum(int(f[11]) + int(f[12]) for f in stats) / ticks
+
+
+CPU = {}  # name -> (caller, workers) CPU µs per call in the burst, by measure()
+
+
+async def measure(call, latency_n=2000, pids=(), name=""):
+    """(latency µs, throughput calls/s, payload MB/s) for an async `call(x)`;
+    with `pids` (the workers'), CPU per call in the burst goes to CPU[name]."""
     for _ in range(200):
         await call(None)
     times = []
@@ -84,9 +101,12 @@ async def measure(call, latency_n=2000):
         await call(None)
         times.append(time.perf_counter() - t)
     latency = statistics.median(times) * 1e6
-    t = time.perf_counter()
+    t, mine, theirs = time.perf_counter(), cpu(), cpu(pids) if pids else 0.0
     await asyncio.gather(*(call(i) for i in range(CALLS)))
     throughput = CALLS / (time.perf_counter() - t)
+    if pids:
+        used = (cpu() - mine, cpu(pids) - theirs)
+        CPU.setdefault(name, []).append(tuple(u / CALLS * 1e6 for u in used))
     return latency, throughput, await echo_bytes(call)
 
 
@@ -130,8 +150,9 @@ async def echo_array(call) -> tuple[float, float]:
 
 
 async def bench_wool():
-    async with wool.WorkerPool(size=2):
-        latency, throughput, payload = await measure(noop)
+    async with wool.WorkerPool(size=2) as pool:
+        pids = [w.pid for w in pool.workers]
+        latency, throughput, payload = await measure(noop, pids=pids, name="wool")
         array, array_rss = await echo_array(noop)
         await fib(10)
         t = time.perf_counter()
@@ -174,6 +195,31 @@ async def bench_wool_socket():
     finally:
         del os.environ["WOOL_SHARE"]
         wool._machine.cache_clear()
+    return {"payload_mbs": payload, "array_mbs": array}
+
+
+async def bench_wool_tls():
+    """Large data through TLS between a pool and a `wool worker` that verify
+    each other's certificates: TLS authenticates it, no MAC over it."""
+    ca, cert, key = TLS
+    keyfile = Path(cert).with_name("key")
+    keyfile.write_text("bench")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "wool", "worker", "--authkey-file", str(keyfile),
+         "--tls-cert", cert, "--tls-key", key, "--tls-ca", ca],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "WOOL_SHARE": "0"},
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    try:
+        address = worker.stdout.readline().split()[5]
+        context = ssl.create_default_context(cafile=ca)
+        context.load_cert_chain(cert, key)
+        listed = wool.DnsDiscoveryService(address)
+        async with wool.WorkerPool(discovery=listed, authkey=b"bench", ssl=context):
+            payload, (array, _) = await echo_bytes(noop), await echo_array(noop)
+    finally:
+        worker.terminate()
+        worker.wait()
     return {"payload_mbs": payload, "array_mbs": array}
 
 
@@ -241,7 +287,8 @@ async def bench_raw():
         async def call(x):  # round-robin over the two server processes
             return await clients[next(turn) % 2].call(x)
 
-        latency, throughput, payload = await measure(call)
+        pids = [s.pid for s in servers]
+        latency, throughput, payload = await measure(call, pids=pids, name="raw")
         for c in clients:
             c.task.cancel()
         return {"latency_us": latency, "throughput": throughput, "payload_mbs": payload}
@@ -276,23 +323,43 @@ async def bench_executor():
 
 
 SOCKET_ECHO = """
-import socket, struct, sys
+import socket, ssl, struct, sys
 server = socket.create_server(("127.0.0.1", 0))
 print(server.getsockname()[1], flush=True)
 conn, _ = server.accept()
+if sys.argv[2]:  # TLS, with this certificate and key
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*sys.argv[2:4])
+    conn = context.wrap_socket(conn, server_side=True)
 buffer = bytearray(int(sys.argv[1]))
-while True:
-    head = conn.recv(8, socket.MSG_WAITALL)
-    if len(head) < 8:
-        break
-    (n,) = struct.unpack("!Q", head)
-    view = memoryview(buffer)[:n]
+def fill(view):
     got = 0
-    while got < n:
-        got += conn.recv_into(view[got:])
+    while got < len(view):
+        got += conn.recv_into(view[got:]) or sys.exit()
+while True:
+    head = bytearray(8)
+    fill(memoryview(head))
+    view = memoryview(buffer)[: struct.unpack("!Q", head)[0]]
+    fill(view)
     conn.sendall(head)
     conn.sendall(view)
 """
+
+
+def tls_files() -> tuple[str, str, str]:
+    """(CA, certificate, key) for 127.0.0.1, made with openssl once per run."""
+    where = Path(tempfile.mkdtemp(prefix="wool-bench-"))
+    sh = (
+        "openssl req -x509 -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:P-256 "
+        "-keyout ca.key -out ca.crt -days 1 -subj /CN=ca && "
+        "openssl req -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:P-256 "
+        "-keyout w.key -out w.csr -subj /CN=w && printf 'subjectAltName=IP:127.0.0.1\\n"
+        "extendedKeyUsage=serverAuth,clientAuth\\n' > w.ext && openssl x509 -req "
+        "-in w.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 -extfile w.ext "
+        "-out w.crt"
+    )
+    subprocess.run(["sh", "-c", sh], cwd=where, check=True, capture_output=True)
+    return str(where / "ca.crt"), str(where / "w.crt"), str(where / "w.key")
 
 
 def bench_sync_map() -> dict:
@@ -310,15 +377,20 @@ def bench_sync_map() -> dict:
         return {"wool": wool_rate, "executor_1": rate(executor), "executor_100": rate(executor, 100)}
 
 
-def bench_socket() -> dict:
-    """The ceiling: the same echoes over a plain socket, blocking calls, no
-    serialization, into buffers allocated once."""
+def bench_socket(tls: bool = False) -> dict:
+    """The ceiling: the same echoes over a plain socket (or TLS), blocking
+    calls, no serialization, into buffers allocated once."""
+    ca, cert, key = TLS if tls else ("", "", "")
     server = subprocess.Popen(
-        [sys.executable, "-c", SOCKET_ECHO, str(ARRAY)], stdout=subprocess.PIPE, text=True
-    )
+        [sys.executable, "-c", SOCKET_ECHO, str(ARRAY), cert, key],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
     try:
         conn = socket.create_connection(("127.0.0.1", int(server.stdout.readline())))
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls:
+            context = ssl.create_default_context(cafile=ca)
+            conn = context.wrap_socket(conn, server_hostname="127.0.0.1")
         buffer = bytearray(ARRAY)
 
         def rate(size: int, rounds: int) -> float:
@@ -327,10 +399,10 @@ def bench_socket() -> dict:
             for _ in range(rounds):
                 conn.sendall(struct.pack("!Q", size))
                 conn.sendall(data)
-                conn.recv(8, socket.MSG_WAITALL)
-                got = 0
-                while got < size:
-                    got += conn.recv_into(view[got:])
+                for part in (memoryview(bytearray(8)), view):
+                    got = 0
+                    while got < len(part):
+                        got += conn.recv_into(part[got:])
             return rounds * size / (time.perf_counter() - t) / 1e6
 
         rate(PAYLOAD, 2)
@@ -394,6 +466,11 @@ TARGETS = [
     ("bytes vs executor", lambda r: r["wool"]["payload_mbs"] >= 2 * r["executor"]["payload_mbs"], ">= 2x executor, 10 MB bytes"),
     ("array memory", lambda r: r["wool"]["array_rss_x"] <= 3, "caller peak <= 3x payload"),
     ("sync map", lambda r: r["sync_map"]["wool"] >= r["sync_map"]["executor_1"], ">= executor, chunksize 1"),
+    ("array vs socket, 1.5x", lambda r: r["wool"]["array_mbs"] >= 1.5 * r["socket"]["array_mbs"], ">= 1.5x socket, 80 MB array, same host"),
+    ("tls vs raw tls", lambda r: r["wool tls"]["array_mbs"] >= 0.8 * r["tls"]["array_mbs"], ">= 0.8x raw TLS echo, 80 MB array"),
+    ("array memory, 2x", lambda r: r["wool"]["array_rss_x"] <= 2, "caller peak <= 2x payload"),
+    ("caller CPU per call", lambda r: r["wool"]["caller_cpu_us"] <= 1.2 * r["raw"]["caller_cpu_us"], "<= 1.2x raw"),
+    ("worker CPU per call", lambda r: r["wool"]["worker_cpu_us"] <= 1.5 * r["raw"]["worker_cpu_us"], "<= 1.5x raw"),
     ("fleet CPU per call", lambda r: r["fleet"][1024]["cpu_us"] <= 1.3 * r["fleet"][16]["cpu_us"], "1,024 workers <= 1.3x 16"),
     ("fleet memory", lambda r: r["fleet"][1024]["kib"] <= 32, "<= 32 KiB per idle connection"),
     ("fleet idle", lambda r: r["fleet"][1024]["idle"] <= 0.01, "<= 1% of a core, 1,024 idle workers"),
@@ -411,11 +488,6 @@ async def main(n):
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 asyncio.run(main(int(sys.argv[1])))
 """
-
-
-def cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 async def bench_fleet(n: int, calls: int = 5000) -> dict:
@@ -479,13 +551,18 @@ def main():
         "--uvloop", action="store_true", help="run everything on uvloop"
     )
     args = parser.parse_args()
+    global TLS
+    TLS = tls_files()
+    loop = "asyncio"
     if args.uvloop:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        loop = "uvloop"
     systems = {
         "wool": bench_wool,
         "wool socket": bench_wool_socket,
+        "wool tls": bench_wool_tls,
         "raw": bench_raw,
         "executor": bench_executor,
     }
@@ -500,10 +577,11 @@ def main():
             notes.append(f"{name}: not installed, skipped (pip install {module})")
     results = {}
     for name, fn in systems.items():
-        rounds = args.rounds if name in ("wool", "wool socket", "raw", "executor") else 1
+        rounds = 1 if name in ("dask", "ray") else args.rounds
         results[name] = median_of([asyncio.run(fn()) for _ in range(rounds)])
         print(f"measured {name}", file=sys.stderr)
     socket_rates = median_of([bench_socket() for _ in range(args.rounds)])
+    tls_rates = median_of([bench_socket(tls=True) for _ in range(args.rounds)])
     sync_map = median_of([bench_sync_map() for _ in range(args.rounds)])
 
     floor = results["raw"]
@@ -519,10 +597,10 @@ def main():
             f"{r['payload_mbs']:>7.0f}"
         )
     print(f"\n{'large data, MB/s':<20} {'10 MB bytes':>12} {'80 MB array':>12}")
-    for name, r in [*results.items(), ("socket", socket_rates)]:
+    for name, r in [*results.items(), ("socket", socket_rates), ("tls", tls_rates)]:
         array = f"{r['array_mbs']:>12.0f}" if "array_mbs" in r else f"{'-':>12}"
         print(f"{name:<20} {r['payload_mbs']:>12.0f} {array}")
-    results["socket"] = socket_rates
+    results["socket"], results["tls"] = socket_rates, tls_rates
     print(
         f"\nExecutor.map, 20,000 no-op sync calls: wool {sync_map['wool']:.0f}/s, "
         f"ProcessPoolExecutor {sync_map['executor_1']:.0f}/s (chunksize 1), "
@@ -555,6 +633,11 @@ def main():
     for n, f in fleet.items():
         print(f"{n:>5} workers {f['cpu_us']:>13.0f} µs {f['rate']:>8.0f} {f['kib']:>11.1f} "
               f"{f['idle']:>9.2%}")  # fmt: skip
+    print(f"\nCPU µs per no-op call in the {CALLS:,}-call burst ({loop}): caller, workers")
+    for name, runs in CPU.items():
+        caller, workers = (statistics.median(r[i] for r in runs) for i in (0, 1))
+        print(f"  {name:<5} {caller:6.1f} {workers:6.1f}")
+        results[name] |= {"caller_cpu_us": caller, "worker_cpu_us": workers}
     print("\ntargets:")
     for name, check, text in TARGETS:
         print(f"  {'met ' if check(results) else 'MISS'}  {name:<24} {text}")
