@@ -1093,3 +1093,34 @@ async def test_verified_tls_leaves_large_bodies_unsealed_and_plain_tcp_does_not(
                 (peer,) = worker._peers
                 seals = [conn.out.seal, conn.frames.seal, peer.out.seal, peer.frames.seal]
                 assert [s.trusted for s in seals] == [tls] * 4
+
+
+class CallerOnly:
+    """Discovery that lists its addresses in the caller, and nothing on a
+    worker (as a DNS name that resolves only where the caller is)."""
+
+    def __init__(self, *addresses):
+        self.addresses = addresses
+
+    async def subscribe(self):
+        if wool.current_worker() is not None:
+            await asyncio.Event().wait()
+        for address in self.addresses:
+            host, port = address.rsplit(":", 1)
+            info = wool.WorkerInfo(address, host, int(port), 0, "")
+            yield wool.DiscoveryEvent("worker-added", info)
+
+
+async def test_a_seed_that_cannot_be_reached_is_forgotten_quietly(caplog):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # a port of ours, where nothing listens
+        dead = f"127.0.0.1:{closed.getsockname()[1]}"
+        async with wool.Worker(authkey=b"k") as worker:
+            listed = CallerOnly(worker.info.address, dead)
+            async with wool.WorkerPool(discovery=listed, authkey=b"k") as pool:
+                await pool.wait_for_workers(1)
+                assert await nested_add(2, 3) == 5  # through the seed that works
+                ((nested, _),) = worker._nested.values()
+                await until(lambda: dead not in nested._roster.listed)
+    nested_lines = [r.message for r in caplog.records if "nested pool" in r.message]
+    assert not [line for line in nested_lines if dead in line]  # a hint, not an error

@@ -262,3 +262,15 @@ def test_a_function_sent_by_value_brings_its_lines_to_a_worker_without_its_file(
     fn, _ = wool._resolve(definition)
     assert fn.__code__.co_filename == where
     assert linecache.getline(where, 2).strip() == "raise ValueError('from a file not here')"
+
+
+def test_wool_status_says_when_there_is_no_worker_and_which_tls_file_is_wrong(namespace):
+    empty = wool_status("--discovery", f"local:{namespace}", "--wait", "0.1")
+    assert empty.returncode == 2 and empty.stdout == ""
+    assert empty.stderr.strip() == (
+        f"wool status: no worker found on LocalDiscoveryService('{namespace}')"
+    )
+    missing = wool_status("--discovery", f"local:{namespace}", "--tls-ca", "/nonexistent/ca.crt")
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("wool status: cannot use --tls-cert None --tls-key None "
+                                     "--tls-ca /nonexistent/ca.crt: ")  # fmt: skip

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import operator
 import os
 import pickle
 import subprocess
@@ -417,3 +419,75 @@ def test_a_record_of_another_users_process_is_foreign_and_cleared():
     finally:
         shutil.rmtree(f"/dev/shm/wool-{namespace}", ignore_errors=True)
     assert out.split("\n")[:2] == ["ours", "['ours']"]
+
+
+# -- Refusals: a call that cannot run somewhere goes elsewhere, and only then fails
+
+
+class Poison:
+    """Pickles anywhere; loads nowhere."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ())
+
+
+def _refuse_to_load():
+    raise ValueError("this argument does not load here")
+
+
+@wool.work
+async def identity(x):
+    return x
+
+
+async def test_an_argument_that_loads_nowhere_fails_that_call_alone():
+    async with wool.WorkerPool(size=2, wait=5) as pool:
+        await pool.wait_for_workers(2)
+        with pytest.raises(ValueError, match="this argument does not load here"):
+            await identity(Poison())
+        assert await identity(7) == 7  # the function is not blamed for it
+    with wool.Executor(2) as executor:
+        with pytest.raises(ValueError, match="does not load here"):
+            executor.submit(functools.partial(identity, Poison())).result(timeout=30)
+        assert executor.submit(operator.add, 1, 2).result(timeout=30) == 3
+
+
+async def fake_worker(answer):
+    """A server that passes the handshake with KEY, says INFO, takes HELLO,
+    then for each TASK sends what `answer(rid)` makes: (kind, body) frames.
+    Returns (server, its WorkerInfo, the TASKs it got)."""
+    got = []
+
+    async def serve(reader, writer):
+        inbound, outbound = await wool._authenticate_caller(reader, writer, KEY)
+        info = wool.WorkerInfo(uuid.uuid4().hex, "127.0.0.1", port, os.getpid(), wool.__version__)
+        writer.writelines(wool.encode(wool.INFO, 0, info.to_json(), outbound))
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                size, kind, rid = wool.HEADER.unpack(await reader.readexactly(wool.HEADER.size))
+                await reader.readexactly(size + wool.TAG)
+                if kind == wool.TASK:
+                    got.append(rid)
+                    for frame in answer(rid):
+                        writer.writelines(wool.encode(*frame[:1], rid, frame[1], outbound))
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"127.0.0.1:{port}", got
+
+
+@pytest.mark.parametrize("answer", ["garbage", "refused after accepted"])
+async def test_a_refusal_that_makes_no_sense_is_worker_lost_never_a_resend(answer):
+    frames = {
+        "garbage": [(wool.REFUSED, b"not a pickle")],
+        "refused after accepted": [(wool.ACCEPTED, b""), (wool.REFUSED, b"")],
+    }[answer]
+    server, address, got = await fake_worker(lambda rid: frames)
+    try:
+        listed = wool.DnsDiscoveryService(address)
+        async with wool.WorkerPool(discovery=listed, authkey=KEY, wait=5):
+            with pytest.raises(wool.WorkerLost, match="REFUSED that makes no sense"):
+                await identity(1)
+        assert len(got) == 1  # sent once, never again
+    finally:
+        server.close()

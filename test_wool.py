@@ -527,6 +527,33 @@ async def test_leaving_the_pool_by_exception_cleans_up_too():
     assert not segment(pool).exists()
 
 
+def test_a_killed_caller_whose_worker_is_blocked_leaves_no_namespace_either():
+    result = run_script(
+        """
+        import asyncio, os, time, wool
+
+        @wool.work
+        async def block(marker):
+            open(marker, "w").close()
+            time.sleep(60)  # the worker's event loop: stuck
+
+        async def main():
+            async with wool.WorkerPool(size=1, grace=0.2) as pool:
+                print(pool._spawner.service.path, pool.workers[0].pid, flush=True)
+                marker = pool._spawner.service.path + ".blocked"
+                call = asyncio.ensure_future(block(marker))
+                while not os.path.exists(marker):  # until it blocks
+                    await asyncio.sleep(0.01)
+                os.unlink(marker)
+                os.kill(os.getpid(), 9)
+        asyncio.run(main())
+        """
+    )
+    path, pid = result.stdout.split()[:2]
+    wait_exit(int(pid))  # its lifeline ends it after grace + 2 s
+    assert not Path(path).exists()
+
+
 def test_killed_caller_leaves_no_worker_behind():
     result = run_script(
         """
@@ -899,3 +926,31 @@ def test_mypy_users_see_the_types_of_calls_maps_and_futures(tmp_path):
         "concurrent.futures._base.Future[str]", "list[str]",
     ], result.stdout  # fmt: skip
     assert 'No overload variant of "submit"' in result.stdout
+
+
+async def test_a_namespace_with_odd_entries_lists_the_good_records_and_clears_the_rest():
+    namespace = f"t{os.urandom(5).hex()}"
+    service = wool.LocalDiscoveryService(namespace)
+    good = wool.WorkerInfo("good", "127.0.0.1", 1, os.getpid(), "0")
+    await service.publish(wool.DiscoveryEvent("worker-added", good))
+    path = Path(service.path)
+    try:
+        (path / "a-directory").mkdir()
+        os.mkfifo(path / "a-fifo")  # opening it would block the event loop
+        (path / "a-link").symlink_to(path / good.uid.encode().hex())
+        fields = good.to_json().decode()
+        for name, record in {
+            "pid-as-text": fields.replace(f'"pid":{os.getpid()}', '"pid":"abc"'),
+            "pid-zero": fields.replace(f'"pid":{os.getpid()}', '"pid":0'),
+            "pid-huge": fields.replace(f'"pid":{os.getpid()}', f'"pid":{2**80}'),
+            "uid-a-list": fields.replace('"uid":"good"', '"uid":["x"]'),
+            ".99999999.dead-writer": fields,  # a writer that died mid-write
+        }.items():
+            (path / name).write_text(record)
+        async with asyncio.timeout(10):
+            events = service.subscribe()
+            assert await anext(events) == wool.DiscoveryEvent("worker-added", good)
+            await events.aclose()
+        assert os.listdir(path) == [good.uid.encode().hex()]  # the rest cleared
+    finally:
+        service.remove()

@@ -703,18 +703,19 @@ class WorkerPool:
     # (counted while there is none), and for room on a busy one as long as it
     # takes, as a queue: wool.timeout() or asyncio.timeout bound that.
 
-    async def _connection(self, task: Task, refused, lost) -> _Connection:
+    async def _connection(self, task: Task, refused, lost, unable) -> _Connection:
         """A worker for `task` (see _choose), once there is one, in turn
         behind the calls that wait for room already; those that `refused`
         it (full with others' tasks) are asked again after a pause that
-        doubles each time."""
+        doubles each time, those `unable` to run it (uid -> why) never."""
         pause, deadline = ASK_AGAIN[0], time.monotonic() + self.wait
         roster = self._roster
+        refused |= frozenset(unable)  # for this call, as if full
         conn = None if roster.queued() else self._choose(task, refused, lost)
         while conn is None:
             if self._state not in (_State.READY, _State.STARTING):
                 raise NoWorkersAvailable(f"{self!r} is closed; call inside its block")
-            roster.check(task)
+            roster.check(task, unable)
             now = time.monotonic()
             if roster.conns:  # busy, not absent: no deadline
                 deadline = now + self.wait
@@ -723,9 +724,9 @@ class WorkerPool:
                     f"no worker took {task.fn.__qualname__}() within {self.wait:g} "
                     f"s; waited on {self._waited_on()}"
                 )
-            if refused:
+            if refused - frozenset(unable):
                 await asyncio.sleep(pause)
-                refused, pause = _NOBODY, min(pause * 2, ASK_AGAIN[1])
+                refused, pause = frozenset(unable), min(pause * 2, ASK_AGAIN[1])
             else:
                 seconds = None if roster.conns else deadline - now
                 await roster.wait_change(seconds, queued=True)
@@ -776,8 +777,9 @@ class WorkerPool:
         retries = _retries.get()
         retries = fn.__wool_retries__ if retries is _MISSING else retries
         refused = avoid = _NOBODY  # uids of workers that refused it, that lost it
+        unable: dict[str, bytes] = {}  # uid -> why this call cannot run there
         while True:
-            conn = await self._connection(task, refused, avoid)
+            conn = await self._connection(task, refused, avoid, unable)
             try:
                 rid, call = conn.start(body, definition, generator, started)
                 if seconds is None:  # as conn.answer(), without a coroutine
@@ -809,11 +811,12 @@ class WorkerPool:
                 conn.finish(rid)
                 if kind != REFUSED:
                     return _load_reply(kind, data, fn)
-                if len(data) and fn not in conn.cannot:  # it cannot run there
-                    conn.cannot[fn] = data  # so that worker is skipped for fn
-                    self._roster.cannot.add(fn)
-                    why = _load_error(data)
-                    log.warning("%s; sending %s() to the others", why, fn.__qualname__)
+                if data is not None:  # it cannot run there: this call, or ever
+                    whole, unable[conn.info.uid] = data
+                    if whole and fn not in conn.cannot:  # skip it for fn: say so
+                        conn.cannot[fn] = data[1]
+                        self._roster.cannot.add(fn)
+                        log.warning("%s", _load_error(data[1]))
             refused |= {conn.info.uid}
 
 
@@ -862,6 +865,7 @@ class _Roster:
         self.cap = cap  # of the pool's calls on one worker (Executor: 1)
         self.ready = _Ready()  # the connections that take a task now
         self.cannot: set[Callable] = set()  # functions some worker REFUSED
+        self.seeded: set[str] = set()  # uids a HELLO listed, and discovery not
         self.who = "this pool"  # or, in a worker, "worker X's nested pool"
         self.sources: list[_Source] = []
         self.hello = b""  # (services, nested, wait) pickled, for workers' nested calls
@@ -885,7 +889,10 @@ class _Roster:
         """HELLO's body: `hello`, and a sample of SEEDS workers each source
         lists, so that a worker's nested pool knows some before (or without)
         discovery, and nested calls spread over the fleet."""
-        seeds = [[i for i, s in self.listed.values() if s is o] for o in self.sources]
+        seeds = [
+            [i for i, s in self.listed.values() if s is o and o.leased]  # not ours
+            for o in self.sources  # on loopback: others cannot reach them
+        ]
         sample = [random.sample(each, min(SEEDS, len(each))) for each in seeds]
         seeds = [[astuple(i) for i in s] for s in sample]
         return pickle.dumps((self.hello, seeds, verified))
@@ -896,6 +903,7 @@ class _Roster:
             for info in (WorkerInfo(*fields) for fields in infos):
                 if info.uid not in self.listed:
                     self.learn(DiscoveryEvent("worker-added", info), source)
+                    self.seeded.add(info.uid)
 
     def spawn(self, coro):
         task = asyncio.ensure_future(coro)
@@ -960,13 +968,15 @@ class _Roster:
         if conns:
             await asyncio.wait([c.closed for c in conns], timeout=PATIENCE)
 
-    def check(self, task: Task):
-        """Raise what makes waiting for a worker pointless: every worker
-        cannot run the task, or refused us, or discovery failed."""
-        if task.fn in self.cannot:  # every worker it reached cannot run it?
+    def check(self, task: Task, unable: dict[str, bytes]):
+        """Raise what makes waiting for a worker pointless: no worker can run
+        this call (its function, or here `unable` its arguments: uid -> why),
+        or every worker refused us, or discovery failed."""
+        if task.fn in self.cannot or unable:
             conns = [c for c in self.conns.values() if not c.retiring]
-            if conns and all(task.fn in c.cannot for c in conns):
-                raise _load_error(conns[0].cannot[task.fn])
+            why = [c.cannot.get(task.fn) or unable.get(c.info.uid) for c in conns]
+            if conns and all(why):
+                raise _load_error(why[0])
         if self.failed and len(self.failed) == len(self.sources):
             raise NoWorkersAvailable(
                 f"no worker for {task.fn.__qualname__}(): discovery failed: "
@@ -984,6 +994,7 @@ class _Roster:
         try:
             async for event in source.service.subscribe():
                 self.learn(event, source)
+                self.seeded.discard(event.info.uid)
         except Exception as e:  # a broken filter, a missing zeroconf, ...
             log.error("discovery %r failed: %r", source.service, e)
             self.failed[id(source)] = e
@@ -1016,7 +1027,7 @@ class _Roster:
     async def link(self, uid: str):
         """Keep a connection to worker `uid` while it is listed, reconnecting
         after a drop."""
-        delay = RECONNECT[0]
+        delay, reached = RECONNECT[0], False  # reached: once, then it went away
         try:
             while uid in self.listed and self.running:
                 info, source = self.listed[uid]
@@ -1049,14 +1060,18 @@ class _Roster:
                             cause = "it closed the connection during the handshake"
                         cause = cause or f"no answer within {HANDSHAKE_TIMEOUT:g} s"
                         e = ConnectionError(f"worker {info.address}: {cause}")
-                    if uid not in self.errors and source.leased:  # once, not per try
-                        log.warning("%s: %s", self.who, e)
+                    if uid in self.seeded:  # a hint that failed: forgotten
+                        self.seeded.discard(uid)
+                        self.learn(DiscoveryEvent("worker-dropped", info), source)
+                        continue
+                    if uid not in self.errors and source.leased and not reached:
+                        log.warning("%s: %s", self.who, e)  # once, not at each try
                     self.errors[uid] = e
                     self.leased.discard(uid)  # its lease goes to another meanwhile
                     self.notify()
                 else:
                     self.errors.pop(uid, None)
-                    conn.listed_as, delay = uid, RECONNECT[0]
+                    conn.listed_as, delay, reached = uid, RECONNECT[0], True
                     if await self.unwanted(conn, source, info):
                         continue
                     self.conns[conn.info] = conn
@@ -1357,7 +1372,9 @@ class _Connection:
         call = self.pending.get(rid)
         if call is None:
             return  # a reply to a call that was cancelled
-        if not call.accepted and kind != REFUSED:
+        if kind == REFUSED:  # it never ran: check that, and why
+            body = _refusal(self.info.address, rid, call, body)
+        elif not call.accepted:
             call.accepted = True
             if call.started is not None:
                 call.started()
@@ -1470,6 +1487,25 @@ class _Connection:
             if self.lost is None:
                 self.out.send(CANCEL, rid)
             self.finish(rid)
+
+
+def _refusal(address: str, rid: int, call: _Call, body) -> tuple | None:
+    """A REFUSED's body: None (full, or stopping), or (whole, error): the
+    call cannot run there. A refusal of a task the worker said it started,
+    or one that does not load, is a ProtocolError: that connection closes
+    and the call is WorkerLost (it may have run)."""
+    try:
+        if call.accepted:
+            raise ValueError(f"task {rid} was ACCEPTED")
+        if not len(body):
+            return None
+        whole, data = pickle.loads(body)
+        _load_error(data)  # it must be one
+        return bool(whole), data
+    except Exception as e:
+        raise ProtocolError(
+            f"worker {address} sent a REFUSED that makes no sense: {e!r}"
+        ) from None
 
 
 def _tls_refused(address: str, error: Exception, nested: bool) -> AuthenticationError:
@@ -2134,7 +2170,8 @@ STATUS = 9  # no body: what is the worker doing? Answered by a RESULT at once
 ACCEPTED = 16  # no body: the task runs here (sent after its first step, if that
 #              did not answer); it will not run anywhere else
 REFUSED = 17  # not accepted, so try another worker. No body: stopping or full;
-#              else an ERROR's: it cannot run here (it did not import or load)
+#              else (whole, an ERROR's body): it cannot run here, as its
+#              function (whole) or this call's arguments did not load
 RESULT = 18  # body: (value returned or yielded, context values the task set)
 ERROR = 19  # body: (type name, message, traceback text, pickled exception)
 STOP = 20  # no body: the generator finished
@@ -3404,8 +3441,10 @@ class _Peer:
         worker, start, fn, outcome = self.worker, time.monotonic(), None, "done"
         max_frame = worker.max_frame
         try:
+            whole = False  # what cannot run here: this call, or its function
             try:  # nothing of the task runs before it is found and loaded here
                 ref, args, kwargs, context, seconds = _loads(body)
+                whole = True
                 fn, is_generator = self.resolve(ref)
                 if is_generator != generator:
                     raise TypeError(
@@ -3414,7 +3453,8 @@ class _Peer:
                     )
             except Exception as e:  # so its caller may send it to another worker
                 outcome = f"refused: {type(e).__name__}"
-                return self.out.send(REFUSED, rid, _dump_error(e, max_frame))
+                why = pickle.dumps((whole, _dump_error(e, max_frame)))
+                return self.out.send(REFUSED, rid, why)
             self.running[rid] = (fn, start)  # for status
             changed = _enter_context(context)
             if generator:
@@ -3480,7 +3520,7 @@ class _LogLimit:
     back is counted, and the count logged when the window ends or at flush()."""
 
     def __init__(self):
-        self.hosts: dict[str, list] = {}  # host -> [window start, lines, held back]
+        self.hosts: dict[str, list] = {}  # host -> [window start, warnings]
 
     def warning(self, address: str, message: str, *args):
         host, now = address.rpartition(":")[0] or address, time.monotonic()
@@ -3488,19 +3528,17 @@ class _LogLimit:
             self.flush(host)
         if len(self.hosts) >= LOG_HOSTS:  # bounded, whatever the addresses
             self.flush()
-        entry = self.hosts.setdefault(host, [now, 0, 0])
+        entry = self.hosts.setdefault(host, [now, 0])
         entry[1] += 1
-        if entry[1] > LOG_BURST:
-            entry[2] += 1
-            return
-        log.warning(message, *args)
+        if entry[1] <= LOG_BURST:
+            log.warning(message, *args)
         if entry[1] == LOG_BURST:
             log.warning("more warnings about %s for %g s: counted", host, LOG_WINDOW)
 
     def flush(self, *hosts: str):
         """Log the counts held back (for `hosts`, or all) and forget them."""
         for host in hosts or list(self.hosts):
-            if held := self.hosts.pop(host)[2]:
+            if (held := self.hosts.pop(host)[1] - LOG_BURST) > 0:
                 log.warning("%d more warnings about %s were not logged", held, host)
 
 
@@ -3531,6 +3569,9 @@ async def _serve_spawned(tags: list[str], namespace: str, options: dict):
         with contextlib.suppress(RuntimeError):  # the loop is gone: we are exiting
             loop.call_soon_threadsafe(stop.set)
         time.sleep(worker.grace + 2 * PATIENCE)  # the loop's chance to stop well
+        with contextlib.suppress(OSError):  # it did not: withdraw, and go
+            discovery.withdraw(worker.uid)
+            os.rmdir(discovery.path)  # the last one out
         os._exit(1)
 
     ended: list[bool] = []
@@ -3591,7 +3632,10 @@ def _parser() -> argparse.ArgumentParser:
         add("--tls-key", help="its private key (PEM)")
     demo.add_argument("--size", type=int, default=2, help="worker processes")
     for command in (worker, ls, status, demo):
-        command.add_argument("--log-level", default="WARNING", help="default WARNING")
+        level = (
+            "ERROR" if command in (ls, status) else "WARNING"
+        )  # they report the rest
+        command.add_argument("--log-level", default=level, help=f"default {level}")
     return parser
 
 
@@ -3621,9 +3665,14 @@ def _tls(cert, key, ca, purpose):
     """An SSLContext from PEM files, or None; verifies the peer when `ca`."""
     if not (cert or ca):
         return None
-    context = ssl.create_default_context(purpose, cafile=ca)
-    if cert:
-        context.load_cert_chain(cert, key)
+    try:
+        context = ssl.create_default_context(purpose, cafile=ca)
+        if cert:
+            context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:  # say which files, and why
+        raise ValueError(
+            f"cannot use --tls-cert {cert} --tls-key {key} --tls-ca {ca}: {e}"
+        ) from None
     if ca and purpose is ssl.Purpose.CLIENT_AUTH:
         context.verify_mode = ssl.CERT_REQUIRED  # mutual TLS
     return context
@@ -3711,8 +3760,16 @@ async def _ls(args) -> int:
 async def _status(args) -> int:
     """`wool status`: one line per worker (or JSON), once or every second."""
     async with _cli_pool(args) as pool:
-        if pool._roster.errors and not pool.workers:
-            raise next(iter(pool._roster.errors.values()))
+        errors = sorted(
+            pool._roster.errors.values(),
+            key=lambda e: type(e) is not AuthenticationError,
+        )
+        if not pool.workers:  # why: a refused key first, else what failed
+            raise (
+                errors[0]
+                if errors
+                else NoWorkersAvailable(f"no worker found on {pool.discovery!r}")
+            )
         while True:
             for s in sorted(await pool.status(), key=lambda s: s["address"]):
                 print(json.dumps(s) if args.json else _status_line(s), flush=True)

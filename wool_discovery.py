@@ -76,6 +76,11 @@ class WorkerInfo:
 
     def __post_init__(self):
         object.__setattr__(self, "tags", frozenset(self.tags))
+        fields = (self.uid, self.host, self.port, self.pid, self.version, self.secure)
+        if list(map(type, fields)) != [str, str, int, int, str, bool] or not all(
+            isinstance(t, str) for t in self.tags
+        ):  # a record is data from elsewhere: of these types, or none
+            raise TypeError(f"not a worker record: {self!r}")
 
     def __hash__(self):  # pools look workers up per task: keep it cheap
         return hash(self.uid)
@@ -149,17 +154,18 @@ def _describe(cls_name: str, arg: str, filter) -> str:
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):  # gone, or another user's
-        return False
-    return True
+    except (ProcessLookupError, PermissionError, OverflowError):  # gone, another
+        return False  # user's, or no pid at all
+    return pid > 0
 
 
 def _private(path: str) -> os.stat_result:
     """The stat of directory `path`, which must be ours and private."""
     stat = os.stat(path, follow_symlinks=False)  # FileNotFoundError if absent
     if not S_ISDIR(stat.st_mode) or stat.st_uid != os.getuid() or stat.st_mode & 0o77:
+        what = "is not a directory" if not S_ISDIR(stat.st_mode) else "belongs to"
         raise PermissionError(
-            f"the discovery table {path} belongs to uid {stat.st_uid} with mode "
+            f"the discovery table {path} {what} uid {stat.st_uid} with mode "
             f"{stat.st_mode & 0o777:o}; wool uses only a directory its own user made "
             "private: remove it (its owner or root can) or use another namespace"
         )
@@ -197,20 +203,28 @@ class LocalDiscoveryService:
         (file name -> (inode, info)) spares reading a record twice."""
         cache, seen = {} if cache is None else cache, {}
         for entry in os.scandir(self.path):
-            if entry.name.startswith("."):  # being written
-                continue
-            inode, info = cache.get(entry.name, (None, None))
-            if inode != entry.inode():
+            if entry.name.startswith("."):  # being written, by a live writer?
+                writer = entry.name.split(".")[1]
+                if writer.isdigit() and _pid_alive(int(writer)):
+                    continue
+                info = None
+            elif not entry.is_file(follow_symlinks=False):  # no FIFO, no link
+                info = None
+            elif (cached := cache.get(entry.name)) and cached[0] == entry.inode():
+                info = cached[1]
+            else:
                 try:
                     with open(entry.path, "rb") as f:
                         info = WorkerInfo.from_json(f.read(RECORD))
                 except FileNotFoundError:  # removed meanwhile
                     continue
-                except (OSError, ValueError, KeyError, TypeError):
-                    info = None  # a torn or foreign record: stale
+                except Exception:  # a torn or foreign record: stale
+                    info = None
             if info is None or not _pid_alive(info.pid):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
+                with contextlib.suppress(OSError):
+                    (os.rmdir if entry.is_dir(follow_symlinks=False) else os.unlink)(
+                        entry.path
+                    )
                 continue
             seen[entry.name] = (entry.inode(), info)
         cache.clear()
@@ -225,9 +239,7 @@ class LocalDiscoveryService:
         _private(self.path)
         info, name = event.info, event.info.uid.encode().hex()
         if event.type == "worker-dropped":
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{self.path}/{name}")
-            return
+            return self.withdraw(info.uid)
         if len(data := info.to_json()) > RECORD:
             raise ValueError(
                 f"a worker record of {len(data)} bytes is over {RECORD}; use fewer "
@@ -256,6 +268,12 @@ class LocalDiscoveryService:
                         delay = POLL_MIN
             await asyncio.sleep(delay)
             delay = min(delay * 2, POLL_MAX)
+
+    def withdraw(self, uid: str) -> None:
+        """Remove worker `uid`'s record now (also from a thread, or a process
+        on its way out)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{self.path}/{uid.encode().hex()}")
 
     async def close(self):
         """Nothing to release (a record stays until it is withdrawn)."""
