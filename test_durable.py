@@ -663,10 +663,13 @@ async def test_a_worker_that_cannot_import_the_task_is_skipped_for_it(
             assert await asyncio.gather(*(mytasks.double(i) for i in range(20))) == [
                 2 * i for i in range(20)
             ]
-            (status,) = [s for s in await pool.status() if s["pid"] == good.pid]
-            assert status["done"] == 20
-    skipped = [r for r in caplog.records if "sending double() to the others" in r.message]
+            by_pid = {s["pid"]: s for s in await pool.status()}
+            assert by_pid.pop(good.pid)["done"] == 20
+            (bad,) = by_pid.values()  # it refused: neither done nor failed
+            assert (bad["done"], bad["failed"]) == (0, 0)
+    skipped = [r for r in caplog.records if "cannot run double(), so others" in r.message]
     assert len(skipped) == 1 and "cannot import 'mytasks'" in skipped[0].message
+    assert skipped[0].message.startswith("127.0.0.1:")  # names the worker
 
 
 async def test_modules_sends_a_module_the_workers_do_not_have(tmp_path, namespace, monkeypatch):

@@ -379,7 +379,7 @@ async def test_a_namespace_squatted_by_another_user_is_refused_at_once():
     try:
         assert squatter.stdout.readline() == "holding\n"
         local = wool.LocalDiscoveryService(namespace)
-        who = f"/dev/shm/wool-{namespace} belongs to uid 65534 with mode 666"
+        who = f"/dev/shm/wool-{namespace} is not a directory, and belongs to uid 65534 with mode 666"
         async with asyncio.timeout(10):
             worker = wool.Worker(discovery=local)
             with pytest.raises(PermissionError, match=who):

@@ -350,8 +350,10 @@ async def test_a_task_naming_an_undefined_function_fails_alone(worker):
     session.send(wool.TASK, 1, pickle.dumps((12345, (), {}, None, None)))
     kind, rid, data = await session.read()  # refused: it never ran
     assert (kind, rid) == (wool.REFUSED, 1)
+    whole, error = pickle.loads(data)
+    assert whole  # the function, not this call's arguments
     with pytest.raises(wool.ProtocolError, match="function 12345 was never defined"):
-        raise wool._load_error(data)
+        raise wool._load_error(error)
     session.writer.close()
 
 

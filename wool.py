@@ -23,7 +23,8 @@ an HMAC challenge-response on a shared key; the MAC of every later frame is
 under a key of that session alone, over the frame's number, header and body,
 checked before the body is unpickled. Only buffers in memfd transfer (between
 processes of one user on one machine, in a file the MAC'd frame names) carry
-none: those processes could read each other's memory anyway.
+none: those processes could read each other's memory anyway; and bodies over
+1 KiB on TLS where a certificate was verified: TLS authenticates them (_trust).
 
 Sections, top-down: errors; @work and its options; WorkerPool and its load
 balancers; the roster and the spawner; the caller's end of a connection;
@@ -816,7 +817,9 @@ class WorkerPool:
                     if whole and fn not in conn.cannot:  # skip it for fn: say so
                         conn.cannot[fn] = data[1]
                         self._roster.cannot.add(fn)
-                        log.warning("%s", _load_error(data[1]))
+                        why = _load_error(data[1])
+                        log.warning("%s cannot run %s(), so others will: %s",
+                                    conn.info.address, fn.__qualname__, why)  # fmt: skip
             refused |= {conn.info.uid}
 
 
@@ -852,9 +855,10 @@ class _Roster:
     them. Liveness comes from a connection, never from discovery records (a
     killed worker can stay listed for a long time).
 
-    Rules: discovery events change `listed` and nothing else; each listed
-    worker has one `link` task, the only code that opens, registers in
-    `conns` and forgets a connection to it. A worker that comes or goes is
+    Rules: discovery events (and a caller's seeds) change `listed` and
+    nothing else; each listed worker has one `link` task, the only code that
+    opens, registers in `conns` and forgets a connection to it; `ready`, what
+    balancers see, changes in update() alone. A worker that comes or goes is
     notify(), a call that starts or ends room(); calls waiting for a worker
     or for room wait their turn in `queue` (wait_change(queued=True)), and
     room() wakes the oldest. The roster's tasks end with close().
@@ -1058,7 +1062,10 @@ class _Roster:
                             cause += "; raise the hard limit on open files (ulimit -Hn)"
                         if isinstance(e, asyncio.IncompleteReadError):
                             cause = "it closed the connection during the handshake"
-                        cause = cause or f"no answer within {HANDSHAKE_TIMEOUT:g} s"
+                        cause = cause or f"no answer within {HANDSHAKE_TIMEOUT:g} s" + (
+                            " (a worker with TLS waits in silence for a caller "
+                            "without)" * (source.ssl is None)
+                        )
                         e = ConnectionError(f"worker {info.address}: {cause}")
                     if uid in self.seeded:  # a hint that failed: forgotten
                         self.seeded.discard(uid)
@@ -3453,6 +3460,12 @@ class _Peer:
                     )
             except Exception as e:  # so its caller may send it to another worker
                 outcome = f"refused: {type(e).__name__}"
+                if isinstance(e, ImportError) and "cannot import" not in str(e):
+                    e = ModuleNotFoundError(  # (a module a sent function needs)
+                        f"worker {worker.info and worker.info.address} cannot load "
+                        f"the task: {e}. Install {e.name or 'it'} there, or send "
+                        "it: WorkerPool(modules=)", name=e.name,
+                    )  # fmt: skip
                 why = pickle.dumps((whole, _dump_error(e, max_frame)))
                 return self.out.send(REFUSED, rid, why)
             self.running[rid] = (fn, start)  # for status
@@ -3471,8 +3484,8 @@ class _Peer:
         except BaseException as e:  # CancelledError too: the caller may be waiting
             outcome = f"failed: {type(e).__name__}"
             await self.reply(ERROR, rid, functools.partial(_dump_error, e, max_frame))
-        finally:
-            worker.tally(0, outcome == "done")
+        finally:  # (a refused task is neither done nor failed: it went elsewhere)
+            worker.tally(0, None if outcome[:7] == "refused" else outcome == "done")
             if self.debug:
                 log.debug(
                     "task %d %s() from %s: %s in %.3f s", rid, _name(fn), self.address,

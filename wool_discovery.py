@@ -163,9 +163,9 @@ def _private(path: str) -> os.stat_result:
     """The stat of directory `path`, which must be ours and private."""
     stat = os.stat(path, follow_symlinks=False)  # FileNotFoundError if absent
     if not S_ISDIR(stat.st_mode) or stat.st_uid != os.getuid() or stat.st_mode & 0o77:
-        what = "is not a directory" if not S_ISDIR(stat.st_mode) else "belongs to"
+        what = "" if S_ISDIR(stat.st_mode) else " is not a directory, and"
         raise PermissionError(
-            f"the discovery table {path} {what} uid {stat.st_uid} with mode "
+            f"the discovery table {path}{what} belongs to uid {stat.st_uid} with mode "
             f"{stat.st_mode & 0o777:o}; wool uses only a directory its own user made "
             "private: remove it (its owner or root can) or use another namespace"
         )
