@@ -3370,7 +3370,10 @@ class _Peer:
         task = asyncio.Task(run, loop=self.loop, context=context, **_EAGER)
         self.tasks[rid] = task
         task.add_done_callback(functools.partial(self.done, rid))
-        self.loop.call_soon(self.started, rid, task)
+        if task.done():  # its first step ran as it was made (3.12+: eager)
+            self.started(rid, task)
+        else:
+            self.loop.call_soon(self.started, rid, task)
         worker.tally(1)
         # Let the tasks just accepted run now and then, so a burst of TASKs
         # does not starve them; stop taking more while replies pile up.
@@ -3381,10 +3384,11 @@ class _Peer:
 
     def started(self, rid: int, task: asyncio.Task):
         """After a task's first step: ACCEPTED, ahead of queued replies;
-        not needed when it is done and its answer is on its way (a frame
-        less per quick call), nor when it was REFUSED (it never ran)."""
-        out = self.out
-        if rid in self.running and (not task.done() or out.paused or out.large):
+        not needed when it is done and its answer is not stuck behind others
+        (a frame less per quick call), nor when it was REFUSED (it never ran)."""
+        out, done = self.out, task.done()
+        stuck = out.paused or out.large or out.queued > LARGE
+        if rid in self.running and (not done or stuck):
             out.send(ACCEPTED, rid)
 
     def resolve(self, ref) -> tuple[Callable, bool]:

@@ -351,7 +351,8 @@ def tls_files() -> tuple[str, str, str]:
     where = Path(tempfile.mkdtemp(prefix="wool-bench-"))
     sh = (
         "openssl req -x509 -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:P-256 "
-        "-keyout ca.key -out ca.crt -days 1 -subj /CN=ca && "
+        "-keyout ca.key -out ca.crt -days 1 -subj /CN=ca "
+        "-addext keyUsage=critical,keyCertSign,cRLSign && "
         "openssl req -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:P-256 "
         "-keyout w.key -out w.csr -subj /CN=w && printf 'subjectAltName=IP:127.0.0.1\\n"
         "extendedKeyUsage=serverAuth,clientAuth\\n' > w.ext && openssl x509 -req "
