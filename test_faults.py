@@ -480,7 +480,7 @@ async def test_a_replacement_started_as_the_pool_exits_is_stopped_too(monkeypatc
 def test_a_spawned_worker_whose_pool_is_gone_exits_without_recreating_it():
     namespace = f"gone{uuid.uuid4().hex[:8]}"
     options = {"authkey": b"k", "grace": 1.0}  # as _Spawner.spawn sends them
-    data = pickle.dumps((sys.path, 30, [], namespace, options))
+    data = pickle.dumps((sys.path, 30, "asyncio", [], namespace, options))
     result = subprocess.run(
         [sys.executable, "-c", "import wool; wool._spawned()"],
         input=struct.pack("!I", len(data)) + data, capture_output=True, timeout=30,

@@ -828,9 +828,17 @@ def test_a_process_that_publishes_and_leaves_never_removes_the_namespace():
         wool.LocalDiscoveryService(namespace).remove()
 
 
-def test_bad_namespace_and_oversized_record_are_refused():
+async def test_bad_namespace_and_oversized_record_are_refused():
     with pytest.raises(ValueError, match="namespace 'a/b' must be"):
         wool.LocalDiscoveryService("a/b")
+    service = wool.LocalDiscoveryService(f"t{os.urandom(5).hex()}")
+    huge = wool.WorkerInfo("x", "127.0.0.1", 1, os.getpid(), "0", {"t" * 2**17})
+    try:
+        with pytest.raises(ValueError, match=r"a worker record of \d+ bytes is over 65536"):
+            await service.publish(wool.DiscoveryEvent("worker-added", huge))
+        assert service.records() == {}
+    finally:
+        service.remove()
 
 
 # -- Entry points ------------------------------------------------------------------
@@ -850,7 +858,12 @@ def test_wool_demo_runs_the_quick_start():
     assert "caught ValueError" in result.stdout
 
 
-def test_works_on_uvloop():
+@wool.work
+async def loop_kind() -> str:
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+
+def test_works_on_uvloop_and_its_spawned_workers_do_too():
     uvloop = pytest.importorskip("uvloop")
 
     async def main():
@@ -859,23 +872,13 @@ def test_works_on_uvloop():
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert runner.run(main()) == (3, [0, 1, 2], 21)
+        assert runner.run(_in_pool(loop_kind)) == "uvloop"
+    assert asyncio.run(_in_pool(loop_kind)) == "asyncio"
 
 
-def test_readme_examples_run():
-    """Every complete example in README.md (one that ends in asyncio.run(main())
-    and needs no LAN workers) runs and exits 0."""
-    readme = (HERE / "README.md").read_text()
-    blocks = [part.split("```")[0] for part in readme.split("```python\n")[1:]]
-    examples = [
-        b
-        for b in blocks
-        if ("asyncio.run(main())" in b or "wool.Executor(" in b)
-        and "LanDiscoveryService" not in b
-    ]
-    assert len(examples) >= 3
-    for example in examples:
-        result = run_script(example, timeout=60)
-        assert result.returncode == 0, example + result.stderr
+async def _in_pool(fn):
+    async with wool.WorkerPool(size=1):
+        return await fn()
 
 
 def test_the_modules_type_check():

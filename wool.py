@@ -1223,7 +1223,8 @@ class _Spawner:
             authkey=self.key, grace=pool.grace, max_frame=pool.max_frame,
             max_tasks=pool.max_tasks_per_worker,
         )  # fmt: skip
-        data = pickle.dumps((sys.path, log.getEffectiveLevel(), sorted(pool.tags),
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # uvloop?
+        data = pickle.dumps((sys.path, log.getEffectiveLevel(), loop, sorted(pool.tags),
                              self.service.namespace, worker))  # fmt: skip
         assert proc.stdin is not None
         proc.stdin.write(struct.pack("!I", len(data)) + data)
@@ -3366,14 +3367,15 @@ class _Peer:
             self.streams[rid] = steps = asyncio.Queue[tuple[int, bytes]](1)
             steps.put_nowait((NEXT, b""))
         assert self.context is not None
+        ahead = self.out.queued  # bytes of replies its answer would queue behind
         run, context = self.run(rid, body, generator), self.context.copy()
         task = asyncio.Task(run, loop=self.loop, context=context, **_EAGER)
         self.tasks[rid] = task
         task.add_done_callback(functools.partial(self.done, rid))
         if task.done():  # its first step ran as it was made (3.12+: eager)
-            self.started(rid, task)
+            self.started(rid, task, ahead)
         else:
-            self.loop.call_soon(self.started, rid, task)
+            self.loop.call_soon(self.started, rid, task, ahead)
         worker.tally(1)
         # Let the tasks just accepted run now and then, so a burst of TASKs
         # does not starve them; stop taking more while replies pile up.
@@ -3382,12 +3384,13 @@ class _Peer:
             self.frames.hold()
             self.loop.call_soon(self.breathe)
 
-    def started(self, rid: int, task: asyncio.Task):
+    def started(self, rid: int, task: asyncio.Task, ahead: int):
         """After a task's first step: ACCEPTED, ahead of queued replies;
         not needed when it is done and its answer is not stuck behind others
-        (a frame less per quick call), nor when it was REFUSED (it never ran)."""
+        (`ahead`: bytes of them; a frame less per quick call), nor when it
+        was REFUSED (it never ran)."""
         out, done = self.out, task.done()
-        stuck = out.paused or out.large or out.queued > LARGE
+        stuck = out.paused or out.large or ahead > LARGE
         if rid in self.running and (not done or stuck):
             out.send(ACCEPTED, rid)
 
@@ -3566,10 +3569,12 @@ def _spawned():
     """Main of a worker spawned by a WorkerPool: config on stdin, whose EOF
     (the pool closed it, or the caller died) means stop."""
     (size,) = struct.unpack("!I", sys.stdin.buffer.read(4))
-    sys.path[:], level, *config = pickle.loads(sys.stdin.buffer.read(size))
+    sys.path[:], level, loop, *config = pickle.loads(sys.stdin.buffer.read(size))
     logging.basicConfig(level=level, format="wool worker %(process)d: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    asyncio.run(_serve_spawned(*config))
+    factory = importlib.import_module(loop).new_event_loop  # the caller's kind
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(_serve_spawned(*config))
 
 
 async def _serve_spawned(tags: list[str], namespace: str, options: dict):
