@@ -525,6 +525,9 @@ class WorkerPool:
         roster.who = f"worker {worker.info and worker.info.address}'s nested pool"
         roster.nested = True
         sources = [_Source(s, key, ssl) for s in services]
+        for service in services:  # names the caller resolved may not resolve here
+            if isinstance(service, DnsDiscoveryService):
+                service.quiet = True
         roster.follow(sources, _pickle((services, True, wait)))
         pool._state = _State.READY
         return pool

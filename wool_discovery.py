@@ -527,7 +527,7 @@ class DnsDiscoveryService:
         if not interval > 0:
             raise ValueError(f"interval must be seconds > 0, not {interval!r}")
         self.names, self.port, self.interval = names, port, interval
-        self.filter = filter
+        self.filter, self.quiet = filter, False  # quiet: failures at DEBUG
         self.targets = [_split(name, port) for name in names]
 
     def __repr__(self):
@@ -551,10 +551,11 @@ class DnsDiscoveryService:
                         host, port, type=socket.SOCK_STREAM
                     )
             except OSError as e:  # socket.gaierror: no such name, no DNS server
-                if errors.get(host) != str(e):
-                    log.warning(
-                        "%r: %s does not resolve (%s); trying again", self, host, e
-                    )
+                if errors.get(host) != str(e):  # (quiet in a worker's nested pool,
+                    log.log(  # where the caller's list stands in)
+                        logging.DEBUG if self.quiet else logging.WARNING,
+                        "%r: %s does not resolve (%s); trying again", self, host, e,
+                    )  # fmt: skip
                 errors[host] = str(e)
                 continue
             if errors.pop(host, None) is not None:
