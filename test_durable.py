@@ -1098,20 +1098,15 @@ async def test_verified_tls_leaves_large_bodies_unsealed_and_plain_tcp_does_not(
                 assert [s.trusted for s in seals] == [tls] * 4
 
 
-class CallerOnly:
-    """Discovery that lists its addresses in the caller, and nothing on a
-    worker (as a DNS name that resolves only where the caller is)."""
-
-    def __init__(self, *addresses):
-        self.addresses = addresses
+class CallerOnly(FixedWorkers):
+    """FixedWorkers in the caller, and nothing on a worker (as a DNS name
+    that resolves only where the caller is)."""
 
     async def subscribe(self):
         if wool.current_worker() is not None:
             await asyncio.Event().wait()
-        for address in self.addresses:
-            host, port = address.rsplit(":", 1)
-            info = wool.WorkerInfo(address, host, int(port), 0, "")
-            yield wool.DiscoveryEvent("worker-added", info)
+        async for event in super().subscribe():
+            yield event
 
 
 async def test_a_seed_that_cannot_be_reached_is_forgotten_quietly(caplog):

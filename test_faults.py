@@ -711,7 +711,7 @@ async def test_a_workers_nested_pools_end_with_the_connections_that_use_them(
         for _ in range(8):  # each pool: its connection, and one nested back
             async with wool.WorkerPool(discovery=local(namespace)):
                 assert await test_wool.fibonacci(4) == 3
-        await until(lambda: not worker._nested and not worker.status()["connections"])
+        await until(lambda: worker.status()["connections"] == worker.status()["nested"] == 0)
 
 
 async def test_a_generator_open_on_a_withdrawn_worker_finishes_without_spinning(

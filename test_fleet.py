@@ -31,7 +31,7 @@ async def test_a_nested_fan_out_over_64_workers_keeps_a_bounded_mesh_and_uses_al
         ]
         listed = wool.DnsDiscoveryService(*(w.info.address for w in workers))
         def meshes():  # each worker's connections to others, for nested calls
-            return [sum(len(p._roster.conns) for p, _ in w._nested.values()) for w in workers]
+            return [w.status()["nested"] for w in workers]
 
         async with wool.WorkerPool(discovery=listed, authkey=KEY) as pool:
             await pool.wait_for_workers(64)

@@ -20,9 +20,9 @@ import pytest
 import shutil
 
 import wool
-from conftest import HERE, run_script, until
+from conftest import HERE, until
 from test_durable import cli_worker, keyfile  # noqa: F401 (a fixture)
-from test_wool import add, exists, wait_cancelled
+from test_wool import add, exists
 
 HELD: dict[str, asyncio.Event] = {}
 

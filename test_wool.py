@@ -12,7 +12,6 @@ import asyncio
 import inspect
 import os
 import pickle
-import signal
 import socket
 import subprocess
 import sys

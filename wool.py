@@ -3152,7 +3152,8 @@ class Worker:
     def status(self) -> dict:
         """What this worker is doing, as plain data: uid, address, pid,
         version, tags, uptime (s), the tasks running now (function, age in
-        s), tasks done and failed since start, connections, RSS (bytes)."""
+        s), tasks done and failed since start, connections, RSS (bytes), and
+        the connections its nested pools hold to other workers (its mesh)."""
         now, info = time.monotonic(), self.info
         assert info is not None
         running = [
@@ -3172,6 +3173,7 @@ class Worker:
             "uptime": round(now - self._started, 3), "running": running,
             "done": self.done, "failed": self.failed,
             "connections": len(self._peers), "rss": rss,
+            "nested": sum(len(p._roster.conns) for p, _ in self._nested.values()),
         }  # fmt: skip
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
