@@ -139,11 +139,11 @@ async def test_large_buffers_take_the_path_asked_for_and_leave_no_file_open(
 async def test_short_of_descriptors_a_receiver_copies_instead_of_mapping(
     arrays, monkeypatch
 ):
-    monkeypatch.setattr(wool, "_mapped", 10**9)  # past any descriptor limit
+    monkeypatch.setattr(wool, "_mapped", range(10**9))  # past any descriptor limit
     async with wool.WorkerPool(size=1) as pool:
         await pool.wait_for_workers(1, timeout=10)
         (conn,) = pool._roster.conns.values()
-        assert conn.out.transfer  # the reply comes in a shared file...
+        assert conn.out.peer  # the reply comes in a shared file...
         back = await echo(arrays["float64 C"])
     assert np.array_equal(back, arrays["float64 C"]) and back.flags.writeable
     memory = back
@@ -160,7 +160,7 @@ async def test_a_killed_worker_leaves_no_shared_file_open(arrays):
         conn = next(iter(pool._roster.conns.values()))
         os.kill(conn.info.pid, signal.SIGSTOP)  # it will never say TAKEN
         call = asyncio.ensure_future(echo(arrays["float64 C"]))
-        await until(lambda: conn.out.transfer.files)  # the file is made and its frame sent
+        await until(lambda: conn.out.files)  # the file is made and its frame sent
         assert shared_files() > before
         os.kill(conn.info.pid, signal.SIGKILL)
         with pytest.raises(wool.WorkerLost):
@@ -190,9 +190,9 @@ async def test_shared_files_spoken_by_hand_are_taken_then_closed():
         value, _ = wool._loads(wool._Parts.read(reply, wool.MAX_FRAME, worker.info.pid))
         assert np.array_equal(value, array) and value.flags.writeable
         (peer,) = worker._peers
-        assert list(peer.out.transfer.files) == [wool.FILE.unpack_from(reply)[1]]
+        assert list(peer.out.files) == [wool.FILE.unpack_from(reply)[1]]
         session.send(wool.TAKEN, wool.FILE.unpack_from(reply)[1])
-        await until(lambda: not peer.out.transfer.files)
+        await until(lambda: not peer.out.files)
         session.writer.close()
 
 

@@ -452,7 +452,7 @@ async def test_mutual_tls_accepts_the_right_certificates_and_refuses_others(
             data = os.urandom(10 * 2**20)
             assert await echo(data) == data
             (conn,) = wool._current_pool.get()._roster.conns.values()
-            assert conn.out.transfer is None
+            assert conn.out.peer is None
 
         no_cert = ssl.create_default_context(cafile=certs["ca.crt"])
         info = next(iter(await _listed(namespace)))

@@ -72,7 +72,6 @@ import traceback
 import types
 import uuid
 import weakref
-from dataclasses import astuple
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, NamedTuple, ParamSpec, Self, TypeVar, cast, overload
@@ -303,16 +302,11 @@ def _setting(var: contextvars.ContextVar, value):
 
 
 _MISSING: Any = object()
-_timeout: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "wool.timeout", default=_MISSING
-)
-_retries: contextvars.ContextVar[int] = contextvars.ContextVar(
-    "wool.retries", default=_MISSING
-)
+_timeout = contextvars.ContextVar[float | None]("wool.timeout", default=_MISSING)
+_retries = contextvars.ContextVar[int]("wool.retries", default=_MISSING)
 _registry: dict[str, contextvars.ContextVar] = {}  # wool.ContextVar name -> var
-_set_by_task: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar(
-    "wool.set_by_task", default=None
-)  # in a worker task: names of the wool.ContextVars it set
+# In a worker task: the names of the wool.ContextVars it set.
+_set_by_task = contextvars.ContextVar[set[str] | None]("wool.set_by_task", default=None)
 
 
 class ContextVar:
@@ -357,10 +351,9 @@ class ContextVar:
 
 def _context_values() -> dict[str, Any] | None:
     """The wool.ContextVars set in this context: what a call carries."""
-    values = {}
-    for name, var in _registry.items():
-        if (value := var.get(_MISSING)) is not _MISSING:
-            values[name] = value
+    values = {
+        n: v for n, var in _registry.items() if (v := var.get(_MISSING)) is not _MISSING
+    }
     return values or None
 
 
@@ -382,11 +375,6 @@ def _context_changes(changed: set[str]) -> dict[str, Any] | None:
     }
     changed.clear()
     return values or None
-
-
-def _apply_changes(values: dict[str, Any]) -> None:
-    for name, value in values.items():
-        ContextVar(name).set(value)
 
 
 # -- WorkerPool and its load balancers -----------------------------------------
@@ -442,7 +430,7 @@ _State = enum.Enum("_State", "NEW STARTING READY STOPPING STOPPED")
 
 
 _started: list[WorkerPool] = []  # pools start()ed and not stopped, oldest first
-_current_pool: contextvars.ContextVar[WorkerPool | _NestedPool | None]
+_current_pool: contextvars.ContextVar[WorkerPool | _Peer | None]
 _current_pool = contextvars.ContextVar("wool.pool", default=None)
 _current_worker: contextvars.ContextVar[WorkerInfo | None]
 _current_worker = contextvars.ContextVar("wool.worker", default=None)
@@ -901,7 +889,7 @@ class _Roster:
             for o in self.sources  # on loopback: others cannot reach them
         ]
         sample = [random.sample(each, min(SEEDS, len(each))) for each in seeds]
-        seeds = [[astuple(i) for i in s] for s in sample]
+        seeds = [[dataclasses.astuple(i) for i in s] for s in sample]
         return pickle.dumps((self.hello, seeds, verified))
 
     def seed(self, seeds: list):
@@ -1141,9 +1129,6 @@ class _Ready(Mapping[WorkerInfo, int]):
     def __len__(self):
         return len(self.conns)
 
-    def __contains__(self, info):
-        return info in self.conns
-
     def put(self, conn: _Connection, ready: bool):
         info = conn.info
         if ready and info not in self.conns:
@@ -1348,9 +1333,7 @@ class _Connection:
             except BaseException:
                 writer.close()
                 raise
-        conn.out.send(
-            HELLO, os.getpid() if conn.out.transfer else 0, hello(conn.verified)
-        )
+        conn.out.send(HELLO, os.getpid() if conn.out.peer else 0, hello(conn.verified))
         return conn
 
     def _introduce(self, kind: int, rid: int, body):
@@ -2122,8 +2105,8 @@ def _load_reply(kind: int, data, fn):
         raise TypeError(
             f"cannot load the value of {fn.__qualname__}() in the caller: {_why(e)}"
         ) from e
-    if changes:
-        _apply_changes(changes)
+    for name, value in (changes or {}).items():  # the task's wool.ContextVars
+        ContextVar(name).set(value)
     return value
 
 
@@ -2314,18 +2297,9 @@ class _Parts:
         return cls(view[at:end], buffers)
 
 
-class _Unsealed:
-    """The MAC of a body over SMALL on an end-to-end TLS connection: TLS
-    authenticates those bytes already (see _trust); its tag is zeros."""
-
-    def update(self, data):
-        pass
-
-    def digest(self) -> bytes:
-        return bytes(TAG)
-
-
-_UNSEALED = _Unsealed()
+# The MAC of a body over SMALL on an end-to-end TLS connection: TLS
+# authenticates those bytes already (see _trust); its tag is zeros.
+_UNSEALED = types.SimpleNamespace(update=lambda data: None, digest=lambda: bytes(TAG))
 
 
 def _verified(writer) -> bool:
@@ -2374,10 +2348,8 @@ def _session(key: bytes, worker_nonce: bytes, caller_nonce: bytes, inbound: byte
     """(seal for frames received, seal for frames sent) of one side; `inbound`
     names the side: b"caller" or b"worker"."""
     secret = _digest(key, b"session", worker_nonce + caller_nonce)
-    outbound = b"caller" if inbound == b"worker" else b"worker"
-    return _Seal(_digest(secret, b"to ", inbound)), _Seal(
-        _digest(secret, b"to ", outbound)
-    )
+    sides = (inbound, b"caller" if inbound == b"worker" else b"worker")
+    return tuple(_Seal(_digest(secret, b"to ", side)) for side in sides)
 
 
 def _check_magic(data: bytes, peer: str, mismatch: type[WoolError]):
@@ -2560,10 +2532,10 @@ class _Frames(asyncio.BufferedProtocol):
                 raise ProtocolError(f"frame kind {kind & ~SHARED} cannot carry buffers")
             if not kind & SHARED:
                 body = _Parts.read(body, self.max_frame)
-            elif (transfer := self.out.transfer) is None:
+            elif self.out.peer is None:
                 raise ProtocolError("a shared file from a peer on another machine")
             else:  # memfd transfer: mapped, then TAKEN
-                parts = _Parts.read(body, self.max_frame, transfer.pid)
+                parts = _Parts.read(body, self.max_frame, self.out.peer)
                 self.out.send(TAKEN, FILE.unpack_from(body)[1])
                 kind, body = kind & ~SHARED, parts
         if (handler := self.handlers.get(kind)) is None:
@@ -2638,7 +2610,9 @@ class _Outbox:
         self.large: _Large | None = None  # the message the frames behind wait for
         self.corked = self.paused = self.closed = False
         self.writable: asyncio.Future | None = None  # resolved by wake()
-        self.transfer: _Transfer | None = None  # memfd transfer, once share_with()
+        self.peer: int | None = None  # memfd transfer: the peer's pid (share_with)
+        self.share = False  # to send by shared files: until one cannot be made
+        self.files: dict[int, int] = {}  # serial -> our fd of a file not yet TAKEN
         # Paused while it has a backlog: then chunks go to the kernel whole. A
         # TLS transport keeps its own buffer and is left its default limits.
         self.tls = transport.get_extra_info("sslcontext") is not None
@@ -2671,8 +2645,10 @@ class _Outbox:
             self.wake()
 
     def commit(self, kind: int, rid: int, body):
-        transfer = self.transfer
-        if type(body) is _Parts and transfer and transfer.takes(body):
+        # In memfd transfer, large buffers go by a shared file while fewer than
+        # SHARED_FILES wait for TAKEN (a peer that never says it: the socket).
+        shared = type(body) is _Parts and body.size - len(body.pickle) >= SHARE
+        if shared and self.share and len(self.files) < SHARED_FILES:
             self.large = _Large([])  # frames behind wait for the file
             done = self.loop.run_in_executor(_THREADS, _share, body.buffers)
             done.add_done_callback(functools.partial(self.shared, kind, rid, body))
@@ -2712,12 +2688,12 @@ class _Outbox:
 
     def shared(self, kind: int, rid: int, body: _Parts, done: asyncio.Future):
         """The buffers of `body` are in a shared file: send its frame."""
-        self.large, transfer = None, cast(_Transfer, self.transfer)
+        self.large = None
         try:
             fd, serial = done.result()
         except Exception as e:  # out of memory, of descriptors: the socket it is
             log.warning("cannot share a message's buffers (%r); sending them", e)
-            transfer.failed, fd = True, None
+            self.share, fd = False, None
         if self.closed:
             if fd is not None:
                 os.close(fd)
@@ -2725,7 +2701,7 @@ class _Outbox:
         if fd is None:
             self.commit(kind, rid, body)
         else:
-            transfer.files[serial] = fd
+            self.files[serial] = fd
             frame = FILE.pack(fd, serial) + body.table() + body.pickle
             self.commit(kind | BUFFERS | SHARED, rid, frame)
         self.flush()
@@ -2733,12 +2709,11 @@ class _Outbox:
     def share_with(self, pid: int):
         """Turn memfd transfer on (both ends do, each on its own side):
         large buffers to and from process `pid` go by shared files."""
-        self.transfer = _Transfer(pid)
+        self.peer, self.share = pid, True
 
     def taken(self, kind: int, serial: int, body):
         """The peer mapped shared file `serial`: close our descriptor."""
-        files = self.transfer.files if self.transfer else {}
-        if (fd := files.pop(serial, None)) is not None:
+        if (fd := self.files.pop(serial, None)) is not None:
             os.close(fd)
         elif not self.closed:
             raise ProtocolError(f"TAKEN for shared file {serial}, which was not sent")
@@ -2765,8 +2740,9 @@ class _Outbox:
         self.closed = True
         self.queue.clear()
         self.queued, self.large = 0, None
-        if self.transfer is not None:
-            self.transfer.close()
+        for fd in self.files.values():
+            os.close(fd)
+        self.files.clear()
         self.wake()
 
     def full(self) -> bool:
@@ -2845,27 +2821,6 @@ def _machine() -> str | None:
         return None
 
 
-class _Transfer:
-    """Memfd transfer on one connection (see _Outbox.share_with): the peer's
-    pid, to open the files it names, and ours that it has not TAKEN yet."""
-
-    def __init__(self, pid: int):
-        self.pid, self.files = pid, cast(dict[int, int], {})  # serial -> our fd
-        self.failed = False  # to make a file: then we send through the socket
-
-    def takes(self, body: _Parts) -> bool:
-        """Whether `body` goes by a shared file: large enough, and fewer than
-        SHARED_FILES not yet taken (a peer that never says TAKEN gets the
-        rest through the socket)."""
-        big = body.size - len(body.pickle) >= SHARE
-        return big and len(self.files) < SHARED_FILES and not self.failed
-
-    def close(self):
-        for fd in self.files.values():
-            os.close(fd)
-        self.files.clear()
-
-
 def _sharing(pid: int, machine: str | None) -> bool:
     """Caller side: whether worker `pid`, whose INFO gave `machine`, shares
     this machine (the same token) and lets us open its /proc/PID/fd."""
@@ -2892,18 +2847,12 @@ def _share(buffers: list) -> tuple[int, int]:
     return fd, serial
 
 
-_mapped = 0  # live mappings holding a descriptor (Python < 3.13 keeps one each)
-
-
-def _unmapped():
-    global _mapped
-    _mapped -= 1
+_mapped: weakref.WeakSet = weakref.WeakSet()  # (< 3.13: each holds a descriptor)
 
 
 def _map(pid: int, fd: int, serial: int, size: int):
     """The shared file `serial` that process `pid` holds as `fd`, mapped
     (or, where descriptors run short, copied)."""
-    global _mapped
     try:
         own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
@@ -2918,11 +2867,10 @@ def _map(pid: int, fd: int, serial: int, size: int):
         if sys.version_info >= (3, 13):
             return mmap.mmap(own, size, trackfd=False)
         mapping = mmap.mmap(own, size)
-        if _mapped >= resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4:
+        if len(_mapped) >= resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4:
             with mapping:  # descriptors run short: copy, and let it go
                 return bytearray(mapping)
-        _mapped += 1
-        weakref.finalize(mapping, _unmapped)
+        _mapped.add(mapping)
         return mapping
     except ValueError as e:  # an empty file
         raise ProtocolError(f"the shared file {fd} cannot be mapped: {e}") from None
@@ -3161,12 +3109,9 @@ class Worker:
             for peer in self._peers
             for fn, start in peer.running.values()
         ]
-        try:
-            with open("/proc/self/statm") as statm:
-                pages = int(statm.read().split()[1])
-            rss: int | None = pages * os.sysconf("SC_PAGE_SIZE")
-        except OSError:  # not Linux
-            rss = None
+        rss = None  # not Linux
+        with contextlib.suppress(OSError), open("/proc/self/statm") as statm:
+            rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         return {
             "uid": self.uid, "address": info.address, "pid": info.pid,
             "version": info.version, "tags": sorted(self.tags),
@@ -3253,20 +3198,6 @@ class Worker:
 # -- _Peer: the worker's end of a connection -----------------------------------
 
 
-class _NestedPool:
-    """In a worker: the pool that sent the running task, for its nested calls.
-    Opened at the first nested call, shared by the connections that sent the
-    same HELLO (see Worker._nested_pool)."""
-
-    def __init__(self, peer: _Peer):
-        self.peer, self.pool = peer, cast(WorkerPool | None, None)
-
-    def get(self) -> WorkerPool:
-        if self.pool is None:
-            self.pool = self.peer.worker._nested_pool(self.peer)
-        return self.pool
-
-
 class _Peer:
     """A worker's side of one authenticated caller's connection: the tasks it
     sent, run as asyncio tasks in the context HELLO set up.
@@ -3290,6 +3221,7 @@ class _Peer:
         self.hello, self.nested, self.wait = b"", False, WAIT  # from HELLO, with
         self.services: list = []  # the caller's discovery, and workers it lists
         self.seeds: list = []
+        self.pool: WorkerPool | None = None  # for nested calls: see get()
         self.context: contextvars.Context | None = None  # tasks run in copies
         self.tasks: dict[int, asyncio.Task] = {}
         self.running: dict[int, tuple] = {}  # rid -> (function, start): status
@@ -3320,7 +3252,7 @@ class _Peer:
         # Tasks run in copies of this context: nested calls go to the
         # caller's pool, and current_worker() answers.
         self.context = contextvars.copy_context()
-        self.context.run(_current_pool.set, _NestedPool(self))
+        self.context.run(_current_pool.set, self)  # see get()
         info = cast(WorkerInfo, self.worker.info)
         if info.host in ("0.0.0.0", "::", ""):  # the address this caller reached
             info = dataclasses.replace(
@@ -3333,6 +3265,13 @@ class _Peer:
             STATUS: self.status, DEFINE: self.define, TAKEN: self.out.taken,
         }  # what a caller sends once it said HELLO  # fmt: skip
         self.frames.unknown = "unknown frame kind {} from a caller"
+
+    def get(self) -> WorkerPool:
+        """The pool its tasks' nested calls go to, opened at the first one, and
+        shared by connections that sent the same HELLO (Worker._nested_pool)."""
+        if self.pool is None:
+            self.pool = self.worker._nested_pool(self)
+        return self.pool
 
     def step(self, kind: int, rid: int, body):
         if rid not in self.tasks:
@@ -3659,9 +3598,7 @@ def _parser() -> argparse.ArgumentParser:
         add("--tls-key", help="its private key (PEM)")
     demo.add_argument("--size", type=int, default=2, help="worker processes")
     for command in (worker, ls, status, demo):
-        level = (
-            "ERROR" if command in (ls, status) else "WARNING"
-        )  # they report the rest
+        level = "ERROR" if command in (ls, status) else "WARNING"  # they say why
         command.add_argument("--log-level", default=level, help=f"default {level}")
     return parser
 
@@ -3754,13 +3691,9 @@ async def _cli_pool(args, dial: bool = True):
         wait = 2.0 if args.discovery == "lan" else 0.1  # long enough for mDNS
         await asyncio.sleep(wait if args.wait is None else args.wait)
         with contextlib.suppress(TimeoutError):
-            await pool._until(
-                lambda: (
-                    len(roster.conns) + len(roster.errors) >= len(roster.listed)
-                    or not dial
-                ),
-                HANDSHAKE_TIMEOUT,
-            )
+            seen = lambda: len(roster.conns) + len(roster.errors)
+            done = lambda: not dial or seen() >= len(roster.listed)
+            await pool._until(done, HANDSHAKE_TIMEOUT)
         yield pool
 
 
@@ -3787,16 +3720,11 @@ async def _ls(args) -> int:
 async def _status(args) -> int:
     """`wool status`: one line per worker (or JSON), once or every second."""
     async with _cli_pool(args) as pool:
-        errors = sorted(
-            pool._roster.errors.values(),
-            key=lambda e: type(e) is not AuthenticationError,
-        )
         if not pool.workers:  # why: a refused key first, else what failed
-            raise (
-                errors[0]
-                if errors
-                else NoWorkersAvailable(f"no worker found on {pool.discovery!r}")
-            )
+            errors = [*pool._roster.errors.values()]
+            errors.sort(key=lambda e: type(e) is not AuthenticationError)
+            errors.append(NoWorkersAvailable(f"no worker found on {pool.discovery!r}"))
+            raise errors[0]
         while True:
             for s in sorted(await pool.status(), key=lambda s: s["address"]):
                 print(json.dumps(s) if args.json else _status_line(s), flush=True)

@@ -87,11 +87,8 @@ class WorkerInfo:
 
     @property
     def address(self) -> str:
-        return (
-            f"[{self.host}]:{self.port}"
-            if ":" in self.host
-            else f"{self.host}:{self.port}"
-        )
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6
+        return f"{host}:{self.port}"
 
     def to_json(self, **extra) -> bytes:
         fields = dataclasses.asdict(self) | {"tags": sorted(self.tags)} | extra
