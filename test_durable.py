@@ -458,7 +458,7 @@ async def test_mutual_tls_accepts_the_right_certificates_and_refuses_others(
         info = next(iter(await _listed(namespace)))
         with pytest.raises(wool.AuthenticationError, match="TLS client certificate"):
             source = wool._Source(None, b"", no_cert)
-            await wool._Connection.open(info, source, b"", wool.MAX_FRAME, None)
+            await wool._Connection.open(info, source, wool._Roster(None, 0, None))
         reader, writer = await asyncio.open_connection(
             info.host, info.port
         )  # plain TCP
@@ -499,7 +499,9 @@ async def test_the_readme_tls_recipe_serves_mutual_tls_nested_calls_and_the_cli(
         mine = [*caller, "--tls-cert", f["caller.crt"], "--tls-key", f["caller.key"]]
         listed = ls(*mine)
         assert len(listed) == 2 and all(line.endswith(" tls") for line in listed)
-        assert {f"pid {one.pid}", f"pid {two.pid}"} <= {" ".join(l.split()[2:4]) for l in listed}
+        assert {f"pid {one.pid}", f"pid {two.pid}"} <= {
+            " ".join(l.split()[2:4]) for l in listed
+        }
         status = wool_cli("status", *mine)
         assert status.returncode == 0 and len(status.stdout.splitlines()) == 2
         for line in ls(*caller):  # no certificate of ours: each says why
@@ -508,7 +510,9 @@ async def test_the_readme_tls_recipe_serves_mutual_tls_nested_calls_and_the_cli(
 
     # A worker certificate for serverAuth only: direct calls work, nested ones
     # fail, saying what the certificate lacks.
-    (tmp_path / "worker.ext").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    (tmp_path / "worker.ext").write_text(
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"
+    )
     subprocess.run(
         ["openssl", "x509", "-req", "-in", "worker.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
          "-CAcreateserial", "-days", "1", "-extfile", "worker.ext", "-out", "worker.crt"],
@@ -517,8 +521,11 @@ async def test_the_readme_tls_recipe_serves_mutual_tls_nested_calls_and_the_cli(
     with cli_worker(*serve):
         async with wool.WorkerPool(discovery=discovery, ssl=client):
             assert await add(1, 2) == 3
-            with pytest.raises(wool.AuthenticationError, match=r"nested calls needs a "
-                               r"certificate whose extendedKeyUsage has clientAuth"):
+            with pytest.raises(
+                wool.AuthenticationError,
+                match=r"nested calls needs a "
+                r"certificate whose extendedKeyUsage has clientAuth",
+            ):
                 await nested_add(1, 2)
 
 
@@ -578,7 +585,8 @@ def tls_worker(certs, namespace, *extra):
 
 
 @pytest.mark.parametrize(
-    "case", ["no ssl= for a TLS worker", "no client certificate", "TLS to a plain worker"]
+    "case",
+    ["no ssl= for a TLS worker", "no client certificate", "TLS to a plain worker"],
 )
 async def test_a_tls_mismatch_fails_fast_with_authentication_error(
     tmp_path, namespace, case
@@ -587,7 +595,9 @@ async def test_a_tls_mismatch_fails_fast_with_authentication_error(
     trusting = ssl.create_default_context(cafile=certs["ca.crt"])
     worker, context, message = {
         "no ssl= for a TLS worker": (
-            tls_worker(certs, namespace), None, "speaks TLS; give this pool ssl="
+            tls_worker(certs, namespace),
+            None,
+            "speaks TLS; give this pool ssl=",
         ),
         "no client certificate": (
             tls_worker(certs, namespace, "--tls-ca", certs["ca.crt"]),
@@ -667,13 +677,19 @@ async def test_a_worker_that_cannot_import_the_task_is_skipped_for_it(
             assert by_pid.pop(good.pid)["done"] == 20
             (bad,) = by_pid.values()  # it refused: neither done nor failed
             assert (bad["done"], bad["failed"]) == (0, 0)
-    skipped = [r for r in caplog.records if "cannot run double(), so others" in r.message]
+    skipped = [
+        r for r in caplog.records if "cannot run double(), so others" in r.message
+    ]
     assert len(skipped) == 1 and "cannot import 'mytasks'" in skipped[0].message
     assert skipped[0].message.startswith("127.0.0.1:")  # names the worker
 
 
-async def test_modules_sends_a_module_the_workers_do_not_have(tmp_path, namespace, monkeypatch):
-    (tmp_path / "boxes.py").write_text("class Box:\n    def __init__(self, v):\n        self.v = v\n")
+async def test_modules_sends_a_module_the_workers_do_not_have(
+    tmp_path, namespace, monkeypatch
+):
+    (tmp_path / "boxes.py").write_text(
+        "class Box:\n    def __init__(self, v):\n        self.v = v\n"
+    )
     (tmp_path / "carried.py").write_text(
         "import wool\nfrom boxes import Box\n\n@wool.work\nasync def double(x):\n"
         "    return Box(2 * x.v) if isinstance(x, Box) else await twice(x)\n\n"
@@ -689,7 +705,9 @@ async def test_modules_sends_a_module_the_workers_do_not_have(tmp_path, namespac
             assert await carried.double(21) == 42  # and its nested call
             box = await carried.double(boxes.Box(4))
             assert type(box) is boxes.Box and box.v == 8
-    with pytest.raises(TypeError, match=r"modules= takes imported modules, not 'carried'"):
+    with pytest.raises(
+        TypeError, match=r"modules= takes imported modules, not 'carried'"
+    ):
         wool.WorkerPool(modules=["carried"])
 
 
@@ -709,8 +727,11 @@ async def test_a_task_module_that_runs_its_program_on_import_gets_the_main_hint(
             text = (project / "script.py").read_text().rpartition("asyncio.run")[0]
             exec(compile(text, str(project / "script.py"), "exec"), script.__dict__)
             monkeypatch.setitem(sys.modules, "script", script)
-            with pytest.raises(RuntimeError, match=r"failed to import 'script' for one\(\).*"
-                               r'under `if __name__ == "__main__":`'):
+            with pytest.raises(
+                RuntimeError,
+                match=r"failed to import 'script' for one\(\).*"
+                r'under `if __name__ == "__main__":`',
+            ):
                 await script.one()
 
 
@@ -758,14 +779,18 @@ async def test_a_refused_key_is_logged_once_per_worker_saying_who_saw_it(
         for _ in range(20):  # nested calls: worker one's pool finds two as well
             assert await nested_where() == one.uid
         await until(lambda: any("nested" in r.getMessage() for r in caplog.records))
-    lines = [r.getMessage() for r in caplog.records if "refused the key" in r.getMessage()]
-    assert sorted(lines) == sorted([
-        f"this pool: worker {two.info.address} refused the key; give callers and "
-        "workers the same key (authkey=, --authkey-file or WOOL_AUTHKEY)",
-        f"worker {one.info.address}'s nested pool: worker {two.info.address} "
-        "refused the key; give callers and workers the same key (authkey=, "
-        "--authkey-file or WOOL_AUTHKEY)",
-    ])
+    lines = [
+        r.getMessage() for r in caplog.records if "refused the key" in r.getMessage()
+    ]
+    assert sorted(lines) == sorted(
+        [
+            f"this pool: worker {two.info.address} refused the key; give callers and "
+            "workers the same key (authkey=, --authkey-file or WOOL_AUTHKEY)",
+            f"worker {one.info.address}'s nested pool: worker {two.info.address} "
+            "refused the key; give callers and workers the same key (authkey=, "
+            "--authkey-file or WOOL_AUTHKEY)",
+        ]
+    )
 
 
 # -- DNS discovery ---------------------------------------------------------------------
@@ -785,7 +810,9 @@ async def test_dns_names_and_addresses_find_workers_who_say_who_they_are(caplog)
             found = {w.uid: w for w in await pool.wait_for_workers(2)}
             assert set(found) == {a.uid, b.uid}  # their own uids, not addresses
             assert found[a.uid].tags == {"a", RUN} and found[a.uid].pid == os.getpid()
-            await until(lambda: any("another address" in r.getMessage() for r in caplog.records))
+            await until(
+                lambda: any("another address" in r.getMessage() for r in caplog.records)
+            )
             assert len(pool.workers) == 2  # b, at two addresses, counts once
             assert len(pool._roster.listed) == 3
             assert {await where_uid() for _ in range(20)} == {a.uid, b.uid}
@@ -851,12 +878,18 @@ async def test_a_worker_of_another_protocol_version_is_refused_naming_both():
 
 
 def test_wool_ls_dials_dns_listed_workers_given_the_key(keyfile):
-    with cli_worker("--tag", RUN, "--discovery", "none", "--authkey-file", str(keyfile)) as (proc, uid):
+    with cli_worker(
+        "--tag", RUN, "--discovery", "none", "--authkey-file", str(keyfile)
+    ) as (proc, uid):
         port = proc.port
         (bare,) = ls("--discovery", f"dns:localhost:{port}")
         assert bare == f"127.0.0.1:{port}  listed; give the key to see who answers"
-        (dialled,) = ls("--discovery", f"dns:localhost:{port}", "--authkey-file", str(keyfile))
-        assert dialled.startswith(f"{uid}  127.0.0.1:{port}  pid {proc.pid}  tags {RUN}")
+        (dialled,) = ls(
+            "--discovery", f"dns:localhost:{port}", "--authkey-file", str(keyfile)
+        )
+        assert dialled.startswith(
+            f"{uid}  127.0.0.1:{port}  pid {proc.pid}  tags {RUN}"
+        )
 
 
 def kubernetes_documents() -> dict[str, dict]:
@@ -933,10 +966,14 @@ async def test_a_readiness_probe_logs_nothing_above_debug(caplog):
     probed = "closed before the handshake"
     async with wool.Worker() as worker:
         for reset in (False, True, False, True):  # a tcpSocket probe: connect,
-            _, writer = await asyncio.open_connection(worker.info.host, worker.info.port)
+            _, writer = await asyncio.open_connection(
+                worker.info.host, worker.info.port
+            )
             if reset:  # and close before a byte, with a FIN or with an RST
                 linger = struct.pack("ii", 1, 0)
-                writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                writer.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, linger
+                )
             writer.close()
         await until(lambda: sum(probed in r.message for r in caplog.records) == 4)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -1063,7 +1100,9 @@ async def test_a_tls_relay_runs_nothing_and_only_verified_tls_goes_unsealed(
     listed = wool.DnsDiscoveryService(f"127.0.0.1:{port}")
     try:
         async with wool.Worker(authkey=b"k", ssl=served) as real:
-            async with wool.WorkerPool(discovery=listed, authkey=b"k", ssl=caller, wait=3):
+            async with wool.WorkerPool(
+                discovery=listed, authkey=b"k", ssl=caller, wait=3
+            ):
                 with pytest.raises((wool.WorkerLost, wool.NoWorkersAvailable,
                                     wool.AuthenticationError)):  # fmt: skip
                     await add(1, 2)
@@ -1094,7 +1133,12 @@ async def test_verified_tls_leaves_large_bodies_unsealed_and_plain_tcp_does_not(
                 assert await echo(data) == data
                 (conn,) = pool._roster.conns.values()
                 (peer,) = worker._peers
-                seals = [conn.out.seal, conn.frames.seal, peer.out.seal, peer.frames.seal]
+                seals = [
+                    conn.out.seal,
+                    conn.frames.seal,
+                    peer.out.seal,
+                    peer.frames.seal,
+                ]
                 assert [s.trusted for s in seals] == [tls] * 4
 
 

@@ -167,8 +167,11 @@ async def test_call_outside_a_pool_raises_at_once():
 
 
 def test_tags_must_be_strings_where_they_are_given():
-    with pytest.raises(TypeError, match=r"tags must be strings, not 4 \(for a number "
-                       r"of workers, write size=N\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"tags must be strings, not 4 \(for a number "
+        r"of workers, write size=N\)",
+    ):
         wool.WorkerPool(4)
     with pytest.raises(TypeError, match="Worker tags must be strings, not 1"):
         wool.Worker("gpu", 1)
@@ -181,13 +184,15 @@ def test_vendored_inside_a_package_runs_nested_calls_on_spawned_workers(tmp_path
         (tmp_path / name).touch()
     for module in ("wool.py", "wool_discovery.py"):
         (vendor / module).write_text((HERE / module).read_text())
-    (tmp_path / "pkg" / "tasks.py").write_text(textwrap.dedent("""
+    (tmp_path / "pkg" / "tasks.py").write_text(
+        textwrap.dedent("""
         from pkg._vendor import wool
 
         @wool.work
         async def fibonacci(n):
             return n if n <= 1 else await fibonacci(n - 1) + await fibonacci(n - 2)
-    """))
+    """)
+    )
     result = run_script(
         """
         import asyncio, sys
@@ -333,8 +338,12 @@ async def test_accepted_comes_after_a_first_step_that_did_not_answer(worker):
     session = await Session.open(worker.info, b"secret")
     session.send(wool.HELLO, 0, HELLO)
     HELD["accepted"] = asyncio.Event()
-    session.send(wool.TASK, 1, pickle.dumps(((__name__, "hold"), ("accepted",), {}, None, None)))
-    session.send(wool.TASK, 2, pickle.dumps(((__name__, "add"), (1, 2), {}, None, None)))
+    session.send(
+        wool.TASK, 1, pickle.dumps(((__name__, "hold"), ("accepted",), {}, None, None))
+    )
+    session.send(
+        wool.TASK, 2, pickle.dumps(((__name__, "add"), (1, 2), {}, None, None))
+    )
     # The quick one's answer says it ran; the one still running says ACCEPTED.
     assert {(await session.read())[:2] for _ in range(2)} == {
         (wool.RESULT, 2), (wool.ACCEPTED, 1)
@@ -680,7 +689,7 @@ async def test_connection_without_the_key_never_unpickles(worker, tmp_path):
 async def test_wrong_key_is_refused_with_a_clear_error(worker):
     with pytest.raises(wool.AuthenticationError, match="refused the key"):
         source = wool._Source(None, b"wrong", None)
-        await wool._Connection.open(worker.info, source, b"", wool.MAX_FRAME, None)
+        await wool._Connection.open(worker.info, source, wool._Roster(None, 0, None))
 
 
 async def test_pool_with_the_wrong_key_raises_authentication_error(tmp_path):
@@ -833,7 +842,9 @@ async def test_bad_namespace_and_oversized_record_are_refused():
     service = wool.LocalDiscoveryService(f"t{os.urandom(5).hex()}")
     huge = wool.WorkerInfo("x", "127.0.0.1", 1, os.getpid(), "0", {"t" * 2**17})
     try:
-        with pytest.raises(ValueError, match=r"a worker record of \d+ bytes is over 65536"):
+        with pytest.raises(
+            ValueError, match=r"a worker record of \d+ bytes is over 65536"
+        ):
             await service.publish(wool.DiscoveryEvent("worker-added", huge))
         assert service.records() == {}
     finally:
@@ -924,7 +935,9 @@ def test_mypy_users_see_the_types_of_calls_maps_and_futures(tmp_path):
         capture_output=True, text=True, timeout=120, cwd=HERE,
         env={**os.environ, "MYPYPATH": str(HERE)},
     )  # fmt: skip
-    revealed = [line.split('"')[1] for line in result.stdout.splitlines() if "Revealed" in line]
+    revealed = [
+        line.split('"')[1] for line in result.stdout.splitlines() if "Revealed" in line
+    ]
     assert revealed == [
         "int", "int", "str", "concurrent.futures._base.Future[int]",
         "concurrent.futures._base.Future[str]", "list[str]",

@@ -1032,19 +1032,7 @@ class _Roster:
                         continue
                     self.leased.add(uid)
                 try:
-                    if info.secure and source.ssl is None:
-                        raise AuthenticationError(
-                            f"worker {info.address} speaks TLS; give {self.who} "
-                            + ("--tls-cert" if self.nested else "ssl= (an SSLContext)")
-                        )
-                    conn = await _Connection.open(
-                        info,
-                        source,
-                        self.greeting,
-                        self.max_frame,
-                        self.room,
-                        self.nested,
-                    )
+                    conn = await _Connection.open(info, source, self)
                 except (OSError, asyncio.IncompleteReadError, WoolError) as e:
                     if not isinstance(e, WoolError):  # name the worker and the cause
                         number = getattr(e, "errno", None)
@@ -1308,9 +1296,14 @@ class _Connection:
         self.frames.begin({INFO: self._introduce}, unknown, streams[0])
 
     @classmethod
-    async def open(
-        cls, info, source: _Source, hello, max_frame, on_change, nested=False
-    ):
+    async def open(cls, info: WorkerInfo, source: _Source, roster: _Roster):
+        """A connection to `info` for `roster`, past the handshake and INFO."""
+        nested = roster.nested  # a worker's pool: its TLS settings are the worker's
+        if info.secure and source.ssl is None:
+            raise AuthenticationError(
+                f"worker {info.address} speaks TLS; give {roster.who} "
+                + ("--tls-cert" if nested else "ssl= (an SSLContext)")
+            )
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):
             try:
                 reader, writer = await asyncio.open_connection(
@@ -1322,7 +1315,7 @@ class _Connection:
                 seals = await _authenticate_worker(
                     reader, writer, source.key, info.address
                 )
-                conn = cls(info, (reader, writer), seals, max_frame, on_change)
+                conn = cls(info, (reader, writer), seals, roster.max_frame, roster.room)
                 await conn.introduced  # the worker's INFO
             except (ssl.SSLError, asyncio.IncompleteReadError) as e:
                 writer.close()
@@ -1333,7 +1326,8 @@ class _Connection:
             except BaseException:
                 writer.close()
                 raise
-        conn.out.send(HELLO, os.getpid() if conn.out.peer else 0, hello(conn.verified))
+        hello = roster.greeting(conn.verified)
+        conn.out.send(HELLO, os.getpid() if conn.out.peer else 0, hello)
         return conn
 
     def _introduce(self, kind: int, rid: int, body):
@@ -1348,7 +1342,9 @@ class _Connection:
         self.info = dataclasses.replace(
             record, host=self.info.host, port=self.info.port
         )
-        if _sharing(record.pid, fields.get("machine")):
+        machine = fields.get("machine")  # this one (see _machine), and its /proc:
+        ours = machine is not None and machine == _machine()
+        if ours and os.access(f"/proc/{record.pid}/fd", os.R_OK | os.X_OK):
             self.out.share_with(record.pid)
         _trust(self.frames, self.verified or fields.get("verified") is True)
         self.frames.handlers = {kind: self._reply for kind in _REPLIES} | {
@@ -1934,13 +1930,7 @@ def _relabel(code: types.CodeType, filename: str) -> types.CodeType:
     return code.replace(co_filename=filename, co_consts=consts)
 
 
-def _pickle(
-    obj,
-    what: Callable[[], str] | None = None,
-    max_frame=MAX_FRAME,
-    oob=False,
-    plain=None,
-) -> Any:
+def _pickle(obj, what=None, max_frame=MAX_FRAME, oob=False, plain=None) -> Any:
     """The one way wool pickles: plain pickle for builtin data (`plain`:
     _plain(obj), if the caller knows it more cheaply), else cloudpickle, at
     about five times the cost. With `oob`, buffers of LARGE bytes or more stay
@@ -1950,10 +1940,7 @@ def _pickle(
 
     def aside(buffer: pickle.PickleBuffer) -> bool:  # False: out of band
         view = buffer.raw()
-        if view.nbytes < LARGE:
-            return True
-        buffers.append(view)
-        return False
+        return view.nbytes < LARGE or buffers.append(view)  # (None)
 
     callback = aside if oob else None
     try:
@@ -2821,13 +2808,6 @@ def _machine() -> str | None:
         return None
 
 
-def _sharing(pid: int, machine: str | None) -> bool:
-    """Caller side: whether worker `pid`, whose INFO gave `machine`, shares
-    this machine (the same token) and lets us open its /proc/PID/fd."""
-    ours = machine is not None and machine == _machine()
-    return ours and os.access(f"/proc/{pid}/fd", os.R_OK | os.X_OK)
-
-
 _serials = itertools.count(1)
 
 
@@ -3014,7 +2994,8 @@ class Worker:
         if self.state is not _State.NEW:
             raise RuntimeError(f"{self!r} cannot be started twice")
         verifies = getattr(self.ssl, "verify_mode", None) == ssl.CERT_REQUIRED
-        if not (self.authkey or verifies or self.insecure or _is_loopback(self.host)):
+        local = self.host in ("localhost", "::1") or self.host.startswith("127.")
+        if not (self.authkey or verifies or self.insecure or local):
             raise ValueError(
                 f"refusing to listen on {self.host} without a key: anyone who can "
                 "reach the port could run code here. Set a key (--authkey-file, "
@@ -3123,7 +3104,8 @@ class Worker:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         """Authenticate a new connection, then hand it to a _Peer."""
-        address = _peer_address(writer)
+        peer = writer.get_extra_info("peername")
+        address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         if len(self._peers) >= self.max_connections:
             self._log.warning(
                 address, "refused connection from %s: %d already open",
@@ -3467,15 +3449,6 @@ class _Peer:
 # Python 3.12+ runs a task's first step as it is made: a quick task is done
 # without a trip through the event loop (current_task() and timeouts hold).
 _EAGER: dict[str, Any] = {"eager_start": True} if sys.version_info >= (3, 12) else {}
-
-
-def _is_loopback(host: str) -> bool:
-    return host in ("localhost",) or host.startswith("127.") or host == "::1"
-
-
-def _peer_address(writer) -> str:
-    peer = writer.get_extra_info("peername")
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
 
 class _LogLimit:
