@@ -351,10 +351,8 @@ class ContextVar:
 
 def _context_values() -> dict[str, Any] | None:
     """The wool.ContextVars set in this context: what a call carries."""
-    values = {
-        n: v for n, var in _registry.items() if (v := var.get(_MISSING)) is not _MISSING
-    }
-    return values or None
+    values = {n: var.get(_MISSING) for n, var in _registry.items()}
+    return {n: v for n, v in values.items() if v is not _MISSING} or None
 
 
 def _enter_context(values: dict[str, Any] | None) -> set[str]:
@@ -370,11 +368,9 @@ def _context_changes(changed: set[str]) -> dict[str, Any] | None:
     """The values a worker task set, to send back (and forget)."""
     if not changed:
         return None
-    values = {
-        n: v for n in changed if (v := _registry[n].get(_MISSING)) is not _MISSING
-    }
+    values = {n: _registry[n].get(_MISSING) for n in changed}
     changed.clear()
-    return values or None
+    return {n: v for n, v in values.items() if v is not _MISSING} or None
 
 
 # -- WorkerPool and its load balancers -----------------------------------------
@@ -421,9 +417,6 @@ class LeastLoadedLoadBalancer:
         return a if workers[a] <= workers[b] else b
 
 
-_NOBODY: frozenset[str] = frozenset()  # no workers' uids
-
-
 # The lifecycle of a pool or a worker: new -> starting -> ready -> stopping ->
 # stopped, each once.
 _State = enum.Enum("_State", "NEW STARTING READY STOPPING STOPPED")
@@ -432,8 +425,7 @@ _State = enum.Enum("_State", "NEW STARTING READY STOPPING STOPPED")
 _started: list[WorkerPool] = []  # pools start()ed and not stopped, oldest first
 _current_pool: contextvars.ContextVar[WorkerPool | _Peer | None]
 _current_pool = contextvars.ContextVar("wool.pool", default=None)
-_current_worker: contextvars.ContextVar[WorkerInfo | None]
-_current_worker = contextvars.ContextVar("wool.worker", default=None)
+_current_worker = contextvars.ContextVar[WorkerInfo | None]("wool.worker", default=None)
 
 
 class WorkerPool:
@@ -481,10 +473,8 @@ class WorkerPool:
             raise ValueError("WorkerPool(size=0) would have no worker: give discovery=")
         if lease is not None and lease < 0:
             raise ValueError(f"lease must be >= 0, not {lease!r}")
-        if max_tasks_per_worker is not None and max_tasks_per_worker < 1:
-            raise ValueError(
-                f"max_tasks_per_worker must be >= 1, not {max_tasks_per_worker!r}"
-            )
+        if (cap := max_tasks_per_worker) is not None and cap < 1:
+            raise ValueError(f"max_tasks_per_worker must be >= 1, not {cap!r}")
         if authkey is not None and not isinstance(authkey, bytes):
             raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}")
         self.modules = tuple(modules)
@@ -495,10 +485,10 @@ class WorkerPool:
         self.authkey, self.ssl = authkey, ssl
         self.loadbalancer = loadbalancer or RoundRobinLoadBalancer()
         self.wait, self.grace, self.max_frame = wait, grace, max_frame
-        self.max_tasks_per_worker = max_tasks_per_worker
+        self.max_tasks_per_worker = cap
         self._state = _State.NEW
         self._spawner: _Spawner | None = None
-        self._roster = _Roster(lease, max_frame, max_tasks_per_worker)
+        self._roster = _Roster(lease, max_frame, cap)
         self._token: contextvars.Token | None = None
 
     @classmethod
@@ -535,9 +525,7 @@ class WorkerPool:
         as balancers see it): tasks sent and not answered, and generators
         open there."""
         conns = self._roster.conns.items()
-        return types.MappingProxyType(
-            {info: conn.calls for info, conn in conns if not conn.retiring}
-        )
+        return types.MappingProxyType({i: c.calls for i, c in conns if not c.retiring})
 
     async def __aenter__(self) -> Self:
         await self._start()
@@ -570,15 +558,13 @@ class WorkerPool:
                 cloudpickle.register_pickle_by_value(module)
                 _refs.clear()  # functions sent by reference so far
         try:
-            sources = []
+            sources, key = [], _authkey(self.authkey)
             if self.size:
                 self._spawner = _Spawner(self)
-                key, service = self._spawner.key, self._spawner.service
-                sources.append(_Source(service, key, None, False))  # loopback only
+                service = self._spawner.service  # on loopback only, not leased:
+                sources.append(_Source(service, self._spawner.key, None, False))
             if self.discovery is not None:
-                sources.append(
-                    _Source(self.discovery, _authkey(self.authkey), self.ssl)
-                )
+                sources.append(_Source(self.discovery, key, self.ssl))
             services = [s.service for s in sources]
             self._roster.follow(sources, _pickle((services, False, self.wait)))
             if self._spawner is not None:
@@ -591,12 +577,9 @@ class WorkerPool:
     async def wait_for_workers(
         self, n: int = 1, timeout: float | None = None
     ) -> list[WorkerInfo]:
-        """The connected workers' WorkerInfo, once at least `n` are connected.
-
-        Raises NoWorkersAvailable after `timeout` seconds (default: the pool's
-        `wait`), saying how many of `n` were found, or at once when the pool
-        is not running.
-        """
+        """The connected workers' WorkerInfo, once at least `n` are connected;
+        NoWorkersAvailable after `timeout` seconds (default: the pool's `wait`),
+        saying how many of `n` were found, or at once if the pool is not running."""
         seconds = self.wait if timeout is None else timeout
         try:
             await self._until(lambda: len(self.workers) >= n, seconds)
@@ -768,7 +751,9 @@ class WorkerPool:
         seconds = None if generator else _time_limit(fn)
         retries = _retries.get()
         retries = fn.__wool_retries__ if retries is _MISSING else retries
-        refused = avoid = _NOBODY  # uids of workers that refused it, that lost it
+        refused = avoid = frozenset[
+            str
+        ]()  # uids of workers that refused it, that lost it
         unable: dict[str, bytes] = {}  # uid -> why this call cannot run there
         while True:
             conn = await self._connection(task, refused, avoid, unable)
@@ -826,16 +811,14 @@ def _check_tags(tags: tuple, who: str) -> frozenset[str]:
 def _more_files():
     """Raise the soft limit on open files to the hard one, as servers do: a
     pool or a worker holds a socket per peer, and 1,024 is a common default."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _authkey(key: bytes | None) -> bytes:
     """The key to use: the one given, else WOOL_AUTHKEY, else none (b"")."""
-    if key is not None:
-        return key
-    return os.environ.get("WOOL_AUTHKEY", "").encode()
+    return os.environ.get("WOOL_AUTHKEY", "").encode() if key is None else key
 
 
 # -- The roster and the spawner: the workers a pool knows ----------------------
@@ -973,17 +956,16 @@ class _Roster:
             if conns and all(why):
                 raise _load_error(why[0])
         if self.failed and len(self.failed) == len(self.sources):
+            why = "; ".join(
+                f"{s.service!r}: {self.failed[id(s)]!r}" for s in self.sources
+            )
             raise NoWorkersAvailable(
-                f"no worker for {task.fn.__qualname__}(): discovery failed: "
-                + "; ".join(
-                    f"{s.service!r}: {self.failed[id(s)]!r}" for s in self.sources
-                )
+                f"no worker for {task.fn.__qualname__}(): discovery failed: {why}"
             )
         refused = [e for e in self.errors.values() if type(e) is AuthenticationError]
         if refused and len(refused) >= len(self.listed):
-            raise AuthenticationError(
-                f"every worker refused {self.who}: " + "; ".join(map(str, refused))
-            )
+            why = "; ".join(map(str, refused))
+            raise AuthenticationError(f"every worker refused {self.who}: {why}")
 
     async def watch(self, source: _Source):
         try:
@@ -1085,14 +1067,13 @@ class _Roster:
         filter = getattr(source.service, "filter", None)
         rejected = filter is not None and not filter(conn.info)
         uid, real = conn.listed_as, conn.info.uid
-        if not rejected and real not in {i.uid for i in self.conns}:
+        twice = lambda: real in {i.uid for i in self.conns}
+        if not rejected and not twice():
             return False
         why = "fails the filter" if rejected else "is connected at another address"
         log.debug("worker %s at %s %s: not used", real, conn.info.address, why)
         conn.close()
-        while self.listed.get(uid, (None,))[0] == info and (
-            rejected or real in {i.uid for i in self.conns}
-        ):
+        while self.listed.get(uid, (None,))[0] == info and (rejected or twice()):
             await self.wait_change(None)
         return True
 
@@ -1339,18 +1320,16 @@ class _Connection:
             raise ProtocolError(
                 f"worker {self.info.address} sent no record: {e}"
             ) from None
-        self.info = dataclasses.replace(
-            record, host=self.info.host, port=self.info.port
-        )
+        host, port = self.info.host, self.info.port  # where we reached it
+        self.info = dataclasses.replace(record, host=host, port=port)
         machine = fields.get("machine")  # this one (see _machine), and its /proc:
         ours = machine is not None and machine == _machine()
         if ours and os.access(f"/proc/{record.pid}/fd", os.R_OK | os.X_OK):
             self.out.share_with(record.pid)
         _trust(self.frames, self.verified or fields.get("verified") is True)
-        self.frames.handlers = {kind: self._reply for kind in _REPLIES} | {
-            GOODBYE: self._goodbye,
-            TAKEN: self.out.taken,
-        }  # what a worker sends once it said INFO
+        # What a worker sends once it said INFO:
+        replies = {kind: self._reply for kind in _REPLIES}
+        self.frames.handlers = replies | {GOODBYE: self._goodbye, TAKEN: self.out.taken}
         self.frames.unknown = f"unknown frame kind {{}} from worker {record.address}"
         self.introduced.set_result(None)
 
@@ -1509,16 +1488,12 @@ def _tls_refused(address: str, error: Exception, nested: bool) -> Authentication
             f"has a certificate we do not trust ({error}); trust the CA that signed it"
         )
     elif nested:  # the worker presents its own certificate as a client one
-        why = (
-            f"refused this worker's certificate as a client's ({error!r}): a worker "
-            "that makes nested calls needs a certificate whose extendedKeyUsage "
-            "has clientAuth as well as serverAuth (see the README's TLS guide)"
-        )
+        why = f"refused this worker's certificate as a client's ({error!r}): a worker "
+        why += "that makes nested calls needs a certificate whose extendedKeyUsage "
+        why += "has clientAuth as well as serverAuth (see the README's TLS guide)"
     else:  # a TLS 1.3 server refuses a client certificate after the handshake
-        why = (
-            "refused our TLS client certificate, or wants one: load one from "
-            f"its CA into ssl= (context.load_cert_chain) ({error!r})"
-        )
+        why = "refused our TLS client certificate, or wants one: load one from its "
+        why += f"CA into ssl= (context.load_cert_chain) ({error!r})"
     return AuthenticationError(f"worker {address} {why}")
 
 
@@ -2221,15 +2196,9 @@ class _Seal:
         return mac
 
     def tag(self, header, body) -> bytes:
-        if len(body) >= self.SMALL:
-            mac = self.begin(header, len(body))
-            mac.update(body)
-            return mac.digest()[:TAG]
-        mac = self.blake.copy()  # the hot path: begin(), inlined
-        mac.update(self.seq.to_bytes(8, "big") + header)
+        mac = self.begin(header, len(body))
         mac.update(body)
-        self.seq += 1
-        return mac.digest()
+        return mac.digest()[:TAG]
 
 
 class _Parts:
@@ -2434,13 +2403,9 @@ class _Frames(asyncio.BufferedProtocol):
         """Deliver frames to `handlers`: first those that came in with the
         end of the handshake, still held by its `reader`."""
         self.handlers, self.unknown = handlers, unknown
-        left = reader._buffer  # type: ignore[attr-defined]
-        data, reader._buffer = memoryview(left), bytearray()  # type: ignore
-        while data and not self.lost:
-            buffer = self.get_buffer(-1)
-            n = min(len(buffer), len(data))
-            buffer[:n], data = data[:n], data[n:]
-            self.buffer_updated(n)
+        left, reader._buffer = reader._buffer, bytearray()  # type: ignore
+        self.buf[: len(left)], self.end = left, len(left)  # (grows buf if need be)
+        self.buffer_updated(0)
 
     def get_buffer(self, sizehint: int):
         if self.large is not None:
@@ -2457,9 +2422,7 @@ class _Frames(asyncio.BufferedProtocol):
         try:
             if self.large is None:
                 if nbytes < BUFFER[0] < len(self.buf) and self.end == self.start == 0:
-                    self.buf = self.buf[:nbytes] + bytes(
-                        BUFFER[0] - nbytes
-                    )  # idle again
+                    self.buf = self.buf[:nbytes] + bytes(BUFFER[0] - nbytes)  # idle
                 self.end += nbytes
             else:
                 self.mac.update(
@@ -2536,10 +2499,7 @@ class _Frames(asyncio.BufferedProtocol):
     def release(self):
         self.held = False
         self.transport.resume_reading()
-        try:
-            self.deliver()
-        except ProtocolError as e:
-            self.fail(e)
+        self.buffer_updated(0)  # delivers what waits
 
     def fail(self, error: Exception):
         self.transport.abort()
@@ -2577,8 +2537,7 @@ class _Frames(asyncio.BufferedProtocol):
 class _Outbox:
     """Seals and writes frames, in the order it commits them to the transport.
 
-    The first frame of an event-loop turn goes out at once, the rest of the
-    turn's together at its end. Frames wait here while the transport has
+    The frames of an event-loop turn go out together at its end. Frames wait here while the transport has
     bytes it could not send, urgent ones (_URGENT) first. A large message is
     fed to the transport a CHUNK at a time, each once the last is sent (the
     kernel takes it whole, no copy), while a thread computes its tag; in

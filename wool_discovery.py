@@ -309,20 +309,14 @@ def _to_service(info: WorkerInfo, addresses: list[str]):
     from zeroconf.asyncio import AsyncServiceInfo
 
     properties = {
-        "uid": info.uid,
-        "pid": str(info.pid),
-        "version": info.version,
-        "tags": ",".join(sorted(info.tags)),
-        "secure": "1" if info.secure else "0",
-    }
+        "uid": info.uid, "pid": str(info.pid), "version": info.version,
+        "tags": ",".join(sorted(info.tags)), "secure": "1" if info.secure else "0",
+    }  # fmt: skip
     return AsyncServiceInfo(
-        SERVICE_TYPE,
-        f"{info.uid}.{SERVICE_TYPE}",
-        port=info.port,
-        properties=properties,
-        server=f"wool-{info.uid}.local.",
+        SERVICE_TYPE, f"{info.uid}.{SERVICE_TYPE}", port=info.port,
+        properties=properties, server=f"wool-{info.uid}.local.",
         parsed_addresses=addresses,
-    )
+    )  # fmt: skip
 
 
 def _from_service(service) -> WorkerInfo | None:
@@ -331,16 +325,12 @@ def _from_service(service) -> WorkerInfo | None:
     if not addresses or not {"uid", "pid", "version"} <= props.keys():
         return None  # not a wool worker, or not resolved
     addresses.sort(key=lambda a: ":" in a)  # IPv4 first
+    tags = frozenset(t for t in props.get("tags", "").split(",") if t)
     try:
         return WorkerInfo(
-            uid=props["uid"],
-            host=addresses[0],
-            port=service.port,
-            pid=int(props["pid"]),
-            version=props["version"],
-            tags=frozenset(t for t in props.get("tags", "").split(",") if t),
-            secure=props.get("secure") == "1",
-        )
+            props["uid"], addresses[0], service.port, int(props["pid"]),
+            props["version"], tags, props.get("secure") == "1",
+        )  # fmt: skip
     except ValueError:
         return None
 
