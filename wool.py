@@ -2067,8 +2067,8 @@ def _load_reply(kind: int, data, fn):
         raise TypeError(
             f"cannot load the value of {fn.__qualname__}() in the caller: {_why(e)}"
         ) from e
-    for name, value in (changes or {}).items():  # the task's wool.ContextVars
-        ContextVar(name).set(value)
+    for name, changed in (changes or {}).items():  # the task's wool.ContextVars
+        ContextVar(name).set(changed)
     return value
 
 
