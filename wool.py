@@ -31,8 +31,7 @@ balancers; the roster and the spawner; the caller's end of a connection;
 Executor; messages (pickling); frames; handshake; streams (_Frames, _Outbox);
 memfd transfer; liveness; the worker; _Peer, the worker's end; entry points.
 
-Version 0.1.0. Licensed Apache-2.0. https://github.com/wool-labs/wool
-"""
+Version 0.1.0. Licensed Apache-2.0. https://github.com/wool-labs/wool"""
 
 from __future__ import annotations
 
@@ -171,8 +170,7 @@ class ProtocolError(WoolError):
 class RemoteError(WoolError):
     """A worker's exception that could not be pickled or rebuilt in the caller.
 
-    Carries the original type name, message and the worker's traceback text.
-    """
+    Carries the original type name, message and the worker's traceback text."""
 
     def __init__(self, type_name: str, message: str, traceback: str):
         super().__init__(type_name, message, traceback)
@@ -220,8 +218,7 @@ def work(fn=None, /, *, timeout=None, retries=0):
     TimeoutError. `retries=n` sends a call again after WorkerLost, up to n
     times: for idempotent tasks. wool.timeout() and wool.retries() set both
     for a block. On methods, @work is innermost. TypeError for anything but
-    `async def`.
-    """
+    `async def`."""
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be a number of seconds > 0, not {timeout!r}")
     if not isinstance(retries, int) or retries < 0:
@@ -315,8 +312,7 @@ class ContextVar:
     task and the tasks it dispatches, and back when a call returns or a
     generator yields. Only values explicitly set travel, and they must pickle
     (else TypeError at dispatch, naming the variable). The name identifies
-    the variable across processes: one variable per name.
-    """
+    the variable across processes: one variable per name."""
 
     __class_getitem__: Any = classmethod(types.GenericAlias)  # ContextVar[str]
 
@@ -331,11 +327,10 @@ class ContextVar:
         return functools.partial(ContextVar, default=self.default), (self.name,)
 
     def get(self, default: Any = _MISSING) -> Any:
-        value = self._var.get(_MISSING)
-        if value is _MISSING:
+        if (value := self._var.get(_MISSING)) is _MISSING:
             value = self.default if default is _MISSING else default
-            if value is _MISSING:
-                raise LookupError(f"wool.ContextVar {self.name!r} has no value")
+        if value is _MISSING:
+            raise LookupError(f"wool.ContextVar {self.name!r} has no value")
         return value
 
     def set(self, value: Any) -> contextvars.Token:
@@ -445,8 +440,7 @@ class WorkerPool:
     one that dies is replaced (RESPAWNS per RESPAWN_WINDOW at most). A task
     goes to another worker only while it provably did not start (REFUSED, or
     never sent); else a dead connection is WorkerLost. No worker in time:
-    NoWorkersAvailable; every worker refused us: AuthenticationError.
-    """
+    NoWorkersAvailable; every worker refused us: AuthenticationError."""
 
     # Rules: the pool is a lifecycle and a dispatcher. Its _Roster owns the
     # workers it knows, the connections to them and the signal of a change;
@@ -835,8 +829,7 @@ class _Roster:
     balancers see, changes in update() alone. A worker that comes or goes is
     notify(), a call that starts or ends room(); calls waiting for a worker
     or for room wait their turn in `queue` (wait_change(queued=True)), and
-    room() wakes the oldest. The roster's tasks end with close().
-    """
+    room() wakes the oldest. The roster's tasks end with close()."""
 
     def __init__(self, lease: int | None, max_frame: int, cap: int | None):
         self.lease, self.max_frame = lease, max_frame
@@ -956,16 +949,15 @@ class _Roster:
             if conns and all(why):
                 raise _load_error(why[0])
         if self.failed and len(self.failed) == len(self.sources):
-            why = "; ".join(
-                f"{s.service!r}: {self.failed[id(s)]!r}" for s in self.sources
-            )
+            failed = [f"{s.service!r}: {self.failed[id(s)]!r}" for s in self.sources]
             raise NoWorkersAvailable(
-                f"no worker for {task.fn.__qualname__}(): discovery failed: {why}"
+                f"no worker for {task.fn.__qualname__}(): discovery failed: "
+                + "; ".join(failed)
             )
         refused = [e for e in self.errors.values() if type(e) is AuthenticationError]
         if refused and len(refused) >= len(self.listed):
-            why = "; ".join(map(str, refused))
-            raise AuthenticationError(f"every worker refused {self.who}: {why}")
+            refusals = "; ".join(map(str, refused))
+            raise AuthenticationError(f"every worker refused {self.who}: {refusals}")
 
     async def watch(self, source: _Source):
         try:
@@ -1253,8 +1245,7 @@ class _Connection:
     Each request gets at most one reply; whoever awaits a reply decodes its
     body, so one bad body fails one call, not the connection. When the
     connection dies, a call whose TASK never left this process goes to
-    another worker (_NotSent); any other gets WorkerLost: at most once.
-    """
+    another worker (_NotSent); any other gets WorkerLost: at most once."""
 
     def __init__(self, info: WorkerInfo, streams, seals, max_frame: int, on_change):
         # Keep the writer: when a StreamWriter is collected, it closes its transport.
@@ -1543,8 +1534,7 @@ class Executor(concurrent.futures.Executor):
     `submit` takes any callable: a plain one runs in a thread on the worker.
     A future is running() once its worker started it; cancel() then stops an
     async task there. The pool runs on an event loop in a thread of its own,
-    stopped at shutdown(), when the executor is collected, or at exit.
-    """
+    stopped at shutdown(), when the executor is collected, or at exit."""
 
     def __init__(
         self, max_workers=None, mp_context=None, initializer=None, initargs=(),
@@ -1781,15 +1771,11 @@ def _dump_task(fn, args, kwargs, max_frame: int) -> tuple[Any, tuple | None]:
             + "; define it in a module the workers import, or make that value in it"
         ) from e
     args, kwargs = _lift(args), _lift(kwargs)
-    body = _pickle(
-        (ref, args, kwargs, context, _time_limit(fn)),
-        lambda: (
-            f"{fn.__qualname__}() and its arguments to a worker" + _unpicklable(context)
-        ),
-        max_frame,
-        oob=True,  # the reference and the timeout are plain data:
-        plain=_plain(args) and _plain(kwargs) and (not context or _plain(context)),
-    )
+    what = f"{fn.__qualname__}() and its arguments to a worker"
+    plain = _plain(args) and _plain(kwargs) and (not context or _plain(context))
+    body = _pickle((ref, args, kwargs, context, _time_limit(fn)),  # (ref: plain)
+                   lambda: what + _unpicklable(context), max_frame, oob=True,
+                   plain=plain)  # fmt: skip
     return body, None if definition is None else (ref, definition)
 
 
@@ -1914,8 +1900,9 @@ def _pickle(obj, what=None, max_frame=MAX_FRAME, oob=False, plain=None) -> Any:
     buffers: list = []
 
     def aside(buffer: pickle.PickleBuffer) -> bool:  # False: out of band
-        view = buffer.raw()
-        return view.nbytes < LARGE or buffers.append(view)  # (None)
+        if (view := buffer.raw()).nbytes >= LARGE:
+            buffers.append(view)
+        return view.nbytes < LARGE
 
     callback = aside if oob else None
     try:
@@ -1998,17 +1985,10 @@ _PLAIN = frozenset({int, float, str, bytes, bool, type(None), _Bytes})
 
 def _dump_value(value, changes: dict | None, fn, max_frame: int) -> Any:
     """A RESULT body: (value, the wool.ContextVar values the task set)."""
-    value = _lift(value)
-    return _pickle(
-        (value, changes),
-        lambda: (
-            f"the value of {fn.__qualname__}() back to the caller"
-            + _unpicklable(changes)
-        ),
-        max_frame,
-        oob=True,
-        plain=_plain(value) and (not changes or _plain(changes)),
-    )
+    value, plain = _lift(value), not changes or _plain(changes)
+    what = f"the value of {fn.__qualname__}() back to the caller"
+    return _pickle((value, changes), lambda: what + _unpicklable(changes), max_frame,
+                   oob=True, plain=plain and _plain(value))  # fmt: skip
 
 
 def _dump_error(exc: BaseException, max_frame: int = MAX_FRAME) -> bytes:
@@ -2273,11 +2253,7 @@ def _trust(frames: _Frames, end_to_end: bool):
     frames.seal.trusted = frames.out.seal.trusted = end_to_end
 
 
-def _forged() -> ProtocolError:
-    return ProtocolError(
-        "a frame failed its MAC check: it was not sent by the peer that "
-        "passed the handshake, or was altered on the way"
-    )
+FORGED = "a frame failed its MAC check: not from the peer of the handshake, or altered"
 
 
 # -- Handshake: proving the key, both ways -------------------------------------
@@ -2383,8 +2359,7 @@ class _Frames(asyncio.BufferedProtocol):
     kind, rid, body)), which may raise ProtocolError to close the connection;
     any other kind closes it with `unknown`. `on_lost(error)` is called once,
     with None for a clean close. `hold()` stops delivery and reading until
-    `release()`. The transport's pause_writing/resume_writing go to `out`.
-    """
+    `release()`. The transport's pause_writing/resume_writing go to `out`."""
 
     def __init__(self, transport, max_frame: int, seal: _Seal, out, on_lost):
         self.transport, self.max_frame, self.seal = transport, max_frame, seal
@@ -2438,39 +2413,35 @@ class _Frames(asyncio.BufferedProtocol):
     def deliver(self):
         buf = self.buf
         while not self.held and self.large is None:
-            if self.untagged is not None:  # a large body, received
+            if self.untagged is not None:  # a large body, received: its tag
                 if self.end - self.start < TAG:
                     break
                 (kind, rid, body), self.untagged = self.untagged, None
-                self.start += TAG
-                tag = buf[self.start - TAG : self.start]
-                if not hmac.compare_digest(self.mac.digest()[:TAG], tag):
-                    raise _forged()
-                self.give(kind, rid, body)
-                continue
-            if self.end - self.start < HEADER.size:
-                break
-            size, kind, rid = HEADER.unpack_from(buf, self.start)
-            _check_size(size, self.max_frame)  # before any of the body is read
-            at = self.start + HEADER.size
-            if size > LARGE:
-                got = min(size, self.end - at)
-                self.large = bytearray(size)
-                self.large[:got] = buf[at : at + got]
-                self.mac = self.seal.begin(buf[self.start : at], size)
-                self.mac.update(buf[at : at + got])
-                self.start, self.filled, self.head = at + got, got, (kind, rid)
-                if got == size:
-                    self.untagged, self.large = (kind, rid, self.large), None
-            elif self.end - at < size + TAG:
-                break
+                digest, at = self.mac.digest()[:TAG], self.start
             else:
-                header, self.start = buf[self.start : at], at + size + TAG
-                body = bytes(buf[at : at + size])
-                tag = buf[at + size : self.start]
-                if not hmac.compare_digest(self.seal.tag(header, body), tag):
-                    raise _forged()
-                self.give(kind, rid, body)
+                if self.end - self.start < HEADER.size:
+                    break
+                size, kind, rid = HEADER.unpack_from(buf, self.start)
+                _check_size(size, self.max_frame)  # before any of the body is read
+                at = self.start + HEADER.size
+                if size > LARGE:
+                    got = min(size, self.end - at)
+                    self.large = bytearray(size)
+                    self.large[:got] = buf[at : at + got]
+                    self.mac = self.seal.begin(buf[self.start : at], size)
+                    self.mac.update(buf[at : at + got])
+                    self.start, self.filled, self.head = at + got, got, (kind, rid)
+                    if got == size:
+                        self.untagged, self.large = (kind, rid, self.large), None
+                    continue
+                if self.end - at < size + TAG:
+                    break
+                header, body = buf[self.start : at], bytes(buf[at : at + size])
+                digest, at = self.seal.tag(header, body), at + size
+            self.start = at + TAG
+            if not hmac.compare_digest(digest, buf[at : self.start]):
+                raise ProtocolError(FORGED)
+            self.give(kind, rid, body)
         if self.start == self.end:
             self.start = self.end = 0
 
@@ -2513,12 +2484,12 @@ class _Frames(asyncio.BufferedProtocol):
 
     def eof_received(self):
         """The peer closed its side: a clean end only between frames."""
+        size = None
         if (body := self.large or self.untagged and self.untagged[2]) is not None:
-            self.lose(
-                ProtocolError(f"stream ended inside a frame of {len(body)} bytes")
-            )
+            size = len(body)
         elif self.end - self.start >= HEADER.size:
             size = HEADER.unpack_from(self.buf, self.start)[0]
+        if size is not None:
             self.lose(ProtocolError(f"stream ended inside a frame of {size} bytes"))
         elif self.end > self.start:
             self.lose(ProtocolError("stream ended inside a frame header"))
@@ -2543,8 +2514,7 @@ class _Outbox:
     kernel takes it whole, no copy), while a thread computes its tag; in
     memfd transfer (share_with) a thread writes its buffers into a shared
     file instead. Frames behind a large message wait for it (`large`).
-    `full()` past HIGH_WATER unsent; `on_resume` when not.
-    """
+    `full()` past HIGH_WATER unsent; `on_resume` when not."""
 
     def __init__(self, transport, seal: _Seal, on_resume=None):
         self.transport, self.seal, self.on_resume = transport, seal, on_resume
@@ -2844,11 +2814,8 @@ class _Liveness:
     def watch(self, frames: _Frames, sock):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for name, value in [
-            ("TCP_KEEPIDLE", KEEPALIVE),
-            ("TCP_KEEPINTVL", KEEPALIVE),
-            ("TCP_KEEPCNT", DEAD_AFTER / KEEPALIVE),
-        ]:
+        probes = dict(TCP_KEEPIDLE=KEEPALIVE, TCP_KEEPINTVL=KEEPALIVE)
+        for name, value in (probes | {"TCP_KEEPCNT": DEAD_AFTER / KEEPALIVE}).items():
             if hasattr(socket, name):
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), int(value))
         if not hasattr(socket, "TCP_INFO"):  # not Linux: the kernel's keepalive only
@@ -2908,8 +2875,7 @@ class Worker:
     With `max_tasks` running, a new task is REFUSED (its caller tries
     another worker). Raises ValueError when asked to listen off loopback
     with neither a key nor TLS, unless `insecure`; RuntimeError on a second
-    start().
-    """
+    start()."""
 
     def __init__(
         self, *tags: str, host: str = "127.0.0.1", port: int = 0,
@@ -2922,8 +2888,10 @@ class Worker:
         self.host, self.port, self.advertise = host, port, advertise
         self.ssl, self.client_ssl, self.insecure = ssl, client_ssl, insecure
         self.discovery, self.grace, self.max_frame = discovery, grace, max_frame
-        self.max_connections = max_connections
-        self.handshake_timeout = handshake_timeout
+        self.max_connections, self.handshake_timeout = (
+            max_connections,
+            handshake_timeout,
+        )
         self.max_tasks = max_tasks  # running at once; more are REFUSED
         self.running = 0  # tasks running now; only tally() changes them,
         self.done = self.failed = 0  # and those that ended, since start
@@ -2989,10 +2957,9 @@ class Worker:
         self.state = _State.STOPPING
         try:
             if self.discovery is not None and self.info is not None:
+                dropped = DiscoveryEvent("worker-dropped", self.info)
                 with contextlib.suppress(Exception):
-                    await self.discovery.publish(
-                        DiscoveryEvent("worker-dropped", self.info)
-                    )
+                    await self.discovery.publish(dropped)
             if self._server is not None:
                 self._server.close()
             await self._drain(self.grace if grace is None else grace)
@@ -3113,8 +3080,7 @@ class Worker:
         It is kept by the connections from callers' own pools that used it,
         or, while none did, by the one that opened it: never by another
         worker's nested pool alone, whose connection it may keep in turn (a
-        cycle that would outlive the caller).
-        """
+        cycle that would outlive the caller)."""
         entry = self._nested.get(peer.hello)
         if entry is None:
             pool = WorkerPool._nested(self, peer.services, peer.wait)
@@ -3149,8 +3115,7 @@ class _Peer:
     does (see run). A caller that does not read costs a bound: reading stops
     while the outbox is full, replies wait for room before they are pickled,
     a generator takes one step at a time, DEFINEs stop at MAX_DEFINED. Only
-    _Peer changes the worker's task counts, through Worker.tally().
-    """
+    _Peer changes the worker's task counts, through Worker.tally()."""
 
     def __init__(self, worker: Worker, streams, seals, address: str):
         self.worker, self.writer, self.address = worker, streams[1], address
@@ -3172,13 +3137,11 @@ class _Peer:
         self.defined = 0  # bytes DEFINE'd on this connection
         self.burst = 0  # tasks accepted since they last got to run
         self.closed = self.loop.create_future()
-        no_hello = ProtocolError(f"no HELLO within {worker.handshake_timeout:g} s")
-        self.deadline = self.loop.call_later(
-            worker.handshake_timeout, self.frames.fail, no_hello
-        )
-        self.frames.begin(
-            {HELLO: self.on_hello}, "it did not start with HELLO", streams[0]
-        )
+        seconds = worker.handshake_timeout
+        no_hello = ProtocolError(f"no HELLO within {seconds:g} s")
+        self.deadline = self.loop.call_later(seconds, self.frames.fail, no_hello)
+        unknown = "it did not start with HELLO"
+        self.frames.begin({HELLO: self.on_hello}, unknown, streams[0])
 
     def on_hello(self, kind: int, rid: int, body):
         self.deadline.cancel()
@@ -3196,9 +3159,8 @@ class _Peer:
         self.context.run(_current_pool.set, self)  # see get()
         info = cast(WorkerInfo, self.worker.info)
         if info.host in ("0.0.0.0", "::", ""):  # the address this caller reached
-            info = dataclasses.replace(
-                info, host=self.writer.get_extra_info("sockname")[0]
-            )
+            host = self.writer.get_extra_info("sockname")[0]
+            info = dataclasses.replace(info, host=host)
         self.context.run(_current_worker.set, info)
         self.frames.handlers = {
             TASK: self.accept, STREAM: self.accept, NEXT: self.step,
@@ -3587,21 +3549,19 @@ async def _serve_cli(args) -> int:
     tls = args.tls_cert, args.tls_key, args.tls_ca
     options = "host", "port", "advertise", "insecure", "grace", "max_frame", "max_tasks"
     worker = Worker(
-        *args.tag,
-        authkey=_authkey_file(args.authkey_file),
+        *args.tag, authkey=_authkey_file(args.authkey_file),
         ssl=_tls(*tls, ssl.Purpose.CLIENT_AUTH),
         client_ssl=_tls(*tls, ssl.Purpose.SERVER_AUTH),
         discovery=_discovery(args.discovery, args.interface, publish=True),
         **{option: getattr(args, option) for option in options},
-    )
-    loop = asyncio.get_running_loop()
+    )  # fmt: skip
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.stop()))
+        stop = lambda: asyncio.ensure_future(worker.stop())
+        asyncio.get_running_loop().add_signal_handler(sig, stop)
     await worker.start()
     info = cast(WorkerInfo, worker.info)
-    print(
-        f"wool worker {info.uid} listening on {info.address} pid {info.pid}", flush=True
-    )
+    where = f"{info.address} pid {info.pid}"
+    print(f"wool worker {info.uid} listening on {where}", flush=True)
     await worker.stopped()
     print(f"wool worker {info.uid} stopped", flush=True)
     return 0

@@ -21,8 +21,7 @@ it is alive is learnt from its TCP connection, never from these records.
 Sections: worker records, local discovery (the discovery table), LAN discovery,
 DNS discovery.
 
-wool is licensed Apache-2.0; https://github.com/wool-labs/wool
-"""
+wool is licensed Apache-2.0; https://github.com/wool-labs/wool"""
 
 from __future__ import annotations
 
@@ -42,14 +41,9 @@ from stat import S_ISDIR
 from typing import Any, Literal
 
 __all__ = [
-    "DiscoveryEvent",
-    "DnsDiscoveryService",
-    "LanDiscovery",
-    "LanDiscoveryService",
-    "LocalDiscovery",
-    "LocalDiscoveryService",
-    "WorkerInfo",
-]
+    "DiscoveryEvent", "DnsDiscoveryService", "LanDiscovery", "LanDiscoveryService",
+    "LocalDiscovery", "LocalDiscoveryService", "WorkerInfo",
+]  # fmt: skip
 
 SERVICE_TYPE = "_wool._tcp.local."
 RECORD = 2**16  # bytes of a local record read, at most
@@ -111,11 +105,7 @@ class DiscoveryEvent:
     info: WorkerInfo
 
 
-def _changes(
-    known: dict[str, WorkerInfo],
-    seen: dict[str, WorkerInfo],
-    filter: Callable[[WorkerInfo], bool] | None,
-):
+def _changes(known: dict[str, WorkerInfo], seen: dict[str, WorkerInfo], filter):
     """Events that turn `known` into `seen` (filtered); updates `known`."""
     seen = {u: i for u, i in seen.items() if filter is None or filter(i)}
     for uid in [u for u in known if u not in seen]:
@@ -177,8 +167,7 @@ class LocalDiscoveryService:
     `WorkerPool(discovery=LocalDiscoveryService("NAME"))` finds it. A named
     namespace (`/dev/shm/wool-NAME`) outlives its workers; an ephemeral
     pool's private one is removed when the pool exits. With `create=False`,
-    publishing never creates it: it fails (FileNotFoundError) once it is gone.
-    """
+    publishing never creates it: it fails (FileNotFoundError) once it is gone."""
 
     def __init__(
         self, namespace: str | None = None, *, filter=None, create: bool = True
@@ -218,10 +207,9 @@ class LocalDiscoveryService:
                 except Exception:  # a torn or foreign record: stale
                     info = None
             if info is None or not _pid_alive(info.pid):
+                remove = os.rmdir if entry.is_dir(follow_symlinks=False) else os.unlink
                 with contextlib.suppress(OSError):
-                    (os.rmdir if entry.is_dir(follow_symlinks=False) else os.unlink)(
-                        entry.path
-                    )
+                    remove(entry.path)
                 continue
             seen[entry.name] = (entry.inode(), info)
         cache.clear()
@@ -258,11 +246,9 @@ class LocalDiscoveryService:
                 changed = _private(self.path).st_mtime_ns
                 if changed != seen or now - checked > LIVENESS_EVERY:
                     seen, checked = changed, now
-                    events = list(_changes(known, self.records(files), self.filter))
-                    for event in events:
-                        yield event
-                    if events:
+                    for event in _changes(known, self.records(files), self.filter):
                         delay = POLL_MIN
+                        yield event
             await asyncio.sleep(delay)
             delay = min(delay * 2, POLL_MAX)
 
@@ -347,8 +333,7 @@ class LanDiscoveryService:
     ):
         if isinstance(interfaces, str):
             raise TypeError(f"interfaces is a list of addresses, like [{interfaces!r}]")
-        self.filter = filter
-        self.interfaces = interfaces
+        self.filter, self.interfaces = filter, interfaces
         self._zc: Any = None  # this process's publishing zeroconf
         self._services: dict[str, object] = {}
         self._announcer: asyncio.Task | None = None
@@ -430,18 +415,13 @@ class LanDiscoveryService:
                 task.add_done_callback(resolving.discard)
 
         browser = AsyncServiceBrowser(zc.zeroconf, [SERVICE_TYPE], handlers=[on_change])
-        current: dict[str, WorkerInfo] = {}
+        current: dict[str, WorkerInfo | None] = {}
         known: dict[str, WorkerInfo] = {}
         try:
             while True:
-                name, info = await changes.get()
-                if info is None:
-                    current.pop(name, None)
-                else:
-                    current[name] = info
-                for event in _changes(
-                    known, {i.uid: i for i in current.values()}, self.filter
-                ):
+                name, current[name] = await changes.get()  # None: gone
+                seen = {i.uid: i for i in current.values() if i is not None}
+                for event in _changes(known, seen, self.filter):
                     yield event
         finally:
             for task in resolving:
@@ -503,8 +483,7 @@ class DnsDiscoveryService:
     "workers.svc.cluster.local", port=7000). Every address (A and AAAA) is
     a worker, dropped once it is gone from the answers; a name that does not
     resolve is logged once per change and tried again. Records carry no uid,
-    pid or tags: the pool learns them from the worker, and applies `filter`.
-    """
+    pid or tags: the pool learns them from the worker, and applies `filter`."""
 
     def __init__(
         self, *names: str, port: int | None = None, interval: float = 5.0, filter=None
@@ -518,13 +497,10 @@ class DnsDiscoveryService:
         self.targets = [_split(name, port) for name in names]
 
     def __repr__(self):
-        return _describe(
-            "DnsDiscoveryService", ", ".join(map(repr, self.names)), self.filter
-        )
+        names = ", ".join(map(repr, self.names))
+        return _describe("DnsDiscoveryService", names, self.filter)
 
-    async def resolve(
-        self, errors: dict[str, str] | None = None
-    ) -> dict[str, WorkerInfo]:
+    async def resolve(self, errors: dict | None = None) -> dict[str, WorkerInfo]:
         """What the names resolve to now: a record per address, by its uid
         ("address:port"). A name that fails is logged when its error changes
         (`errors` remembers: name -> last error)."""
@@ -548,9 +524,7 @@ class DnsDiscoveryService:
             if errors.pop(host, None) is not None:
                 log.warning("%r: %s resolves again", self, host)
             for *_, sockaddr in answers:
-                address = ipaddress.ip_address(
-                    str(sockaddr[0]).split("%")[0]
-                ).compressed
+                address = ipaddress.ip_address(sockaddr[0].split("%")[0]).compressed
                 uid = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
                 found[uid] = WorkerInfo(uid, address, port, 0, "")
         return found
