@@ -178,7 +178,7 @@ async def test_shared_files_spoken_by_hand_are_taken_then_closed():
         session.send(wool.HELLO, os.getpid(), HELLO)
         task = wool._pickle(((__name__, "echo"), (array,), {}, None, None), oob=True)
         fd, serial = wool._share(task.buffers)
-        body = wool.FILE.pack(fd, serial) + task.table() + task.pickle
+        body = wool.FILE.pack(fd, serial) + task.wire()[0]
         session.send(wool.TASK | wool.BUFFERS | wool.SHARED, 1, body)
         replies = [await session.read() for _ in range(2)]
         os.close(fd)

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import collections.abc
 import concurrent.futures
 import contextlib
 import contextvars
@@ -71,7 +70,8 @@ import traceback
 import types
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, NamedTuple, ParamSpec, Self, TypeVar, cast, overload
 
@@ -129,7 +129,7 @@ log = logging.getLogger("wool")
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
-Items = Iterable[T] | collections.abc.AsyncIterable[T]
+Items = Iterable[T] | AsyncIterable[T]
 Future = concurrent.futures.Future
 
 
@@ -453,7 +453,7 @@ class WorkerPool:
         authkey: bytes | None = None, ssl=None, wait: float = WAIT,
         grace: float = GRACE, max_frame: int = MAX_FRAME,
         max_tasks_per_worker: int | None = None,
-        modules: collections.abc.Iterable[types.ModuleType] = (),
+        modules: Iterable[types.ModuleType] = (),
     ):  # fmt: skip
         if spawn is not None:
             if size is not None and size != spawn:
@@ -745,9 +745,8 @@ class WorkerPool:
         seconds = None if generator else _time_limit(fn)
         retries = _retries.get()
         retries = fn.__wool_retries__ if retries is _MISSING else retries
-        refused = avoid = frozenset[
-            str
-        ]()  # uids of workers that refused it, that lost it
+        # The uids of the workers that refused it, and that lost it:
+        refused = avoid = frozenset[str]()
         unable: dict[str, bytes] = {}  # uid -> why this call cannot run there
         while True:
             conn = await self._connection(task, refused, avoid, unable)
@@ -1129,9 +1128,6 @@ class _Spawner:
         self.watchers: set[asyncio.Task] = set()
         self.stopping = False
 
-    def pids(self) -> set[int]:
-        return {p.pid for p in self.procs}
-
     async def start(self):
         """Start the workers; return once all are connected to the pool."""
         pool = self.pool
@@ -1139,7 +1135,8 @@ class _Spawner:
         await asyncio.gather(*(self.spawn() for _ in range(pool.size)))
 
         def ready():
-            connected = sum(1 for info in pool.workers if info.pid in self.pids())
+            pids = {p.pid for p in self.procs}
+            connected = sum(1 for info in pool.workers if info.pid in pids)
             return self.failed is not None or connected >= pool.size
 
         try:
@@ -1271,30 +1268,28 @@ class _Connection:
     async def open(cls, info: WorkerInfo, source: _Source, roster: _Roster):
         """A connection to `info` for `roster`, past the handshake and INFO."""
         nested = roster.nested  # a worker's pool: its TLS settings are the worker's
-        if info.secure and source.ssl is None:
+        tls, address = source.ssl, info.address
+        if info.secure and tls is None:
             raise AuthenticationError(
-                f"worker {info.address} speaks TLS; give {roster.who} "
+                f"worker {address} speaks TLS; give {roster.who} "
                 + ("--tls-cert" if nested else "ssl= (an SSLContext)")
             )
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):
             try:
-                reader, writer = await asyncio.open_connection(
-                    info.host, info.port, ssl=source.ssl
-                )
+                streams = await asyncio.open_connection(info.host, info.port, ssl=tls)
             except ssl.SSLError as e:
-                raise _tls_refused(info.address, e, nested) from None
+                raise _tls_refused(address, e, nested) from None
+            writer = streams[1]
             try:
-                seals = await _authenticate_worker(
-                    reader, writer, source.key, info.address
-                )
-                conn = cls(info, (reader, writer), seals, roster.max_frame, roster.room)
+                seals = await _authenticate_worker(*streams, source.key, address)
+                conn = cls(info, streams, seals, roster.max_frame, roster.room)
                 await conn.introduced  # the worker's INFO
             except (ssl.SSLError, asyncio.IncompleteReadError) as e:
                 writer.close()
                 cut = isinstance(e, ssl.SSLError) or not e.partial  # no MAGIC
-                if source.ssl is None or not cut:
+                if tls is None or not cut:
                     raise
-                raise _tls_refused(info.address, e, nested) from None
+                raise _tls_refused(address, e, nested) from None
             except BaseException:
                 writer.close()
                 raise
@@ -1621,11 +1616,11 @@ class Executor(concurrent.futures.Executor):
     def map(
         self, fn: Callable[..., Awaitable[R]], *iterables: Iterable, timeout=None,
         chunksize=1,
-    ) -> collections.abc.Iterator[R]: ...  # fmt: skip
+    ) -> Iterator[R]: ...  # fmt: skip
     @overload
     def map(
         self, fn: Callable[..., R], *iterables: Iterable, timeout=None, chunksize=1
-    ) -> collections.abc.Iterator[R]: ...
+    ) -> Iterator[R]: ...
     def map(self, fn, *iterables, timeout=None, chunksize=1):
         """As Executor.map; each item is its own task (`chunksize` is checked
         and otherwise ignored: calls are cheap here)."""
@@ -1716,10 +1711,8 @@ async def _in_thread(fn, /, *args, **kwargs):
     return await result if inspect.isawaitable(result) else result
 
 
-@work
-async def _call(fn, /, *args, **kwargs):
-    """Any callable, as _in_thread runs it (see _as_call)."""
-    return await _in_thread(fn, *args, **kwargs)
+_call = work(_in_thread)  # any callable, as the first argument (see _as_call)
+_call.__name__ = _call.__qualname__ = "_call"  # so the worker imports it
 
 
 _initialized: set[str] = set()  # in a worker: the executors whose initializer ran
@@ -1804,10 +1797,8 @@ def _ref(fn) -> tuple[tuple[str, str] | int, bytes | None]:
     is (module, qualname) when the worker can import it, with no definition;
     else a number, and the definition is the function pickled by value
     (functions in __main__, closures), sent once per connection in DEFINE."""
-    try:
-        return _refs[fn]
-    except KeyError:
-        pass
+    if (ref := _refs.get(fn)) is not None:
+        return ref
     module, name = fn.__module__, fn.__qualname__
     by_value = module == "__main__" or any(
         module == m or module.startswith(m + ".")
@@ -1818,7 +1809,7 @@ def _ref(fn) -> tuple[tuple[str, str] | int, bytes | None]:
             by_value = _lookup(module, name) is not fn
         except Exception:
             by_value = True
-    ref: tuple = ((module, name), None)
+    ref = ((module, name), None)
     if by_value:  # with its file's name and lines, for readable tracebacks
         code = getattr(_target(fn), "__code__", None)
         where = code.co_filename if code else ""
@@ -2001,10 +1992,9 @@ def _dump_error(exc: BaseException, max_frame: int = MAX_FRAME) -> bytes:
         message, tb = _trim(str(exc)), _trim(_traceback(exc))
     except BaseException as e:  # a __str__ that raises
         message, tb = f"<str() raised {type(e).__name__}>", ""
-    try:
+    payload = None
+    with contextlib.suppress(BaseException):
         payload = _pickle(exc, None, max_frame // 2)
-    except BaseException:
-        payload = None
     return _pickle((name, message, tb, payload))
 
 
@@ -2019,9 +2009,8 @@ def _traceback(exc: BaseException) -> str:
         report = traceback.TracebackException.from_exception(exc)
     finally:
         exc.__cause__ = cause
-    report.stack = traceback.StackSummary.from_list(
-        [frame for frame in report.stack if frame.filename != __file__]
-    )
+    ours = [frame for frame in report.stack if frame.filename != __file__]
+    report.stack = traceback.StackSummary.from_list(ours)
     me = _current_worker.get()
     where = f"on worker pid {me.pid} at {me.address}" if me else f"in pid {os.getpid()}"
     return f"{earlier}[{where}]\n" + "".join(report.format())
@@ -2055,14 +2044,12 @@ def _load_reply(kind: int, data, fn):
 def _load_error(data) -> BaseException:
     name, message, tb, payload = pickle.loads(data)
     exc = None
-    if payload is not None:
-        with contextlib.suppress(BaseException):
-            exc = pickle.loads(payload)
+    with contextlib.suppress(BaseException):
+        exc = pickle.loads(payload)  # (None: it did not pickle)
     # SystemExit and KeyboardInterrupt would stop the caller's event loop
     # (asyncio lets them out of run()), though only a task ended: RemoteError.
-    if not isinstance(exc, BaseException) or isinstance(
-        exc, (SystemExit, KeyboardInterrupt)
-    ):
+    fatal = isinstance(exc, (SystemExit, KeyboardInterrupt))
+    if not isinstance(exc, BaseException) or fatal:
         exc = RemoteError(name, message, tb)
     exc.__cause__ = _RemoteTraceback(tb)
     return exc
@@ -2091,9 +2078,10 @@ TAG = 16  # bytes of a frame's MAC
 FILE = struct.Struct("!IQ")  # a shared file: its sender's descriptor, its serial
 
 # caller -> worker
-HELLO = 1  # body: (the caller's discovery sources, for nested calls, and
-#           whether the caller is itself a worker's nested pool); rid: the
-#           caller's pid if INFO showed it shares this machine, else 0
+HELLO = 1  # body: (a pickle of (the caller's discovery sources, whether it is a
+#           worker's nested pool, its wait), workers its sources list, whether
+#           it verified the worker's certificate); rid: the caller's pid if
+#           INFO showed it shares this machine, else 0
 TASK = 2  # body: (function reference, args, kwargs, context values, timeout)
 NEXT = 3  # body: value sent into a generator (empty: None)
 THROW = 4  # body: exception thrown into a generator
@@ -2197,13 +2185,10 @@ class _Parts:
     def __len__(self):
         return self.size
 
-    def table(self) -> bytes:
-        n = len(self.buffers)
-        return struct.pack(f"!I{n}Q", n, *(b.nbytes for b in self.buffers))
-
     def wire(self) -> list:
-        """The parts to write, none of them copied."""
-        return [self.table() + self.pickle, *self.buffers]
+        """The parts to write, none of the buffers copied: table and pickle first."""
+        n, sizes = len(self.buffers), (b.nbytes for b in self.buffers)
+        return [struct.pack(f"!I{n}Q", n, *sizes) + self.pickle, *self.buffers]
 
     @classmethod
     def read(cls, body, max_frame: int, shared_by: int | None = None) -> _Parts:
@@ -2226,10 +2211,8 @@ class _Parts:
             end = start
             if start < at:
                 raise ProtocolError(f"a frame's {n} buffers are longer than the frame")
-        buffers = []
-        for length in lengths:
-            buffers.append(memoryview(memory)[start : start + length])
-            start += length
+        edges, memory = itertools.accumulate(lengths, initial=start), memoryview(memory)
+        buffers = [memory[a:b] for a, b in itertools.pairwise(edges)]
         return cls(view[at:end], buffers)
 
 
@@ -2618,7 +2601,7 @@ class _Outbox:
             self.commit(kind, rid, body)
         else:
             self.files[serial] = fd
-            frame = FILE.pack(fd, serial) + body.table() + body.pickle
+            frame = FILE.pack(fd, serial) + body.wire()[0]
             self.commit(kind | BUFFERS | SHARED, rid, frame)
         self.flush()
 
@@ -3041,9 +3024,7 @@ class Worker:
             return
         if len(self._shaking) >= MAX_HANDSHAKES:  # the oldest is most likely idle
             oldest = next(iter(self._shaking))
-            self._shaking[oldest] = (
-                f"{MAX_HANDSHAKES} handshakes were in progress; newer ones came"
-            )
+            self._shaking[oldest] = f"the oldest of {MAX_HANDSHAKES} handshakes at once"
             oldest.transport.abort()
         self._shaking[writer] = ""
         try:
