@@ -1165,10 +1165,8 @@ class _Spawner:
             stdin=asyncio.subprocess.PIPE,
             start_new_session=True,  # Ctrl-C reaches the caller, which stops us
         )  # fmt: skip
-        worker = dict(
-            authkey=self.key, grace=pool.grace, max_frame=pool.max_frame,
-            max_tasks=pool.max_tasks_per_worker,
-        )  # fmt: skip
+        worker = dict(authkey=self.key, grace=pool.grace, max_frame=pool.max_frame,
+                      max_tasks=pool.max_tasks_per_worker)  # fmt: skip
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # uvloop?
         data = pickle.dumps((sys.path, log.getEffectiveLevel(), loop, sorted(pool.tags),
                              self.service.namespace, worker))  # fmt: skip
@@ -1764,11 +1762,15 @@ def _dump_task(fn, args, kwargs, max_frame: int) -> tuple[Any, tuple | None]:
             + "; define it in a module the workers import, or make that value in it"
         ) from e
     args, kwargs = _lift(args), _lift(kwargs)
-    what = f"{fn.__qualname__}() and its arguments to a worker"
     plain = _plain(args) and _plain(kwargs) and (not context or _plain(context))
-    body = _pickle((ref, args, kwargs, context, _time_limit(fn)),  # (ref: plain)
-                   lambda: what + _unpicklable(context), max_frame, oob=True,
-                   plain=plain)  # fmt: skip
+    name = fn.__qualname__
+
+    def what():  # (only on failure: this is the hot path)
+        return f"{name}() and its arguments to a worker" + _unpicklable(context)
+
+    # The reference and the timeout are plain data.
+    body = _pickle((ref, args, kwargs, context, _time_limit(fn)), what, max_frame,
+                   oob=True, plain=plain)  # fmt: skip
     return body, None if definition is None else (ref, definition)
 
 
@@ -1977,9 +1979,12 @@ _PLAIN = frozenset({int, float, str, bytes, bool, type(None), _Bytes})
 def _dump_value(value, changes: dict | None, fn, max_frame: int) -> Any:
     """A RESULT body: (value, the wool.ContextVar values the task set)."""
     value, plain = _lift(value), not changes or _plain(changes)
-    what = f"the value of {fn.__qualname__}() back to the caller"
-    return _pickle((value, changes), lambda: what + _unpicklable(changes), max_frame,
-                   oob=True, plain=plain and _plain(value))  # fmt: skip
+
+    def what():  # (only on failure: this is the hot path)
+        return f"the value of {_name(fn)}() back to the caller" + _unpicklable(changes)
+
+    return _pickle((value, changes), what, max_frame, oob=True,
+                   plain=plain and _plain(value))  # fmt: skip
 
 
 def _dump_error(exc: BaseException, max_frame: int = MAX_FRAME) -> bytes:
@@ -3016,10 +3021,10 @@ class Worker:
         peer = writer.get_extra_info("peername")
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         if len(self._peers) >= self.max_connections:
+            many = len(self._peers)
             self._log.warning(
-                address, "refused connection from %s: %d already open",
-                address, len(self._peers),
-            )  # fmt: skip
+                address, f"refused connection from {address}: {many} already open"
+            )
             writer.transport.abort()
             return
         if len(self._shaking) >= MAX_HANDSHAKES:  # the oldest is most likely idle
@@ -3041,7 +3046,7 @@ class Worker:
                     log.debug("connection from %s closed before the handshake", address)
                     return
                 why = "it closed the connection during the handshake"
-            self._log.warning(address, "closed connection from %s: %s", address, why)
+            self._log.warning(address, f"closed connection from {address}: {why}")
             return
         finally:
             self._shaking.pop(writer, None)
@@ -3251,9 +3256,8 @@ class _Peer:
         self.out.close()
         self.worker._peers.discard(self)
         if isinstance(error, WoolError):
-            self.worker._log.warning(
-                self.address, "closed connection from %s: %s", self.address, error
-            )
+            why = f"closed connection from {self.address}: {error}"
+            self.worker._log.warning(self.address, why)
         else:
             why = f": {error!r}" if error else ""
             log.info("connection from %s closed%s", self.address, why)
@@ -3361,7 +3365,7 @@ class _LogLimit:
     def __init__(self):
         self.hosts: dict[str, list] = {}  # host -> [window start, warnings]
 
-    def warning(self, address: str, message: str, *args):
+    def warning(self, address: str, message: str):
         host, now = address.rpartition(":")[0] or address, time.monotonic()
         if host in self.hosts and now - self.hosts[host][0] > LOG_WINDOW:
             self.flush(host)
@@ -3370,7 +3374,7 @@ class _LogLimit:
         entry = self.hosts.setdefault(host, [now, 0])
         entry[1] += 1
         if entry[1] <= LOG_BURST:
-            log.warning(message, *args)
+            log.warning("%s", message)
         if entry[1] == LOG_BURST:
             log.warning("more warnings about %s for %g s: counted", host, LOG_WINDOW)
 
