@@ -130,12 +130,20 @@ async def test_large_buffers_take_the_path_asked_for_and_leave_no_file_open(
     assert mapped == (pool.path == "shared")
     del memory
     del back
-    # The file we sent was closed at the worker's TAKEN; the reply's mapping
-    # goes with the array (once the event loop lets go of the reply's future).
-    await until(lambda: no_more(before))
+    # The reply's mapping goes with the array (once the event loop lets go of
+    # the reply's future); the file we sent, once the worker said TAKEN, is
+    # kept for the next message: one file, whose memory is used again.
+    await until(lambda: no_more(before) or len(shared_files() - before) == 1)
+    assert len(shared_files() - before) == (pool.path == "shared")
+    again = await echo(arrays["float64 C"])
+    del again
+    await until(lambda: no_more(before) or len(shared_files() - before) == 1)
+    assert len(shared_files() - before) == (pool.path == "shared")
 
 
-@pytest.mark.skipif(sys.version_info >= (3, 13), reason="3.13 maps without a descriptor")
+@pytest.mark.skipif(
+    sys.version_info >= (3, 13), reason="3.13 maps without a descriptor"
+)
 async def test_short_of_descriptors_a_receiver_copies_instead_of_mapping(
     arrays, monkeypatch
 ):
@@ -170,8 +178,9 @@ async def test_a_killed_worker_leaves_no_shared_file_open(arrays):
 
 async def test_shared_files_spoken_by_hand_are_taken_then_closed():
     """A caller that says it shares the machine (HELLO's rid: its pid) sends
-    a TASK whose buffer is in a shared file: the worker maps it, says TAKEN,
-    and shares its reply the same way, holding that file until our TAKEN."""
+    a TASK whose buffer is in a shared file: the worker maps it, shares its
+    reply the same way, says TAKEN once its mapping is gone, and holds its
+    own file until our TAKEN, then keeps it for its next message."""
     array = np.arange(2**18, dtype=float)  # 2 MiB
     async with wool.Worker(authkey=KEY) as worker:
         session = await Session.open(worker.info, KEY)
@@ -183,16 +192,19 @@ async def test_shared_files_spoken_by_hand_are_taken_then_closed():
         replies = [await session.read() for _ in range(2)]
         os.close(fd)
         assert [kind for kind, _, _ in replies] == [
-            wool.TAKEN, wool.RESULT | wool.BUFFERS | wool.SHARED
+            wool.RESULT | wool.BUFFERS | wool.SHARED, wool.TAKEN
         ]  # fmt: skip
-        assert replies[0][1] == serial
-        reply = replies[1][2]
+        assert replies[1][1] == serial
+        reply = replies[0][2]
         value, _ = wool._loads(wool._Parts.read(reply, wool.MAX_FRAME, worker.info.pid))
         assert np.array_equal(value, array) and value.flags.writeable
         (peer,) = worker._peers
         assert list(peer.out.files) == [wool.FILE.unpack_from(reply)[1]]
         session.send(wool.TAKEN, wool.FILE.unpack_from(reply)[1])
         await until(lambda: not peer.out.files)
+        assert [serial for serial, _ in peer.out.spare] == [
+            wool.FILE.unpack_from(reply)[1]
+        ]
         session.writer.close()
 
 
@@ -222,7 +234,9 @@ async def test_bytes_bytearray_and_memoryview_round_trip(pool):
 async def test_containers_of_many_buffers(pool, arrays):
     nested = {"arrays": list(arrays.values()), "more": [np.ones(100_000)] * 5}
     back = await echo(nested)
-    for mine, theirs in zip(nested["arrays"] + nested["more"], back["arrays"] + back["more"]):
+    for mine, theirs in zip(
+        nested["arrays"] + nested["more"], back["arrays"] + back["more"]
+    ):
         assert np.array_equal(mine, theirs)
 
 
@@ -260,7 +274,10 @@ def sealed_buffers_frame(table: bytes, body: bytes) -> bytes:
     "table, why",
     [
         (b"\x00\x00", "a frame's buffer table is cut short"),
-        (b"\x00\x00\x00\x02" + (2**40).to_bytes(8, "big") + bytes(8), "2 buffers are longer"),
+        (
+            b"\x00\x00\x00\x02" + (2**40).to_bytes(8, "big") + bytes(8),
+            "2 buffers are longer",
+        ),
     ],
 )
 def test_a_frame_whose_buffer_lengths_lie_is_refused(table, why):

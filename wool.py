@@ -2107,7 +2107,8 @@ STOP = 20  # no body: the generator finished
 GOODBYE = 21  # no body, rid 0: the worker is stopping; send nothing more
 INFO = 22  # body: the worker's WorkerInfo as JSON, its first frame; rid 0
 # either way
-TAKEN = 23  # no body: the shared file numbered rid is mapped; its sender closes it
+TAKEN = 23  # no body: done with shared file rid (its mapping is gone): its sender
+#           may write the next message into it, or close it
 
 # The kind byte's two high bits are flags, so kinds stay below 0x40.
 BUFFERS = 0x80  # the body is a _Parts (pickle and out-of-band buffers)
@@ -2196,10 +2197,10 @@ class _Parts:
         return [struct.pack(f"!I{n}Q", n, *sizes) + self.pickle, *self.buffers]
 
     @classmethod
-    def read(cls, body, max_frame: int, shared_by: int | None = None) -> _Parts:
+    def read(cls, body, max_frame: int, shared_by=None, done=lambda: None) -> _Parts:
         """The parts of a received body: views of it, no copy, or of the
-        shared file it names, which process `shared_by` sent. Raises
-        ProtocolError when its lengths do not add up."""
+        shared file it names, which process `shared_by` sent (`done()` once
+        they are gone). Raises ProtocolError when its lengths do not add up."""
         view, at = memoryview(body), FILE.size if shared_by else 0
         try:
             (n,) = struct.unpack_from("!I", view, at)
@@ -2210,7 +2211,7 @@ class _Parts:
         if shared_by:
             _check_size(len(view) + size, max_frame)
             fd, serial = FILE.unpack_from(view)
-            memory, start, end = _map(shared_by, fd, serial, size), 0, None
+            memory, start, end = _map(shared_by, fd, serial, size, done), 0, None
         else:
             memory, start = view, len(view) - size
             end = start
@@ -2330,7 +2331,8 @@ CHUNK = 256 * 2**10  # bytes of a large message handed to the kernel at a time
 BUFFER = (4 * 2**10, 256 * 2**10)  # bytes of a connection's receive buffer: idle,
 #                                    and grown to while frames keep coming
 SHARE = 2**20  # bytes of buffers from which a message to this machine is shared
-SHARED_FILES = 64  # shared files a connection holds until mapped; more: the socket
+SHARED_FILES = 64  # shared files a connection sent and awaits TAKEN of; more: socket
+SPARE = 2  # files it keeps for its next messages once TAKEN (their memory with them)
 BATCH = 48  # frames written to the transport at once while flushing a queue
 # Threads of our own for tags and shared files: the event loop's default
 # executor may be full of a user's blocking calls (sync tasks on a worker).
@@ -2443,10 +2445,10 @@ class _Frames(asyncio.BufferedProtocol):
                 body = _Parts.read(body, self.max_frame)
             elif self.out.peer is None:
                 raise ProtocolError("a shared file from a peer on another machine")
-            else:  # memfd transfer: mapped, then TAKEN
-                parts = _Parts.read(body, self.max_frame, self.out.peer)
-                self.out.send(TAKEN, FILE.unpack_from(body)[1])
-                kind, body = kind & ~SHARED, parts
+            else:  # memfd transfer: mapped; TAKEN once the mapping is gone
+                done = functools.partial(self.out.release, FILE.unpack_from(body)[1])
+                body = _Parts.read(body, self.max_frame, self.out.peer, done)
+                kind &= ~SHARED
         if (handler := self.handlers.get(kind)) is None:
             raise ProtocolError(self.unknown.format(kind))
         handler(kind, rid, body)
@@ -2517,6 +2519,7 @@ class _Outbox:
         self.peer: int | None = None  # memfd transfer: the peer's pid (share_with)
         self.share = False  # to send by shared files: until one cannot be made
         self.files: dict[int, int] = {}  # serial -> our fd of a file not yet TAKEN
+        self.spare: list[tuple[int, int]] = []  # (serial, fd) TAKEN, for reuse
         # Paused while it has a backlog: then chunks go to the kernel whole. A
         # TLS transport keeps its own buffer and is left its default limits.
         self.tls = transport.get_extra_info("sslcontext") is not None
@@ -2554,7 +2557,8 @@ class _Outbox:
         shared = type(body) is _Parts and body.size - len(body.pickle) >= SHARE
         if shared and self.share and len(self.files) < SHARED_FILES:
             self.large = _Large([])  # frames behind wait for the file
-            done = self.loop.run_in_executor(_THREADS, _share, body.buffers)
+            spare = self.spare.pop() if self.spare else None
+            done = self.loop.run_in_executor(_THREADS, _share, body.buffers, spare)
             done.add_done_callback(functools.partial(self.shared, kind, rid, body))
         elif len(body) < CHUNK:  # sealed here: a thread would cost more than it saves
             self.parts += encode(kind, rid, body, self.seal)
@@ -2616,11 +2620,21 @@ class _Outbox:
         self.peer, self.share = pid, True
 
     def taken(self, kind: int, serial: int, body):
-        """The peer mapped shared file `serial`: close our descriptor."""
-        if (fd := self.files.pop(serial, None)) is not None:
+        """The peer is done with shared file `serial`: keep it for a next
+        message (SPARE at most), or close it."""
+        if (fd := self.files.pop(serial, None)) is None:
+            if not self.closed:
+                raise ProtocolError(f"TAKEN for shared file {serial}, not sent")
+        elif len(self.spare) < SPARE and not self.closed:
+            self.spare.append((serial, fd))
+        else:
             os.close(fd)
-        elif not self.closed:
-            raise ProtocolError(f"TAKEN for shared file {serial}, which was not sent")
+
+    def release(self, serial: int):
+        """Our mapping of the peer's shared file `serial` is gone (called
+        from any thread, as it is collected): TAKEN."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            self.loop.call_soon_threadsafe(self.send, TAKEN, serial)
 
     def write(self):
         parts, self.parts = self.parts, []
@@ -2644,9 +2658,10 @@ class _Outbox:
         self.closed = True
         self.queue.clear()
         self.queued, self.large = 0, None
-        for fd in self.files.values():
+        for fd in [*self.files.values(), *(fd for _, fd in self.spare)]:
             os.close(fd)
         self.files.clear()
+        self.spare.clear()
         self.wake()
 
     def full(self) -> bool:
@@ -2728,16 +2743,21 @@ def _machine() -> str | None:
 _serials = itertools.count(1)
 
 
-def _share(buffers: list) -> tuple[int, int]:
-    """Write `buffers` one after another into a new memfd: (descriptor,
-    serial). Runs in a thread (os.write lets go of the GIL)."""
-    serial = next(_serials)
-    fd = os.memfd_create(f"wool.{serial}", os.MFD_CLOEXEC)
+def _share(buffers: list, spare: tuple[int, int] | None = None) -> tuple[int, int]:
+    """Write `buffers` one after another into a memfd: a `spare` one (serial,
+    descriptor), whose pages are there already (a third of the cost of new
+    ones), else a new one. (descriptor, serial); in a thread (os.pwrite lets
+    go of the GIL)."""
+    serial, fd = spare or (next(_serials), -1)
+    fd = os.memfd_create(f"wool.{serial}", os.MFD_CLOEXEC) if fd < 0 else fd
     try:
+        at = 0
         for buffer in buffers:
             view = memoryview(buffer).cast("B")
             while view:
-                view = view[os.write(fd, view) :]
+                written = os.pwrite(fd, view, at)
+                view, at = view[written:], at + written
+        os.ftruncate(fd, at)  # a spare may be longer
     except BaseException:
         os.close(fd)
         raise
@@ -2747,9 +2767,9 @@ def _share(buffers: list) -> tuple[int, int]:
 _mapped: weakref.WeakSet = weakref.WeakSet()  # (< 3.13: each holds a descriptor)
 
 
-def _map(pid: int, fd: int, serial: int, size: int):
+def _map(pid: int, fd: int, serial: int, size: int, done: Callable[[], Any]):
     """The shared file `serial` that process `pid` holds as `fd`, mapped
-    (or, where descriptors run short, copied)."""
+    (or, where descriptors run short, copied); `done()` once it is not."""
     try:
         own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
@@ -2762,12 +2782,16 @@ def _map(pid: int, fd: int, serial: int, size: int):
         if name != f"/memfd:wool.{serial} (deleted)" or os.fstat(own).st_size != size:
             raise ProtocolError(f"the shared file {fd} is not the one sent ({name})")
         if sys.version_info >= (3, 13):
-            return mmap.mmap(own, size, trackfd=False)
-        mapping = mmap.mmap(own, size)
-        if len(_mapped) >= resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4:
-            with mapping:  # descriptors run short: copy, and let it go
-                return bytearray(mapping)
-        _mapped.add(mapping)
+            mapping = mmap.mmap(own, size, trackfd=False)
+        else:
+            mapping = mmap.mmap(own, size)
+            if len(_mapped) >= resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4:
+                with mapping:  # descriptors run short: copy, and let it go
+                    copy = bytearray(mapping)
+                done()
+                return copy
+            _mapped.add(mapping)
+        weakref.finalize(mapping, done)
         return mapping
     except ValueError as e:  # an empty file
         raise ProtocolError(f"the shared file {fd} cannot be mapped: {e}") from None
