@@ -197,7 +197,7 @@ ATTACKS = {
     ),
     "TAKEN for a file never sent": (
         lambda w, m: after_hello(w, (wool.TAKEN, 7, b"")),
-        "TAKEN for shared file 7, which was not sent",
+        "TAKEN for shared file 7, never sent",
     ),
     "two generator steps at once": (
         lambda w, m: after_hello(  # (the first step may have run as it came)

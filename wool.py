@@ -198,8 +198,6 @@ class _NotSent(Exception):
 
 
 # -- @work and its options: timeout, retries, wool.ContextVar ------------------
-
-
 @overload
 def work(fn: Callable[P, R], /) -> Callable[P, R]: ...
 @overload
@@ -369,8 +367,6 @@ def _context_changes(changed: set[str]) -> dict[str, Any] | None:
 
 
 # -- WorkerPool and its load balancers -----------------------------------------
-
-
 class Task:
     """One call of a @work function, as a load balancer sees it."""
 
@@ -815,8 +811,6 @@ def _authkey(key: bytes | None) -> bytes:
 
 
 # -- The roster and the spawner: the workers a pool knows ----------------------
-
-
 class _Roster:
     """The workers a pool's discovery sources list, and its connections to
     them. Liveness comes from a connection, never from discovery records (a
@@ -1223,8 +1217,6 @@ class _Spawner:
 
 
 # -- The caller's end of a connection: _Connection, remote generators ----------
-
-
 class _Call:
     __slots__ = ("accepted", "reply", "started")
 
@@ -1512,16 +1504,10 @@ async def _remote_generator(fn, args, kwargs):
 
 
 # -- Executor: a concurrent.futures face on a pool -----------------------------
-
-
 class Executor(concurrent.futures.Executor):
     """A concurrent.futures.Executor over a WorkerPool: ProcessPoolExecutor's
-    arguments and behaviour, with workers that may be on other machines.
-
-        with wool.Executor(4) as executor:        # was ProcessPoolExecutor(4)
-            print(list(executor.map(pow, [2, 3], [10, 10])))
-
-    `max_workers` (alias `size`) workers, each running one call at a time
+    arguments and behaviour (a drop-in for it), with workers that may be on
+    other machines. `max_workers` (alias `size`) workers, each running one call at a time
     (`max_tasks_per_worker=N` for more); WorkerPool's other arguments by
     keyword (`tags=` for its positional ones); `mp_context` is ignored.
     `submit` takes any callable: a plain one runs in a thread on the worker.
@@ -1744,8 +1730,6 @@ async def _aiter(iterable):
 
 
 # -- Messages: what calls and answers pickle to. No sockets. -------------------
-
-
 def _dump_task(fn, args, kwargs, max_frame: int) -> tuple[Any, tuple | None]:
     """A TASK body: (function reference, args, kwargs, context, timeout), and
     the function's (id, definition) when it travels by value."""
@@ -1763,11 +1747,8 @@ def _dump_task(fn, args, kwargs, max_frame: int) -> tuple[Any, tuple | None]:
         ) from e
     args, kwargs = _lift(args), _lift(kwargs)
     plain = _plain(args) and _plain(kwargs) and (not context or _plain(context))
-    name = fn.__qualname__
-
-    def what():  # (only on failure: this is the hot path)
-        return f"{name}() and its arguments to a worker" + _unpicklable(context)
-
+    name = fn.__qualname__  # (what() runs only on failure: this is the hot path)
+    what = lambda: f"{name}() and its arguments to a worker" + _unpicklable(context)
     # The reference and the timeout are plain data.
     body = _pickle((ref, args, kwargs, context, _time_limit(fn)), what, max_frame,
                    oob=True, plain=plain)  # fmt: skip
@@ -1979,10 +1960,9 @@ _PLAIN = frozenset({int, float, str, bytes, bool, type(None), _Bytes})
 def _dump_value(value, changes: dict | None, fn, max_frame: int) -> Any:
     """A RESULT body: (value, the wool.ContextVar values the task set)."""
     value, plain = _lift(value), not changes or _plain(changes)
-
-    def what():  # (only on failure: this is the hot path)
-        return f"the value of {_name(fn)}() back to the caller" + _unpicklable(changes)
-
+    what = lambda: (  # (only on failure: this is the hot path)
+        f"the value of {_name(fn)}() back to the caller" + _unpicklable(changes)
+    )
     return _pickle((value, changes), what, max_frame, oob=True,
                    plain=plain and _plain(value))  # fmt: skip
 
@@ -2325,7 +2305,6 @@ async def _authenticate_worker(reader, writer, key: bytes, address: str):
 
 
 # -- Streams: receiving (_Frames) and sending (_Outbox) ------------------------
-
 LARGE = 64 * 2**10  # bytes; a larger body is received into its own buffer
 CHUNK = 256 * 2**10  # bytes of a large message handed to the kernel at a time
 BUFFER = (4 * 2**10, 256 * 2**10)  # bytes of a connection's receive buffer: idle,
@@ -2624,7 +2603,7 @@ class _Outbox:
         message (SPARE at most), or close it."""
         if (fd := self.files.pop(serial, None)) is None:
             if not self.closed:
-                raise ProtocolError(f"TAKEN for shared file {serial}, not sent")
+                raise ProtocolError(f"TAKEN for shared file {serial}, never sent")
         elif len(self.spare) < SPARE and not self.closed:
             self.spare.append((serial, fd))
         else:
@@ -2714,16 +2693,19 @@ def _switch(writer: asyncio.StreamWriter, seals, max_frame, on_lost, **out):
 
 
 # -- Memfd transfer: large buffers between processes of one machine ------------
-
+#
 # Between two processes on one machine, a message's large buffers skip the
 # socket and its MAC: the sender writes them to a memfd (an anonymous file in
 # memory, gone when its last descriptor closes: a killed process leaves
 # nothing behind), the frame names it by descriptor number and serial, and
-# the receiver opens it through /proc/PID/fd, checks its name and size, maps
-# it (arrays view the mapping: no copy) and says TAKEN, so the sender closes
-# its descriptor. Only peers that see the same machine token in INFO do so:
-# same boot, PID namespace and user, which may read each other's memory
-# anyway (a MAC would guard nothing there).
+# the receiver opens it through /proc/PID/fd, checks its name and size and
+# maps it: arrays view the mapping, writable, no copy. Once that mapping is
+# gone it says TAKEN, and the sender writes a next message into the file (its
+# pages are there already: writing into new ones costs three times as much)
+# or closes it. Each message has a file of its own while it is mapped, so no
+# receiver sees another's data or writes. Only peers that see the same
+# machine token in INFO share files: same boot, PID namespace and user, which
+# may read each other's memory anyway (a MAC would guard nothing there).
 
 
 @functools.cache
@@ -2800,7 +2782,7 @@ def _map(pid: int, fd: int, serial: int, size: int, done: Callable[[], Any]):
 
 
 # -- Liveness: busy is not dead ------------------------------------------------
-
+#
 # A peer is dead when its kernel stops answering, never because its event
 # loop is busy: a busy peer's kernel acknowledges every probe, advertising a
 # zero window. TCP_USER_TIMEOUT cannot tell the two apart (Linux aborts a
@@ -2871,16 +2853,9 @@ _LIVENESS = _Liveness()
 
 
 # -- The worker ----------------------------------------------------------------
-
-
 class Worker:
-    """A worker server: runs the tasks that authenticated callers send it.
-
-        async with Worker("gpu", authkey=key, discovery=LanDiscoveryService()) as w:
-            print(w.info.address)
-            await w.stopped()
-
-    Listens on `host:port` (port 0: any free one) and publishes itself to
+    """A worker server: runs the tasks that authenticated callers send it
+    (`async with Worker(...) as w: await w.stopped()`). Listens on `host:port` (port 0: any free one) and publishes itself to
     `discovery`; `stop()` withdraws it, tells its callers GOODBYE, lets
     in-flight tasks finish within `grace` seconds, then cancels the rest.
     Tasks run as asyncio tasks here; nested calls go to the caller's pool.
@@ -3113,8 +3088,6 @@ class Worker:
 
 
 # -- _Peer: the worker's end of a connection -----------------------------------
-
-
 class _Peer:
     """A worker's side of one authenticated caller's connection: the tasks it
     sent, run as asyncio tasks in the context HELLO set up.
@@ -3410,8 +3383,6 @@ class _LogLimit:
 
 
 # -- Entry points: spawned worker, CLI, demo -----------------------------------
-
-
 def _spawned():
     """Main of a worker spawned by a WorkerPool: config on stdin, whose EOF
     (the pool closed it, or the caller died) means stop."""

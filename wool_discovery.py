@@ -54,8 +54,6 @@ REANNOUNCE_EVERY = 5.0  # seconds between mDNS re-announcements of a worker
 
 
 # -- Worker records -------------------------------------------------------------
-
-
 @dataclasses.dataclass(frozen=True)
 class WorkerInfo:
     """Where a worker listens and what it offers; a discovery filter's argument."""
