@@ -1164,8 +1164,9 @@ class _Spawner:
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # uvloop?
         data = pickle.dumps((sys.path, log.getEffectiveLevel(), loop, sorted(pool.tags),
                              self.service.namespace, worker))  # fmt: skip
-        assert proc.stdin is not None
-        proc.stdin.write(struct.pack("!I", len(data)) + data)
+        cast(asyncio.StreamWriter, proc.stdin).write(
+            struct.pack("!I", len(data)) + data
+        )
         self.procs.add(proc)
         watcher = asyncio.ensure_future(self.watch(proc))
         self.watchers.add(watcher)
@@ -1507,9 +1508,10 @@ async def _remote_generator(fn, args, kwargs):
 class Executor(concurrent.futures.Executor):
     """A concurrent.futures.Executor over a WorkerPool: ProcessPoolExecutor's
     arguments and behaviour (a drop-in for it), with workers that may be on
-    other machines. `max_workers` (alias `size`) workers, each running one call at a time
-    (`max_tasks_per_worker=N` for more); WorkerPool's other arguments by
-    keyword (`tags=` for its positional ones); `mp_context` is ignored.
+    other machines. `max_workers` (alias `size`) workers, each running one
+    call at a time (`max_tasks_per_worker=N` for more); WorkerPool's other
+    arguments by keyword (`tags=` for its positional ones); `mp_context` is
+    ignored.
     `submit` takes any callable: a plain one runs in a thread on the worker.
     A future is running() once its worker started it; cancel() then stops an
     async task there. The pool runs on an event loop in a thread of its own,
@@ -2319,9 +2321,8 @@ _THREADS = concurrent.futures.ThreadPoolExecutor(os.cpu_count(), "wool")
 
 
 class _Frames(asyncio.BufferedProtocol):
-    """A connection past its handshake: bytes in, checked frames out.
-
-    Small frames are cut from one reusable buffer; the kernel writes a body
+    """A connection past its handshake: bytes in, checked frames out. Small
+    frames are cut from one reusable buffer; the kernel writes a body
     larger than LARGE straight into its own bytearray, which is what gets
     unpickled (no copy). Each frame whose tag checks out goes to its handler
     in `handlers`, the table of kinds its owner takes now (kind -> handler(
@@ -2475,11 +2476,10 @@ class _Frames(asyncio.BufferedProtocol):
 
 
 class _Outbox:
-    """Seals and writes frames, in the order it commits them to the transport.
-
-    The frames of an event-loop turn go out together at its end. Frames wait here while the transport has
-    bytes it could not send, urgent ones (_URGENT) first. A large message is
-    fed to the transport a CHUNK at a time, each once the last is sent (the
+    """Seals and writes frames, in the order it commits them to the transport:
+    an event-loop turn's together at its end, and, while the transport holds
+    bytes it could not send, urgent ones (_URGENT) first. A large message
+    goes to the transport a CHUNK at a time, each once the last is sent (the
     kernel takes it whole, no copy), while a thread computes its tag; in
     memfd transfer (share_with) a thread writes its buffers into a shared
     file instead. Frames behind a large message wait for it (`large`).
@@ -2855,14 +2855,14 @@ _LIVENESS = _Liveness()
 # -- The worker ----------------------------------------------------------------
 class Worker:
     """A worker server: runs the tasks that authenticated callers send it
-    (`async with Worker(...) as w: await w.stopped()`). Listens on `host:port` (port 0: any free one) and publishes itself to
-    `discovery`; `stop()` withdraws it, tells its callers GOODBYE, lets
-    in-flight tasks finish within `grace` seconds, then cancels the rest.
-    Tasks run as asyncio tasks here; nested calls go to the caller's pool.
-    With `max_tasks` running, a new task is REFUSED (its caller tries
-    another worker). Raises ValueError when asked to listen off loopback
-    with neither a key nor TLS, unless `insecure`; RuntimeError on a second
-    start()."""
+    (`async with Worker(...) as w: await w.stopped()`). Listens on
+    `host:port` (port 0: any free one) and publishes itself to `discovery`;
+    `stop()` withdraws it, tells its callers GOODBYE, lets in-flight tasks
+    finish within `grace` seconds, then cancels the rest. Tasks run as
+    asyncio tasks here; nested calls go to the caller's pool. With
+    `max_tasks` running, a new task is REFUSED (its caller tries another
+    worker). Raises ValueError when asked to listen off loopback with neither
+    a key nor TLS, unless `insecure`; RuntimeError on a second start()."""
 
     def __init__(
         self, *tags: str, host: str = "127.0.0.1", port: int = 0,
@@ -2996,8 +2996,7 @@ class Worker:
         version, tags, uptime (s), the tasks running now (function, age in
         s), tasks done and failed since start, connections, RSS (bytes), and
         the connections its nested pools hold to other workers (its mesh)."""
-        now, info = time.monotonic(), self.info
-        assert info is not None
+        now, info = time.monotonic(), cast(WorkerInfo, self.info)
         running = [
             {"function": _name(fn), "age": round(now - start, 3)}
             for peer in self._peers
@@ -3054,9 +3053,8 @@ class Worker:
             return
         peer = _Peer(self, (reader, writer), seals, address)
         self._peers.add(peer)
-        assert self.info is not None
-        info = self.info.to_json(machine=_machine(), verified=peer.verified)
-        peer.out.send(INFO, 0, info)  # who answers here
+        me = cast(WorkerInfo, self.info)
+        peer.out.send(INFO, 0, me.to_json(machine=_machine(), verified=peer.verified))
         log.info("connection from %s opened", address)
 
     def _nested_pool(self, peer: _Peer) -> WorkerPool:
@@ -3196,9 +3194,9 @@ class _Peer:
         if generator:
             self.streams[rid] = steps = asyncio.Queue[tuple[int, bytes]](1)
             steps.put_nowait((NEXT, b""))
-        assert self.context is not None
         ahead = self.out.queued  # bytes of replies its answer would queue behind
-        run, context = self.run(rid, body, generator), self.context.copy()
+        run = self.run(rid, body, generator)
+        context = cast(contextvars.Context, self.context).copy()
         task = asyncio.Task(run, loop=self.loop, context=context, **_EAGER)
         self.tasks[rid] = task
         task.add_done_callback(functools.partial(self.done, rid))

@@ -167,9 +167,7 @@ class LocalDiscoveryService:
     pool's private one is removed when the pool exits. With `create=False`,
     publishing never creates it: it fails (FileNotFoundError) once it is gone."""
 
-    def __init__(
-        self, namespace: str | None = None, *, filter=None, create: bool = True
-    ):
+    def __init__(self, namespace: str | None = None, *, filter=None, create=True):
         namespace = namespace or "default"
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", namespace):
             raise ValueError(
@@ -326,9 +324,7 @@ class LanDiscoveryService:
     itself every REANNOUNCE_EVERY seconds, so browsers that missed it (a
     partition that healed) find it without a restart."""
 
-    def __init__(
-        self, filter: Callable[[WorkerInfo], bool] | None = None, *, interfaces=None
-    ):
+    def __init__(self, filter: Callable | None = None, *, interfaces=None):
         if isinstance(interfaces, str):
             raise TypeError(f"interfaces is a list of addresses, like [{interfaces!r}]")
         self.filter, self.interfaces = filter, interfaces
@@ -340,10 +336,8 @@ class LanDiscoveryService:
         arg = f"interfaces={self.interfaces!r}" if self.interfaces else ""
         return _describe("LanDiscoveryService", arg, self.filter)
 
-    def __getstate__(self):
-        return {"filter": self.filter, "interfaces": self.interfaces} | {
-            "_zc": None, "_services": {}, "_announcer": None
-        }  # fmt: skip
+    def __getstate__(self):  # a description: what it published stays here
+        return self.__dict__ | {"_zc": None, "_services": {}, "_announcer": None}
 
     def _zeroconf(self):
         from zeroconf import InterfaceChoice, IPVersion
@@ -352,10 +346,8 @@ class LanDiscoveryService:
         if self.interfaces is None:
             return AsyncZeroconf(interfaces=InterfaceChoice.All)
         v4 = all(":" not in i for i in self.interfaces if isinstance(i, str))
-        return AsyncZeroconf(
-            interfaces=self.interfaces,
-            ip_version=IPVersion.V4Only if v4 else IPVersion.All,
-        )
+        version = IPVersion.V4Only if v4 else IPVersion.All
+        return AsyncZeroconf(interfaces=self.interfaces, ip_version=version)
 
     async def publish(self, event: DiscoveryEvent) -> None:
         """Register, update or withdraw `event.info` on the network."""
@@ -371,12 +363,10 @@ class LanDiscoveryService:
         service = _to_service(info, _interface_addresses() if wildcard else [info.host])
         if info.uid in self._services:
             self._services[info.uid] = service
-            await (await self._zc.async_update_service(service))
-            return
+            return await (await self._zc.async_update_service(service))
         # Skipping the uniqueness probes is safe: the name holds a fresh uid.
-        await (
-            await self._zc.async_register_service(service, cooperating_responders=True)
-        )
+        zc = self._zc
+        await (await zc.async_register_service(service, cooperating_responders=True))
         self._services[info.uid] = service
         if self._announcer is None:
             self._announcer = asyncio.ensure_future(self._reannounce())
@@ -483,9 +473,7 @@ class DnsDiscoveryService:
     resolve is logged once per change and tried again. Records carry no uid,
     pid or tags: the pool learns them from the worker, and applies `filter`."""
 
-    def __init__(
-        self, *names: str, port: int | None = None, interval: float = 5.0, filter=None
-    ):
+    def __init__(self, *names: str, port=None, interval: float = 5.0, filter=None):
         if not names:
             raise TypeError("DnsDiscoveryService needs at least one name or address")
         if not interval > 0:
