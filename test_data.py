@@ -208,6 +208,18 @@ async def test_shared_files_spoken_by_hand_are_taken_then_closed():
         session.writer.close()
 
 
+async def test_a_receive_buffer_is_used_again_only_once_nothing_views_it(pool):
+    """A process receives a large body into the memory of the last one of its
+    size when nothing views that any more: arrays still alive keep theirs."""
+    a = np.arange(2**20, dtype=float)  # 8 MiB
+    first, second = await echo(a), await echo(a + 1)
+    del second  # its memory is free for the next
+    third = await echo(a + 2)
+    assert np.array_equal(first, a) and np.array_equal(third, a + 2)
+    third[:] = -1  # writable, and no one else's
+    assert np.array_equal(first, a) and np.array_equal(await echo(a + 3), a + 3)
+
+
 @wool.work
 async def occupy_threads(seconds: float):
     """Fill the worker's default executor with blocking calls, as sync tasks do."""

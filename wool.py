@@ -2315,6 +2315,10 @@ SHARE = 2**20  # bytes of buffers from which a message to this machine is shared
 SHARED_FILES = 64  # shared files a connection sent and awaits TAKEN of; more: socket
 SPARE = 2  # files it keeps for its next messages once TAKEN (their memory with them)
 BATCH = 48  # frames written to the transport at once while flushing a queue
+# The last large body this process received, for the next of its size once
+# nothing views it (it is ours alone: only our reference and getrefcount's):
+# new memory costs more than receiving into it (the kernel faults it in).
+_spare: list[bytearray] = []
 # Threads of our own for tags and shared files: the event loop's default
 # executor may be full of a user's blocking calls (sync tasks on a worker).
 _THREADS = concurrent.futures.ThreadPoolExecutor(os.cpu_count(), "wool")
@@ -2396,7 +2400,10 @@ class _Frames(asyncio.BufferedProtocol):
                 at = self.start + HEADER.size
                 if size > LARGE:
                     got = min(size, self.end - at)
-                    self.large = bytearray(size)
+                    spare = _spare.pop() if _spare else bytearray()  # see _spare
+                    if len(spare) != size or sys.getrefcount(spare) > 2:
+                        spare = bytearray(size)  # (another size, or in use)
+                    self.large, _spare[:] = spare, [spare]
                     self.large[:got] = buf[at : at + got]
                     self.mac = self.seal.begin(buf[self.start : at], size)
                     self.mac.update(buf[at : at + got])
@@ -2500,10 +2507,9 @@ class _Outbox:
         self.files: dict[int, int] = {}  # serial -> our fd of a file not yet TAKEN
         self.spare: list[tuple[int, int]] = []  # (serial, fd) TAKEN, for reuse
         # Paused while it has a backlog: then chunks go to the kernel whole. A
-        # TLS transport keeps its own buffer and is left its default limits.
+        # TLS transport keeps a buffer of its own, HIGH_WATER at most.
         self.tls = transport.get_extra_info("sslcontext") is not None
-        if not self.tls:
-            transport.set_write_buffer_limits(high=0)
+        transport.set_write_buffer_limits(high=HIGH_WATER if self.tls else 0)
 
     def send(self, kind: int, rid: int, body=b""):
         self.queued += len(body)
