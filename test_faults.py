@@ -9,6 +9,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import hmac
 import itertools
 import logging
 import os
@@ -132,11 +133,14 @@ NOT_SHARED = os.open(os.devnull, os.O_RDONLY)  # a descriptor, not a shared file
 def shared_task(fd_of, size=2**20):
     """A TASK whose buffer of `size` bytes is said to be in shared file 1,
     held by this (the worker's) process as descriptor `fd_of(worker)`."""
+
     def send(w, m, pid=os.getpid()):
         table = wool.FILE.pack(fd_of(w), 1) + struct.pack("!IQ", 1, size)
         kind = wool.TASK | wool.BUFFERS | wool.SHARED
         return after_hello(w, (kind, 1, table + TASK_BODY), pid=pid)
+
     return send
+
 
 STREAM_BODY = pickle.dumps((("test_wool", "count"), (3,), {}, None, None))
 
@@ -229,6 +233,22 @@ async def test_hostile_input_closes_one_connection_with_one_log_line(
     writer.close()
 
 
+async def test_a_bad_frame_that_comes_with_the_handshake_leaves_no_peer_behind(worker):
+    """Frames that arrive with the end of the handshake are checked at once; a
+    bad one closes the connection, and the worker forgets it (else such
+    connections would fill max_connections)."""
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection(*worker.info.address.split(":"))
+        nonce = (await reader.readexactly(len(wool.MAGIC) + wool.NONCE))[-wool.NONCE :]
+        proof = hmac.new(KEY, b"caller" + nonce, "sha256").digest()
+        too_big = b"\xff" * 64  # a header over max_frame, in the same segment
+        writer.write(wool.MAGIC + proof + os.urandom(wool.NONCE) + too_big)
+        with closed():
+            assert (await reader.read())[:1] == b"+"  # it took the key, then closed
+        writer.close()
+    assert worker.status()["connections"] == 0
+
+
 @contextlib.contextmanager
 def closed():
     """Reading until the worker closed; a reset is a close too."""
@@ -262,7 +282,10 @@ async def test_a_flood_of_bad_connections_logs_a_few_lines_and_a_count(caplog):
     closed_lines = [line for line in lines if line.startswith("closed connection")]
     assert len(closed_lines) == wool.LOG_BURST
     assert lines[5] == "more warnings about 127.0.0.1 for 60 s: counted"
-    assert lines[-1] == f"{60 - wool.LOG_BURST} more warnings about 127.0.0.1 were not logged"
+    assert (
+        lines[-1]
+        == f"{60 - wool.LOG_BURST} more warnings about 127.0.0.1 were not logged"
+    )
 
 
 async def test_authenticated_callers_get_in_past_held_half_handshakes():
@@ -340,14 +363,18 @@ async def test_a_caller_that_stops_reading_stalls_only_itself(worker, slow):
     writer.close()
 
 
-async def test_definitions_over_the_bound_close_the_connection(worker, caplog, monkeypatch):
+async def test_definitions_over_the_bound_close_the_connection(
+    worker, caplog, monkeypatch
+):
     caplog.set_level(logging.WARNING, logger="wool")
     monkeypatch.setattr(wool, "MAX_DEFINED", 10 * 2**10)
     definitions = ((wool.DEFINE, i, b"x" * 2**10) for i in range(1, 12))
     reader, writer = await after_hello(worker, *definitions)
     with closed():
         assert await reader.read() == b""
-    assert any("over 0 MiB of functions defined" in r.getMessage() for r in caplog.records)
+    assert any(
+        "over 0 MiB of functions defined" in r.getMessage() for r in caplog.records
+    )
     await good_client(worker)
     writer.close()
 
@@ -575,7 +602,9 @@ async def test_a_relay_that_passed_the_handshake_can_inject_nothing(tmp_path, ca
     local = wool.LocalDiscoveryService
 
     async def relay(reader, writer):
-        up_reader, up_writer = await asyncio.open_connection(*real.info.address.split(":"))
+        up_reader, up_writer = await asyncio.open_connection(
+            *real.info.address.split(":")
+        )
         writer.write(await up_reader.readexactly(len(wool.MAGIC) + wool.NONCE))
         up_writer.write(
             await reader.readexactly(len(wool.MAGIC) + wool.DIGEST + wool.NONCE)
@@ -619,7 +648,9 @@ async def good_client_of(worker):
     service = wool.LocalDiscoveryService(namespace)
     try:
         await service.publish(wool.DiscoveryEvent("worker-added", worker.info))
-        async with wool.WorkerPool(discovery=wool.LocalDiscoveryService(namespace), authkey=KEY):
+        async with wool.WorkerPool(
+            discovery=wool.LocalDiscoveryService(namespace), authkey=KEY
+        ):
             assert await add(1, 2) == 3
     finally:
         await service.close()
@@ -652,7 +683,9 @@ async def test_a_task_that_may_have_started_is_never_sent_elsewhere(tmp_path):
         _, outbound = await wool._authenticate_caller(reader, writer, KEY)
         writer.write(frame(wool.INFO, 0, fake.to_json(), outbound))
         while True:  # HELLO, then the TASK (unchecked: this peer is honest)
-            size, kind, _ = wool.HEADER.unpack(await reader.readexactly(wool.HEADER.size))
+            size, kind, _ = wool.HEADER.unpack(
+                await reader.readexactly(wool.HEADER.size)
+            )
             await reader.readexactly(size + wool.TAG)
             if kind == wool.TASK:
                 break
@@ -711,7 +744,9 @@ async def test_a_workers_nested_pools_end_with_the_connections_that_use_them(
         for _ in range(8):  # each pool: its connection, and one nested back
             async with wool.WorkerPool(discovery=local(namespace)):
                 assert await test_wool.fibonacci(4) == 3
-        await until(lambda: worker.status()["connections"] == worker.status()["nested"] == 0)
+        await until(
+            lambda: worker.status()["connections"] == worker.status()["nested"] == 0
+        )
 
 
 async def test_a_generator_open_on_a_withdrawn_worker_finishes_without_spinning(
@@ -724,7 +759,9 @@ async def test_a_generator_open_on_a_withdrawn_worker_finishes_without_spinning(
     ):
         numbers = test_wool.count(3)
         assert await anext(numbers) == 0
-        await worker.discovery.publish(wool.DiscoveryEvent("worker-dropped", worker.info))
+        await worker.discovery.publish(
+            wool.DiscoveryEvent("worker-dropped", worker.info)
+        )
         await until(lambda: not pool.workers)  # retiring: no new tasks
         cpu = time.process_time()
         await asyncio.sleep(0.5)  # a window to measure, not to synchronise
@@ -766,7 +803,9 @@ async def test_in_flight_counts_survive_a_worker_updated_event(namespace):
     test_wool.HELD["updated"] = asyncio.Event()
     async with (
         wool.Worker(discovery=local(namespace)) as worker,
-        wool.WorkerPool(discovery=local(namespace), max_tasks_per_worker=1, wait=2) as pool,
+        wool.WorkerPool(
+            discovery=local(namespace), max_tasks_per_worker=1, wait=2
+        ) as pool,
     ):
         call = asyncio.ensure_future(test_wool.hold("updated"))
         await test_wool.HELD["updated"].wait()

@@ -1785,10 +1785,8 @@ def _ref(fn) -> tuple[tuple[str, str] | int, bytes | None]:
     if (ref := _refs.get(fn)) is not None:
         return ref
     module, name = fn.__module__, fn.__qualname__
-    by_value = module == "__main__" or any(
-        module == m or module.startswith(m + ".")
-        for m in cloudpickle.list_registry_pickle_by_value()
-    )
+    registered = tuple(m + "." for m in cloudpickle.list_registry_pickle_by_value())
+    by_value = module == "__main__" or f"{module}.".startswith(registered)
     if not by_value:
         try:
             by_value = _lookup(module, name) is not fn
@@ -1842,8 +1840,7 @@ def _lookup(module: str, qualname: str):
             f"--path DIR or --preload {module}, or send it: WorkerPool(modules=)",
             name=module,
         ) from e
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
+    obj = functools.reduce(getattr, qualname.split("."), obj)
     return getattr(obj, "__func__", obj)  # a classmethod's function
 
 
@@ -1882,10 +1879,8 @@ def _pickle(obj, what=None, max_frame=MAX_FRAME, oob=False, plain=None) -> Any:
 
     callback = aside if oob else None
     try:
-        if _plain(obj) if plain is None else plain:
-            data: Any = pickle.dumps(obj, 5, buffer_callback=callback)
-        else:
-            data = cloudpickle.dumps(obj, protocol=5, buffer_callback=callback)
+        module = pickle if (_plain(obj) if plain is None else plain) else cloudpickle
+        data: Any = module.dumps(obj, 5, buffer_callback=callback)
         if buffers:
             data = _Parts(data, buffers)
     except BaseException as e:  # a __reduce__ may raise anything, SystemExit too
@@ -1914,12 +1909,10 @@ def _plain(obj, depth: int = 2) -> bool:
         return False
     if _PLAIN.issuperset(map(type, obj)):
         return True
-    if depth:
-        for item in obj:
-            if not _plain(item, depth - 1):
-                return False
-        return True
-    return False
+    for item in obj:  # (not all plain types, so not empty)
+        if not depth or not _plain(item, depth - 1):
+            return False
+    return True
 
 
 def _lift(obj):
@@ -1928,12 +1921,9 @@ def _lift(obj):
     kind = type(obj)
     if (kind is bytes or kind is bytearray) and len(obj) >= LARGE or kind is memoryview:
         return _Bytes(obj)
-    if kind is tuple or kind is dict:
-        items = obj if kind is tuple else obj.values()
-        if _LIFTED.isdisjoint(map(type, items)):  # the common case, at C speed
-            return obj
-        if kind is tuple:
-            return tuple(map(_lift, obj))
+    if kind is tuple:  # unchanged in the common case, at C speed
+        return obj if _LIFTED.isdisjoint(map(type, obj)) else tuple(map(_lift, obj))
+    if kind is dict and not _LIFTED.isdisjoint(map(type, obj.values())):
         return {k: _lift(v) for k, v in obj.items()}
     return obj
 
@@ -2108,14 +2098,13 @@ def encode(kind: int, rid: int, body, seal: _Seal) -> list:
         header = HEADER.pack(len(body), kind, rid)
         return [header, body, seal.tag(header, body)]
     header, parts = HEADER.pack(len(body), kind | BUFFERS, rid), body.wire()
-    mac = seal.begin(header, len(body))
-    _feed(mac, parts)
-    return [header, *parts, mac.digest()[:TAG]]
+    return [header, *parts, _tag(seal.begin(header, len(body)), parts)]
 
 
-def _feed(mac, parts: list):
+def _tag(mac, parts: list):
     for part in parts:
         mac.update(part)
+    return mac.digest()[:TAG]
 
 
 def _check_size(size: int, max_frame: int):
@@ -2138,17 +2127,16 @@ class _Seal:
 
     def __init__(self, key: bytes):
         self.blake = hashlib.blake2b(key=_digest(key, b"blake2b", b""), digest_size=TAG)
-        self.hmac, self.seq = hmac.new(key, digestmod="sha256"), 0
+        self.hmac, self.seq = hmac.new(key, digestmod="sha256"), -1  # the last one's
         self.trusted = False  # see _trust
 
     def begin(self, header, size: int) -> Any:
         """The next frame's MAC, fed its number and header; feed it the body."""
+        self.seq += 1
         if self.trusted and size >= self.SMALL:
-            self.seq += 1
             return _UNSEALED
         mac: Any = self.blake.copy() if size < self.SMALL else self.hmac.copy()
         mac.update(self.seq.to_bytes(8, "big") + header)
-        self.seq += 1
         return mac
 
     def tag(self, header, body) -> bytes:
@@ -2195,8 +2183,7 @@ class _Parts:
             fd, serial = FILE.unpack_from(view)
             memory, start, end = _map(shared_by, fd, serial, size, done), 0, None
         else:
-            memory, start = view, len(view) - size
-            end = start
+            memory, start, end = view, len(view) - size, len(view) - size
             if start < at:
                 raise ProtocolError(f"a frame's {n} buffers are longer than the frame")
         edges, memory = itertools.accumulate(lengths, initial=start), memoryview(memory)
@@ -2374,9 +2361,8 @@ class _Frames(asyncio.BufferedProtocol):
                     self.buf = self.buf[:nbytes] + bytes(BUFFER[0] - nbytes)  # idle
                 self.end += nbytes
             else:
-                self.mac.update(
-                    memoryview(self.large)[self.filled : self.filled + nbytes]
-                )
+                at = self.filled
+                self.mac.update(memoryview(self.large)[at : at + nbytes])
                 self.filled += nbytes
                 if self.filled == len(self.large):
                     self.untagged, self.large = (*self.head, self.large), None
@@ -2461,22 +2447,21 @@ class _Frames(asyncio.BufferedProtocol):
 
     def eof_received(self):
         """The peer closed its side: a clean end only between frames."""
-        size = None
+        ended = "stream ended inside a frame"
         if (body := self.large or self.untagged and self.untagged[2]) is not None:
-            size = len(body)
+            self.lose(ProtocolError(f"{ended} of {len(body)} bytes"))
         elif self.end - self.start >= HEADER.size:
             size = HEADER.unpack_from(self.buf, self.start)[0]
-        if size is not None:
-            self.lose(ProtocolError(f"stream ended inside a frame of {size} bytes"))
+            self.lose(ProtocolError(f"{ended} of {size} bytes"))
         elif self.end > self.start:
-            self.lose(ProtocolError("stream ended inside a frame header"))
+            self.lose(ProtocolError(f"{ended} header"))
         return False  # the transport closes
 
     def connection_lost(self, exc: Exception | None):
         self.lose(exc)
 
     def pause_writing(self):
-        self.out.pause()
+        self.out.paused = True
 
     def resume_writing(self):
         self.out.resume()
@@ -2555,8 +2540,8 @@ class _Outbox:
             self.parts.append(header)
             self.write()
             large = self.large = _Large(parts)
-            done = self.loop.run_in_executor(_THREADS, _feed, mac, parts)
-            done.add_done_callback(lambda _: self.sealed(large, mac.digest()[:TAG]))
+            tagged = self.loop.run_in_executor(_THREADS, _tag, mac, parts)
+            tagged.add_done_callback(lambda _: self.sealed(large, tagged.result()))
             self.feed()
 
     def feed(self):
@@ -2630,9 +2615,6 @@ class _Outbox:
         """Request ids of the tasks whose frames never left this process."""
         return {rid for kind, rid, _ in self.queue if kind in (TASK, STREAM)}
 
-    def pause(self):
-        self.paused = True
-
     def resume(self):
         self.paused = False
         self.feed()
@@ -2645,8 +2627,7 @@ class _Outbox:
         self.queued, self.large = 0, None
         for fd in [*self.files.values(), *(fd for _, fd in self.spare)]:
             os.close(fd)
-        self.files.clear()
-        self.spare.clear()
+        self.files, self.spare = {}, []
         self.wake()
 
     def full(self) -> bool:
@@ -2659,10 +2640,9 @@ class _Outbox:
 
     def wake(self):
         """No longer full: wake those waiting, tell the owner."""
-        if self.writable is not None:
-            if not self.writable.done():
-                self.writable.set_result(None)
-            self.writable = None
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+        self.writable = None
         if self.on_resume is not None and not self.closed:
             self.on_resume()
 
@@ -2720,12 +2700,10 @@ def _machine() -> str | None:
     (or WOOL_SHARE=0 says not to)."""
     if os.environ.get("WOOL_SHARE") == "0":
         return None
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
+    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as f:
+        boot = f.read().strip()
         return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}/{os.getuid()}"
-    except OSError:
-        return None
+    return None
 
 
 _serials = itertools.count(1)
@@ -2823,9 +2801,8 @@ class _Liveness:
         with self.lock:
             self.watched[frames] = (sock, asyncio.get_running_loop())
             if self.thread is None:
-                self.thread = threading.Thread(
-                    target=self.run, name="wool liveness", daemon=True
-                )
+                name = "wool liveness"
+                self.thread = threading.Thread(target=self.run, name=name, daemon=True)
                 self.thread.start()
 
     def forget(self, frames: _Frames):
@@ -2881,10 +2858,8 @@ class Worker:
         self.host, self.port, self.advertise = host, port, advertise
         self.ssl, self.client_ssl, self.insecure = ssl, client_ssl, insecure
         self.discovery, self.grace, self.max_frame = discovery, grace, max_frame
-        self.max_connections, self.handshake_timeout = (
-            max_connections,
-            handshake_timeout,
-        )
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
         self.max_tasks = max_tasks  # running at once; more are REFUSED
         self.running = 0  # tasks running now; only tally() changes them,
         self.done = self.failed = 0  # and those that ended, since start
@@ -3024,11 +2999,9 @@ class Worker:
         """Authenticate a new connection, then hand it to a _Peer."""
         peer = writer.get_extra_info("peername")
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        if len(self._peers) >= self.max_connections:
-            many = len(self._peers)
-            self._log.warning(
-                address, f"refused connection from {address}: {many} already open"
-            )
+        if (many := len(self._peers)) >= self.max_connections:
+            refused = f"refused connection from {address}: {many} already open"
+            self._log.warning(address, refused)
             writer.transport.abort()
             return
         if len(self._shaking) >= MAX_HANDSHAKES:  # the oldest is most likely idle
@@ -3057,8 +3030,7 @@ class Worker:
         if self.state in (_State.STOPPING, _State.STOPPED):
             writer.transport.abort()
             return
-        peer = _Peer(self, (reader, writer), seals, address)
-        self._peers.add(peer)
+        peer = _Peer(self, (reader, writer), seals, address)  # in _peers now
         me = cast(WorkerInfo, self.info)
         peer.out.send(INFO, 0, me.to_json(machine=_machine(), verified=peer.verified))
         log.info("connection from %s opened", address)
@@ -3070,8 +3042,7 @@ class Worker:
         or, while none did, by the one that opened it: never by another
         worker's nested pool alone, whose connection it may keep in turn (a
         cycle that would outlive the caller)."""
-        entry = self._nested.get(peer.hello)
-        if entry is None:
+        if (entry := self._nested.get(peer.hello)) is None:
             pool = WorkerPool._nested(self, peer.services, peer.wait)
             entry = self._nested[peer.hello] = (pool, set())
         if not peer.nested or not entry[1]:
@@ -3081,8 +3052,7 @@ class Worker:
 
     def _release_nested(self, peer: _Peer):
         """`peer` closed; the last that kept its nested pool stops it."""
-        entry = self._nested.get(peer.hello)
-        if entry is not None and peer in entry[1]:
+        if (entry := self._nested.get(peer.hello)) is not None and peer in entry[1]:
             entry[1].discard(peer)
             if not entry[1]:
                 del self._nested[peer.hello]
@@ -3128,6 +3098,7 @@ class _Peer:
         no_hello = ProtocolError(f"no HELLO within {seconds:g} s")
         self.deadline = self.loop.call_later(seconds, self.frames.fail, no_hello)
         unknown = "it did not start with HELLO"
+        worker._peers.add(self)  # before any frame: a bad one removes it again
         self.frames.begin({HELLO: self.on_hello}, unknown, streams[0])
 
     def on_hello(self, kind: int, rid: int, body):
@@ -3421,9 +3392,8 @@ async def _serve_spawned(tags: list[str], namespace: str, options: dict):
     ended: list[bool] = []
     threading.Thread(target=lifeline, daemon=True).start()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    await worker.start()
-    await stop.wait()
-    await worker.stop()
+    async with worker:
+        await stop.wait()
     if ended:  # the last worker out removes a killed pool's empty namespace
         with contextlib.suppress(OSError):
             os.rmdir(discovery.path)
@@ -3556,20 +3526,18 @@ async def _cli_pool(args, dial: bool = True):
     """A pool on the command's discovery, key and TLS, once the workers that
     discovery listed within --wait answered or failed (without `dial`, it
     only lists them)."""
-    pool = WorkerPool(
+    async with WorkerPool(
         discovery=_discovery(args.discovery, args.interface, publish=False),
         authkey=_authkey_file(args.authkey_file),
         ssl=_tls(args.tls_cert, args.tls_key, args.tls_ca, ssl.Purpose.SERVER_AUTH),
         lease=None if dial else 0,
-    )
-    async with pool:
+    ) as pool:
         roster = pool._roster
         wait = 2.0 if args.discovery == "lan" else 0.1  # long enough for mDNS
         await asyncio.sleep(wait if args.wait is None else args.wait)
         with contextlib.suppress(TimeoutError):
-            seen = lambda: len(roster.conns) + len(roster.errors)
-            done = lambda: not dial or seen() >= len(roster.listed)
-            await pool._until(done, HANDSHAKE_TIMEOUT)
+            done = lambda: len(roster.conns) + len(roster.errors) >= len(roster.listed)
+            await pool._until(lambda: not dial or done(), HANDSHAKE_TIMEOUT)
         yield pool
 
 
@@ -3597,10 +3565,9 @@ async def _status(args) -> int:
     """`wool status`: one line per worker (or JSON), once or every second."""
     async with _cli_pool(args) as pool:
         if not pool.workers:  # why: a refused key first, else what failed
-            errors = [*pool._roster.errors.values()]
-            errors.sort(key=lambda e: type(e) is not AuthenticationError)
-            errors.append(NoWorkersAvailable(f"no worker found on {pool.discovery!r}"))
-            raise errors[0]
+            none = NoWorkersAvailable(f"no worker found on {pool.discovery!r}")
+            other = lambda e: type(e) is not AuthenticationError
+            raise min(pool._roster.errors.values(), key=other, default=none)
         while True:
             for s in sorted(await pool.status(), key=lambda s: s["address"]):
                 print(json.dumps(s) if args.json else _status_line(s), flush=True)

@@ -109,12 +109,9 @@ def _changes(known: dict[str, WorkerInfo], seen: dict[str, WorkerInfo], filter):
     for uid in [u for u in known if u not in seen]:
         yield DiscoveryEvent("worker-dropped", known.pop(uid))
     for uid, info in seen.items():
-        if uid not in known:
+        if (old := known.get(uid)) != info:
             known[uid] = info
-            yield DiscoveryEvent("worker-added", info)
-        elif known[uid] != info:
-            known[uid] = info
-            yield DiscoveryEvent("worker-updated", info)
+            yield DiscoveryEvent("worker-updated" if old else "worker-added", info)
 
 
 def _describe(cls_name: str, arg: str, filter) -> str:
@@ -277,14 +274,10 @@ def _interface_addresses() -> list[str]:
     and link-local ones (what a worker on 0.0.0.0 announces)."""
     import ifaddr  # a dependency of zeroconf
 
-    found = []
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            address = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
-            if not (address.startswith(("127.", "fe80")) or address == "::1"):
-                found.append(address)
-    found.sort(key=lambda a: ":" in a)  # IPv4 first
-    return found or ["127.0.0.1"]
+    ips = [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips]
+    found = [a if isinstance(a, str) else a[0] for a in ips]  # IPv6: (address, ...)
+    found = [a for a in found if not (a.startswith(("127.", "fe80")) or a == "::1")]
+    return sorted(found, key=lambda a: ":" in a) or ["127.0.0.1"]  # IPv4 first
 
 
 def _to_service(info: WorkerInfo, addresses: list[str]):
@@ -352,20 +345,17 @@ class LanDiscoveryService:
     async def publish(self, event: DiscoveryEvent) -> None:
         """Register, update or withdraw `event.info` on the network."""
         info = event.info
-        if self._zc is None:
-            self._zc = self._zeroconf()
+        zc = self._zc = self._zc or self._zeroconf()
         if event.type == "worker-dropped":
-            service = self._services.pop(info.uid, None)
-            if service is not None:
-                await (await self._zc.async_unregister_service(service))
+            if (service := self._services.pop(info.uid, None)) is not None:
+                await (await zc.async_unregister_service(service))
             return
         wildcard = info.host in ("0.0.0.0", "::", "")
         service = _to_service(info, _interface_addresses() if wildcard else [info.host])
         if info.uid in self._services:
             self._services[info.uid] = service
-            return await (await self._zc.async_update_service(service))
+            return await (await zc.async_update_service(service))
         # Skipping the uniqueness probes is safe: the name holds a fresh uid.
-        zc = self._zc
         await (await zc.async_register_service(service, cooperating_responders=True))
         self._services[info.uid] = service
         if self._announcer is None:
