@@ -237,12 +237,10 @@ def work(fn=None, /, *, timeout=None, retries=0):
             return await _pool_for(wrapper)._run(wrapper, args, kwargs)
 
     else:
-        hint = ""
-        if isinstance(fn, (classmethod, staticmethod)):
-            hint = f"; put @wool.work below @{type(fn).__name__}"
+        below = f"; put @wool.work below @{type(fn).__name__}"
         raise TypeError(
             f"@wool.work needs an `async def` function or async generator, "
-            f"not {fn!r}{hint}"
+            f"not {fn!r}" + below * isinstance(fn, (classmethod, staticmethod))
         )
     wrapper.__wool_work__ = fn  # what the worker runs
     wrapper.__wool_timeout__, wrapper.__wool_retries__ = timeout, retries
@@ -257,7 +255,7 @@ routine = work  # the upstream project's name
 def _pool_for(fn) -> WorkerPool:
     """The pool a call of `fn` goes to: the current one, or in a worker the
     one that sent the running task, or else the last one start()ed."""
-    pool = _current_pool.get() or (_started[-1] if _started else None)
+    pool = _current_pool.get() or next(reversed(_started), None)
     if pool is None:
         raise NoWorkersAvailable(
             f"{fn.__qualname__}() was called outside a WorkerPool; call it inside "
@@ -300,8 +298,8 @@ _MISSING: Any = object()
 _timeout = contextvars.ContextVar[float | None]("wool.timeout", default=_MISSING)
 _retries = contextvars.ContextVar[int]("wool.retries", default=_MISSING)
 _registry: dict[str, contextvars.ContextVar] = {}  # wool.ContextVar name -> var
-# In a worker task: the names of the wool.ContextVars it set.
-_set_by_task = contextvars.ContextVar[set[str] | None]("wool.set_by_task", default=None)
+# In a worker task: the names of the wool.ContextVars it set (else a set no one reads).
+_set_by_task = contextvars.ContextVar[set[str]]("wool.set_by_task", default=set())
 
 
 class ContextVar:
@@ -332,13 +330,11 @@ class ContextVar:
         return value
 
     def set(self, value: Any) -> contextvars.Token:
-        if (changed := _set_by_task.get()) is not None:
-            changed.add(self.name)
+        _set_by_task.get().add(self.name)
         return self._var.set(value)
 
     def reset(self, token: contextvars.Token) -> None:
-        if (changed := _set_by_task.get()) is not None:
-            changed.add(self.name)
+        _set_by_task.get().add(self.name)
         self._var.reset(token)
 
 
@@ -413,7 +409,7 @@ class LeastLoadedLoadBalancer:
 _State = enum.Enum("_State", "NEW STARTING READY STOPPING STOPPED")
 
 
-_started: list[WorkerPool] = []  # pools start()ed and not stopped, oldest first
+_started: dict[WorkerPool, None] = {}  # pools start()ed and not stopped, oldest first
 _current_pool: contextvars.ContextVar[WorkerPool | _Peer | None]
 _current_pool = contextvars.ContextVar("wool.pool", default=None)
 _current_worker = contextvars.ContextVar[WorkerInfo | None]("wool.worker", default=None)
@@ -451,10 +447,9 @@ class WorkerPool:
         max_tasks_per_worker: int | None = None,
         modules: Iterable[types.ModuleType] = (),
     ):  # fmt: skip
-        if spawn is not None:
-            if size is not None and size != spawn:
-                raise TypeError("give size= or its alias spawn=, not both")
-            size = spawn
+        if spawn is not None and size is not None and size != spawn:
+            raise TypeError("give size= or its alias spawn=, not both")
+        size = spawn if size is None else size
         if size is None and discovery is None:
             size = os.cpu_count() or 1
         if size is not None and (not isinstance(size, int) or size < 0):
@@ -523,7 +518,7 @@ class WorkerPool:
         return self
 
     async def __aexit__(self, *exc_info):
-        await self._stop()
+        await self.stop()
 
     async def start(self) -> Self:
         """Start the pool without a block, as in a notebook: `pool = await
@@ -531,12 +526,8 @@ class WorkerPool:
         pool is set in the context (another cell, another task) go to the
         pool of this process that was started last and still runs."""
         await self._start()
-        _started.append(self)
+        _started[self] = None
         return self
-
-    async def stop(self):
-        """Stop a started pool, as leaving its block would."""
-        await self._stop()
 
     async def _start(self):
         if self._state is not _State.NEW:
@@ -560,7 +551,7 @@ class WorkerPool:
             if self._spawner is not None:
                 await self._spawner.start()
         except BaseException:
-            await self._stop()
+            await self.stop()
             raise
         self._state = _State.READY
 
@@ -612,9 +603,7 @@ class WorkerPool:
         try:
             while True:
                 while len(running) < limit:
-                    try:
-                        item = await anext(items)
-                    except StopAsyncIteration:
+                    if (item := await anext(items, _MISSING)) is _MISSING:
                         limit = 0  # exhausted
                         break
                     each = _as_call(fn, (item,), {})
@@ -645,7 +634,8 @@ class WorkerPool:
                 raise TimeoutError
             await self._roster.wait_change(left)
 
-    async def _stop(self):
+    async def stop(self):
+        """Stop a started pool, as leaving its block would."""
         if self._state in (_State.STOPPING, _State.STOPPED):
             return
         self._state = _State.STOPPING
@@ -654,8 +644,7 @@ class WorkerPool:
                 await self._spawner.stop()
             await self._roster.close()
         finally:
-            with contextlib.suppress(ValueError):
-                _started.remove(self)
+            _started.pop(self, None)
             if self._spawner is not None:
                 self._spawner.service.remove()
             if self._token is not None:
@@ -739,8 +728,7 @@ class WorkerPool:
         body, definition = _dump_task(fn, args, kwargs, self.max_frame)
         task, lost = Task(fn, args, kwargs), cast(list[WorkerInfo], [])
         seconds = None if generator else _time_limit(fn)
-        retries = _retries.get()
-        retries = fn.__wool_retries__ if retries is _MISSING else retries
+        retries = fn.__wool_retries__ if (n := _retries.get()) is _MISSING else n
         # The uids of the workers that refused it, and that lost it:
         refused = avoid = frozenset[str]()
         unable: dict[str, bytes] = {}  # uid -> why this call cannot run there
@@ -763,10 +751,8 @@ class WorkerPool:
                 if len(lost) > retries:
                     if retries:
                         where = ", ".join(i.address for i in lost)
-                        e.args = (
-                            f"{e}; sent {len(lost)} times (retries={retries}), "
-                            f"to {where}",
-                        )
+                        sent = f"sent {len(lost)} times (retries={retries}), to {where}"
+                        e.args = (f"{e}; {sent}",)
                     raise
                 log.warning("%s; sending %s() again", e, fn.__qualname__)
                 avoid |= {conn.info.uid}
@@ -789,8 +775,7 @@ class WorkerPool:
 
 
 def _check_tags(tags: tuple, who: str) -> frozenset[str]:
-    bad = [t for t in tags if not isinstance(t, str)]
-    if bad:
+    if bad := [t for t in tags if not isinstance(t, str)]:
         hint = " (for a number of workers, write size=N)" if who == "WorkerPool" else ""
         raise TypeError(f"{who} tags must be strings, not {bad[0]!r}{hint}")
     return frozenset(tags)
@@ -808,6 +793,13 @@ def _more_files():
 def _authkey(key: bytes | None) -> bytes:
     """The key to use: the one given, else WOOL_AUTHKEY, else none (b"")."""
     return os.environ.get("WOOL_AUTHKEY", "").encode() if key is None else key
+
+
+def _spawn(tasks: set[asyncio.Task], coro) -> None:
+    """Run `coro` in a task, kept in `tasks` until it is done."""
+    task = asyncio.ensure_future(coro)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 # -- The roster and the spawner: the workers a pool knows ----------------------
@@ -847,18 +839,17 @@ class _Roster:
     def follow(self, sources: list[_Source], hello: bytes):
         self.sources, self.hello = sources, hello
         for source in sources:
-            self.spawn(self.watch(source))
+            _spawn(self.tasks, self.watch(source))
 
     def greeting(self, verified: bool) -> bytes:
         """HELLO's body: `hello`, and a sample of SEEDS workers each source
         lists, so that a worker's nested pool knows some before (or without)
         discovery, and nested calls spread over the fleet."""
-        seeds = [
-            [i for i, s in self.listed.values() if s is o and o.leased]  # not ours
-            for o in self.sources  # on loopback: others cannot reach them
-        ]
-        sample = [random.sample(each, min(SEEDS, len(each))) for each in seeds]
-        seeds = [[dataclasses.astuple(i) for i in s] for s in sample]
+        seeds = []
+        for o in self.sources:  # not ours: on loopback, others cannot reach them
+            each = [i for i, s in self.listed.values() if s is o and o.leased]
+            sample = random.sample(each, min(SEEDS, len(each)))
+            seeds.append([dataclasses.astuple(i) for i in sample])
         return pickle.dumps((self.hello, seeds, verified))
 
     def seed(self, seeds: list):
@@ -869,18 +860,11 @@ class _Roster:
                     self.learn(DiscoveryEvent("worker-added", info), source)
                     self.seeded.add(info.uid)
 
-    def spawn(self, coro):
-        task = asyncio.ensure_future(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    def notify(self):
-        """A worker came or went: wake every waiting call."""
-        queue, self.queue = self.queue, collections.deque()
-        for waiter in [*queue, *self.watchers]:
-            if not waiter.done():
-                waiter.set_result(None)
-        self.watchers = []
+    def notify(self, conn: _Connection | None = None):
+        """A worker came or went (`conn`'s, if given): wake every waiting call."""
+        self.watchers = [*self.queue, *self.watchers]  # the queue's first, in turn
+        self.queue.clear()
+        self.room(conn, freed=False)
 
     def update(self, conn: _Connection):
         """Keep `conn` in `ready` while it takes tasks: open and registered,
@@ -974,13 +958,12 @@ class _Roster:
         known = self.listed.get(info.uid)
         self.listed[info.uid] = (info, source)
         if known is None:
-            self.spawn(self.link(info.uid))
+            _spawn(self.tasks, self.link(info.uid))
         elif (conn := self.find(info.uid)) is not None and conn.info != info:
             self.ready.put(conn, False)
             self.conns[info] = self.conns.pop(conn.info)
             conn.info = info
-            self.update(conn)
-            self.notify()
+            self.notify(conn)
 
     def find(self, uid: str) -> _Connection | None:
         """The connection of the link for listed worker `uid`."""
@@ -1022,24 +1005,21 @@ class _Roster:
                     self.errors[uid] = e
                     self.leased.discard(uid)  # its lease goes to another meanwhile
                     self.notify()
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RECONNECT[1])
                 else:
                     self.errors.pop(uid, None)
                     conn.listed_as, delay, reached = uid, RECONNECT[0], True
                     if await self.unwanted(conn, source, info):
                         continue
                     self.conns[conn.info] = conn
-                    self.update(conn)
-                    self.notify()
+                    self.notify(conn)
                     try:
                         await conn.closed
                     finally:
                         conn.close()
                         self.conns.pop(conn.info, None)
-                        self.update(conn)
-                        self.notify()
-                    continue
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RECONNECT[1])
+                        self.notify(conn)
         finally:
             if uid in self.leased:
                 self.leased.discard(uid)
@@ -1120,7 +1100,6 @@ class _Spawner:
         self.replaced = collections.deque[float](maxlen=RESPAWNS)  # when, last ones
         self.failed: int | None = None  # exit code of a worker that could not start
         self.watchers: set[asyncio.Task] = set()
-        self.stopping = False
 
     async def start(self):
         """Start the workers; return once all are connected to the pool."""
@@ -1133,17 +1112,15 @@ class _Spawner:
             connected = sum(1 for info in pool.workers if info.pid in pids)
             return self.failed is not None or connected >= pool.size
 
-        try:
+        with contextlib.suppress(TimeoutError):
             await pool._until(ready, START)
-        except TimeoutError:
-            raise RuntimeError(
-                f"spawned workers did not start within {START:g} s"
-            ) from None
         if self.failed is not None:
             raise RuntimeError(
                 f"a spawned worker exited with code {self.failed} as it "
                 "started; its error is on stderr"
             )
+        if not ready():
+            raise RuntimeError(f"spawned workers did not start within {START:g} s")
 
     async def spawn(self):
         pool = self.pool
@@ -1151,9 +1128,7 @@ class _Spawner:
         # it may be `myproject._vendor.wool`): one copy of its state.
         code = "import importlib, sys; sys.path.insert(0, sys.argv[1]); "
         code += "importlib.import_module(sys.argv[2])._spawned()"
-        root = os.path.abspath(__file__)
-        for _ in range(__name__.count(".") + 1):
-            root = os.path.dirname(root)
+        root = os.path.abspath(__file__ + "/.." * (__name__.count(".") + 1))
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", code, root, __name__,
             stdin=asyncio.subprocess.PIPE,
@@ -1168,9 +1143,7 @@ class _Spawner:
             struct.pack("!I", len(data)) + data
         )
         self.procs.add(proc)
-        watcher = asyncio.ensure_future(self.watch(proc))
-        self.watchers.add(watcher)
-        watcher.add_done_callback(self.watchers.discard)
+        _spawn(self.watchers, self.watch(proc))
 
     async def watch(self, proc: asyncio.subprocess.Process):
         code = await proc.wait()
@@ -1178,8 +1151,7 @@ class _Spawner:
         self.pool._roster.notify()
         if self.pool._state is _State.STARTING:  # a bad set-up: replacing won't help
             self.failed = code
-            return
-        if self.stopping:
+        if self.pool._state is not _State.READY:  # or the pool is stopping
             return
         log.warning("worker pid %d exited with %s; replacing it", proc.pid, code)
         while (
@@ -1197,7 +1169,6 @@ class _Spawner:
     async def stop(self):
         """Stop the workers gracefully; kill those still running after grace.
         A replacement being started is stopped first (and killed)."""
-        self.stopping = True
         for watcher in self.watchers:
             watcher.cancel()
         await asyncio.gather(*self.watchers, return_exceptions=True)
@@ -1270,19 +1241,18 @@ class _Connection:
                 streams = await asyncio.open_connection(info.host, info.port, ssl=tls)
             except ssl.SSLError as e:
                 raise _tls_refused(address, e, nested) from None
-            writer = streams[1]
             try:
                 seals = await _authenticate_worker(*streams, source.key, address)
                 conn = cls(info, streams, seals, roster.max_frame, roster.room)
                 await conn.introduced  # the worker's INFO
             except (ssl.SSLError, asyncio.IncompleteReadError) as e:
-                writer.close()
+                streams[1].close()
                 cut = isinstance(e, ssl.SSLError) or not e.partial  # no MAGIC
                 if tls is None or not cut:
                     raise
                 raise _tls_refused(address, e, nested) from None
             except BaseException:
-                writer.close()
+                streams[1].close()
                 raise
         hello = roster.greeting(conn.verified)
         conn.out.send(HELLO, os.getpid() if conn.out.peer else 0, hello)
@@ -1315,8 +1285,7 @@ class _Connection:
         self.retire()
 
     def _reply(self, kind: int, rid: int, body):
-        call = self.pending.get(rid)
-        if call is None:
+        if (call := self.pending.get(rid)) is None:
             return  # a reply to a call that was cancelled
         if kind == REFUSED:  # it never ran: check that, and why
             body = _refusal(self.info.address, rid, call, body)
@@ -1329,8 +1298,7 @@ class _Connection:
 
     def _lose(self, error: Exception | None):
         reason = "closed by the worker" if error is None else str(error) or repr(error)
-        if self.goodbye:
-            reason = "the worker stopped"
+        reason = "the worker stopped" if self.goodbye else reason
         if isinstance(error, ProtocolError):
             log.warning("closed connection to worker %s: %s", self.info.address, error)
         self.lost = reason
@@ -1342,14 +1310,11 @@ class _Connection:
         for rid, call in self.pending.items():
             if call.reply.done():
                 continue
-            if rid in unsent:
-                call.reply.set_exception(_NotSent())
-                continue
             what = "with the task on it"
             if not call.accepted:
                 what = "after sending it the task, which may or may not have run"
-            lost = f"lost worker {self.info.address} ({reason}) {what}"
-            call.reply.set_exception(WorkerLost(lost))
+            lost = WorkerLost(f"lost worker {self.info.address} ({reason}) {what}")
+            call.reply.set_exception(_NotSent() if rid in unsent else lost)
         self.pending.clear()
         self.on_change(self, False)
         if not self.closed.done():
@@ -1461,9 +1426,8 @@ def _tls_refused(address: str, error: Exception, nested: bool) -> Authentication
     if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE"):
         why = "does not speak TLS; give TLS to all workers and their callers or none"
     elif reason == "CERTIFICATE_VERIFY_FAILED":
-        why = (
-            f"has a certificate we do not trust ({error}); trust the CA that signed it"
-        )
+        why = f"has a certificate we do not trust ({error}); "
+        why += "trust the CA that signed it"
     elif nested:  # the worker presents its own certificate as a client one
         why = f"refused this worker's certificate as a client's ({error!r}): a worker "
         why += "that makes nested calls needs a certificate whose extendedKeyUsage "
@@ -1483,8 +1447,7 @@ async def _remote_generator(fn, args, kwargs):
     apply before its first value only."""
     limit = _time_limit(fn)
     async with asyncio.timeout(limit):
-        run = await _pool_for(fn)._run(fn, args, kwargs, True)
-    conn, rid, call, (kind, data) = run
+        conn, rid, call, (kind, data) = await _pool_for(fn)._run(fn, args, kwargs, True)
     try:
         while kind == RESULT:
             try:
@@ -1634,7 +1597,7 @@ def _close(loop, pool, thread):
         return threading.Thread(target=_close, args=(loop, pool, thread)).start()
     if loop.is_running():
         with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(pool._stop(), loop).result()
+            asyncio.run_coroutine_threadsafe(pool.stop(), loop).result()
         loop.call_soon_threadsafe(loop.stop)
     thread.join()
     loop.close()
@@ -1759,8 +1722,7 @@ def _dump_task(fn, args, kwargs, max_frame: int) -> tuple[Any, tuple | None]:
 
 def _time_limit(fn) -> float | None:
     """Seconds a call of `fn` may run: wool.timeout() if set, else @work's."""
-    seconds = _timeout.get()
-    return fn.__wool_timeout__ if seconds is _MISSING else seconds
+    return fn.__wool_timeout__ if (s := _timeout.get()) is _MISSING else s
 
 
 def _unpicklable(values: dict | None, what: str = "wool.ContextVar") -> str:
@@ -2932,7 +2894,7 @@ class Worker:
                 self._server.close()
             await self._drain(self.grace if grace is None else grace)
             for pool, _ in list(self._nested.values()):
-                await pool._stop()
+                await pool.stop()
             await asyncio.gather(*self._closing)
             if self._server is not None:
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -3056,9 +3018,7 @@ class Worker:
             entry[1].discard(peer)
             if not entry[1]:
                 del self._nested[peer.hello]
-                task = asyncio.ensure_future(entry[0]._stop())
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
+                _spawn(self._closing, entry[0].stop())
 
 
 # -- _Peer: the worker's end of a connection -----------------------------------
