@@ -65,6 +65,12 @@ async def noop(x=None):
 
 
 @wool.work
+async def along(x, n: int):
+    """A pipeline of n + 1 tasks, each handing `x` on to the next (nested)."""
+    return x if n == 0 else await along(x, n - 1)
+
+
+@wool.work
 async def fib(n: int) -> int:
     if n <= 1:
         return n
@@ -156,6 +162,7 @@ async def bench_wool():
         pids = [w.pid for w in pool.workers]
         latency, throughput, payload = await measure(noop, pids=pids, name="wool")
         array, array_rss = await echo_array(noop)
+        piped, _ = await echo_array(lambda x: along(x, 2))
         await fib(10)
         t = time.perf_counter()
         assert await fib(15) == 610
@@ -180,6 +187,7 @@ async def bench_wool():
         "payload_mbs": payload,
         "array_mbs": array,
         "array_rss_x": array_rss,
+        "pipeline_x": array / piped,  # three tasks' time over one echo's
         "fanout_s": fanout,
         "startup_s": startup,
         "exit_s": shutdown,
@@ -472,6 +480,7 @@ TARGETS = [
     ("array vs socket, 1.5x", lambda r: r["wool"]["array_mbs"] >= 1.5 * r["socket"]["array_mbs"], ">= 1.5x socket, 80 MB array, same host"),
     ("tls vs raw tls", lambda r: r["wool tls"]["array_mbs"] >= 0.8 * r["tls"]["array_mbs"], ">= 0.8x raw TLS echo, 80 MB array"),
     ("array memory, 2x", lambda r: r["wool"]["array_rss_x"] <= 2, "caller peak <= 2x payload"),
+    ("pipeline", lambda r: r["wool"]["pipeline_x"] <= 1, "3 tasks passing 80 MB along <= 1 echo"),
     ("caller CPU per call", lambda r: r["wool"]["caller_cpu_us"] <= 1.2 * r["raw"]["caller_cpu_us"], "<= 1.2x raw"),
     ("worker CPU per call", lambda r: r["wool"]["worker_cpu_us"] <= 1.5 * r["raw"]["worker_cpu_us"], "<= 1.5x raw"),
     ("fleet CPU per call", lambda r: r["fleet"][1024]["cpu_us"] <= 1.3 * r["fleet"][16]["cpu_us"], "1,024 workers <= 1.3x 16"),
@@ -613,7 +622,8 @@ def main():
     w = results["wool"]
     print(
         f"wool's caller peak RSS during the 80 MB echo: {w['array_rss_x']:.2f}x the "
-        "payload above its baseline"
+        "payload above its baseline; three nested tasks passing it along: "
+        f"{w['pipeline_x']:.2f}x an echo's time"
     )
     print(
         f"\nwool fib(15), 1,973 tasks: {w['fanout_s']:.2f} s; start-up to first result "
