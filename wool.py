@@ -298,8 +298,8 @@ _MISSING: Any = object()
 _timeout = contextvars.ContextVar[float | None]("wool.timeout", default=_MISSING)
 _retries = contextvars.ContextVar[int]("wool.retries", default=_MISSING)
 _registry: dict[str, contextvars.ContextVar] = {}  # wool.ContextVar name -> var
-# In a worker task: the names of the wool.ContextVars it set (else a set no one reads).
-_set_by_task = contextvars.ContextVar[set[str]]("wool.set_by_task", default=set())
+# In a worker task: the names of the wool.ContextVars it set.
+_set_by_task = contextvars.ContextVar[set[str] | None]("wool.set_by_task", default=None)
 
 
 class ContextVar:
@@ -330,11 +330,13 @@ class ContextVar:
         return value
 
     def set(self, value: Any) -> contextvars.Token:
-        _set_by_task.get().add(self.name)
+        if (changed := _set_by_task.get()) is not None:
+            changed.add(self.name)
         return self._var.set(value)
 
     def reset(self, token: contextvars.Token) -> None:
-        _set_by_task.get().add(self.name)
+        if (changed := _set_by_task.get()) is not None:
+            changed.add(self.name)
         self._var.reset(token)
 
 
@@ -1139,9 +1141,8 @@ class _Spawner:
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # uvloop?
         data = pickle.dumps((sys.path, log.getEffectiveLevel(), loop, sorted(pool.tags),
                              self.service.namespace, worker))  # fmt: skip
-        cast(asyncio.StreamWriter, proc.stdin).write(
-            struct.pack("!I", len(data)) + data
-        )
+        assert proc.stdin is not None
+        proc.stdin.write(struct.pack("!I", len(data)) + data)
         self.procs.add(proc)
         _spawn(self.watchers, self.watch(proc))
 
