@@ -343,22 +343,22 @@ async def test_a_caller_that_stops_reading_stalls_only_itself(worker, slow):
     release["gate"] = gate = asyncio.Event()
     args = (2**20, "gate" if slow else None)
     body = pickle.dumps(((__name__, "echo_big"), args, {}, None, None))
-    tasks = ((wool.TASK, rid, body) for rid in range(1, 201))
-    reader, writer = await after_hello(worker, *tasks)  # 200 MiB nobody reads
+    tasks = ((wool.TASK, rid, body) for rid in range(1, 601))
+    reader, writer = await after_hello(worker, *tasks)  # 600 MiB nobody reads
     await until(lambda: worker.status()["connections"] == 1)
     (peer,) = worker._peers
     bound = wool.HIGH_WATER + 2**20 + 2**10
     if slow:
-        await until(lambda: len(ran) == 200)  # all accepted, all waiting
+        await until(lambda: len(ran) == 600)  # all accepted, all waiting
         gate.set()
     for _ in range(400):  # the worker works on; the bound holds all along
         await asyncio.sleep(0)
         assert queued(peer) <= bound
     await until(peer.out.full)
     if slow:
-        assert len(ran) == 200  # all had started; their replies wait, unpickled
+        assert len(ran) == 600  # all had started; their replies wait, unpickled
     else:
-        assert peer.frames.held and len(ran) < 200  # it stopped reading
+        assert peer.frames.held and len(ran) < 600  # it stopped reading
     await good_client(worker)
     writer.close()
 

@@ -114,7 +114,7 @@ KEEPALIVE = 1.0  # seconds of silence before the kernel probes a peer ...
 DEAD_AFTER = 5.0  # ... and seconds its kernel may not answer: then it is gone
 HIGH_WATER = 4 * 2**20  # unsent bytes at which a connection holds its frames back
 TRIM = 2**16  # characters of an error's message, and of its traceback, that travel
-ACCEPT_BURST = 16  # tasks a worker takes from one connection before they get to run
+ACCEPT_BURST = 64  # tasks a worker takes from one connection before they get to run
 MAX_DEFINED = 64 * 2**20  # bytes of functions one connection may define (DEFINE)
 RECONNECT = (0.05, 2.0)  # seconds between tries to reach a listed worker, doubling
 ASK_AGAIN = (0.01, 1.0)  # seconds before asking full workers again, doubling
@@ -295,6 +295,7 @@ def _setting(var: contextvars.ContextVar, value):
 
 
 _MISSING: Any = object()
+_NOBODY = frozenset[str]()  # no workers' uids (not a singleton: made once)
 _timeout = contextvars.ContextVar[float | None]("wool.timeout", default=_MISSING)
 _retries = contextvars.ContextVar[int]("wool.retries", default=_MISSING)
 _registry: dict[str, contextvars.ContextVar] = {}  # wool.ContextVar name -> var
@@ -366,12 +367,14 @@ def _context_changes(changed: set[str]) -> dict[str, Any] | None:
 
 # -- WorkerPool and its load balancers -----------------------------------------
 class Task:
-    """One call of a @work function, as a load balancer sees it."""
+    """One call of a @work function, as a load balancer sees it (and, to its
+    pool, its request on the connection it went to: see _Connection)."""
 
-    __slots__ = ("args", "fn", "kwargs")
+    __slots__ = ("accepted", "args", "fn", "kwargs", "reply", "started")
 
-    def __init__(self, fn: Callable, args: tuple, kwargs: dict):
-        self.fn, self.args, self.kwargs = fn, args, kwargs
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict, started=None):
+        self.fn, self.args, self.kwargs, self.started = fn, args, kwargs, started
+        self.accepted, self.reply = False, cast(asyncio.Future, None)
 
     def __repr__(self):
         return f"<Task {self.fn.__qualname__}>"
@@ -728,20 +731,20 @@ class WorkerPool:
         never sent); after WorkerLost, `retries` times. `started()` is
         called when a worker says it started the task."""
         body, definition = _dump_task(fn, args, kwargs, self.max_frame)
-        task, lost = Task(fn, args, kwargs), cast(list[WorkerInfo], [])
+        task, lost = Task(fn, args, kwargs, started), cast(tuple[WorkerInfo, ...], ())
         seconds = None if generator else _time_limit(fn)
         retries = fn.__wool_retries__ if (n := _retries.get()) is _MISSING else n
         # The uids of the workers that refused it, and that lost it:
-        refused = avoid = frozenset[str]()
+        refused = avoid = _NOBODY
         unable: dict[str, bytes] = {}  # uid -> why this call cannot run there
         while True:
             conn = await self._connection(task, refused, avoid, unable)
             try:
-                rid, call = conn.start(body, definition, generator, started)
+                rid = conn.start(task, body, definition, generator)
                 if seconds is None:  # as conn.answer(), without a coroutine
-                    kind, data = await call.reply
+                    kind, data = await task.reply
                 else:  # the worker times out; this is in case it hangs
-                    reply = conn.answer(rid, call)
+                    reply = conn.answer(rid, task)
                     kind, data = await asyncio.wait_for(reply, seconds + PATIENCE)
             except asyncio.CancelledError:
                 conn.cancel(rid)
@@ -749,7 +752,7 @@ class WorkerPool:
             except _NotSent:
                 kind = REFUSED
             except WorkerLost as e:
-                lost.append(conn.info)
+                lost += (conn.info,)
                 if len(lost) > retries:
                     if retries:
                         where = ", ".join(i.address for i in lost)
@@ -761,7 +764,7 @@ class WorkerPool:
                 continue
             else:
                 if kind != REFUSED and generator:
-                    return conn, rid, call, (kind, data)
+                    return conn, rid, task, (kind, data)
                 conn.finish(rid)
                 if kind != REFUSED:
                     return _load_reply(kind, data, fn)
@@ -879,10 +882,10 @@ class _Roster:
         watchers, and then the oldest call waiting in the queue."""
         if conn is not None:
             self.update(conn)
-        watchers, self.watchers = self.watchers, []
-        for waiter in watchers:
+        for waiter in self.watchers:  # (their callbacks run later: none adds here)
             if not waiter.done():
                 waiter.set_result(None)
+        self.watchers.clear()
         while freed and self.queue:
             if not (waiter := self.queue.popleft()).done():
                 return waiter.set_result(None)
@@ -1190,13 +1193,6 @@ class _Spawner:
 
 
 # -- The caller's end of a connection: _Connection, remote generators ----------
-class _Call:
-    __slots__ = ("accepted", "reply", "started")
-
-    def __init__(self, reply: asyncio.Future, started: Callable | None = None):
-        self.accepted, self.reply, self.started = False, reply, started
-
-
 class _Connection:
     """A caller's connection to one worker, multiplexing many tasks.
 
@@ -1212,7 +1208,7 @@ class _Connection:
         self.info, self.writer, self.on_change = info, streams[1], on_change
         self.loop = asyncio.get_running_loop()
         self.introduced = self.loop.create_future()  # by the worker's INFO
-        self.pending: dict[int, _Call] = {}
+        self.pending: dict[int, Task] = {}
         self.asking = 0  # STATUS requests among them
         self.rids = itertools.count(1)
         self.defined: set[int] = set()  # functions sent by value on this connection
@@ -1334,9 +1330,9 @@ class _Connection:
         if not self.pending:
             self.close()
 
-    def start(self, body, definition: tuple | None, generator: bool, started=None):
-        """Send a TASK, or a STREAM for a generator (the first time, its
-        function's DEFINE before it): (request id, call)."""
+    def start(self, task: Task, body, definition: tuple | None, generator: bool):
+        """Send `task`: a TASK, or a STREAM for a generator (the first time,
+        its function's DEFINE before it); its request id."""
         if self.lost is not None or self.retiring:
             raise _NotSent()
         if definition is not None and definition[0] not in self.defined:
@@ -1346,13 +1342,13 @@ class _Connection:
                 raise _NotSent()
             self.defined.add(definition[0])
             self.out.send(DEFINE, *definition)
-        rid = next(self.rids)
-        call = self.pending[rid] = _Call(self.loop.create_future(), started)
+        self.pending[rid := next(self.rids)] = task
+        task.accepted, task.reply = False, self.loop.create_future()
         self.out.send(STREAM if generator else TASK, rid, body)
         self.on_change(self, False)
-        return rid, call
+        return rid
 
-    async def answer(self, rid: int, call: _Call) -> tuple[int, Any]:
+    async def answer(self, rid: int, call: Task) -> tuple[int, Any]:
         """The next reply (kind, body) to a request. Cancelling the caller
         cancels the task on the worker."""
         try:
@@ -1361,7 +1357,7 @@ class _Connection:
             self.cancel(rid)
             raise
 
-    async def step(self, rid: int, call: _Call, kind: int, body: bytes = b""):
+    async def step(self, rid: int, call: Task, kind: int, body: bytes = b""):
         """One generator step on an open request."""
         if self.lost is not None:
             raise WorkerLost(
@@ -1378,7 +1374,8 @@ class _Connection:
     async def status(self) -> dict:
         """The worker's status (Worker.status())."""
         rid, self.asking = next(self.rids), self.asking + 1
-        call = self.pending[rid] = _Call(self.loop.create_future())
+        call = self.pending[rid] = Task(self.status, (), {})
+        call.reply = self.loop.create_future()
         self.out.send(STATUS, rid)
         try:
             _, data = await self.answer(rid, call)
@@ -1401,7 +1398,7 @@ class _Connection:
             self.finish(rid)
 
 
-def _refusal(address: str, rid: int, call: _Call, body) -> tuple | None:
+def _refusal(address: str, rid: int, call: Task, body) -> tuple | None:
     """A REFUSED's body: None (full, or stopping), or (whole, error): the
     call cannot run there. A refusal of a task the worker said it started,
     or one that does not load, is a ProtocolError: that connection closes
@@ -1699,7 +1696,7 @@ async def _aiter(iterable):
 def _dump_task(fn, args, kwargs, max_frame: int) -> tuple[Any, tuple | None]:
     """A TASK body: (function reference, args, kwargs, context, timeout), and
     the function's (id, definition) when it travels by value."""
-    context = _context_values()
+    context = _context_values() if _registry else None
     try:
         ref, definition = _ref(fn)
     except Exception as e:
@@ -1711,8 +1708,10 @@ def _dump_task(fn, args, kwargs, max_frame: int) -> tuple[Any, tuple | None]:
             + _unpicklable(used, "its global")
             + "; define it in a module the workers import, or make that value in it"
         ) from e
-    args, kwargs = _lift(args), _lift(kwargs)
-    plain = _plain(args) and _plain(kwargs) and (not context or _plain(context))
+    plain = not kwargs and not context and _SMALL.issuperset(map(type, args))
+    if not plain:  # (else plain data with nothing out of band: the common call)
+        args, kwargs = _lift(args), _lift(kwargs)
+        plain = _plain(args) and _plain(kwargs) and (not context or _plain(context))
     name = fn.__qualname__  # (what() runs only on failure: this is the hot path)
     what = lambda: f"{name}() and its arguments to a worker" + _unpicklable(context)
     # The reference and the timeout are plain data.
@@ -1910,6 +1909,7 @@ class _Bytes:
 
 
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None), _Bytes})
+_SMALL = _PLAIN - _LIFTED  # plain data that never travels out of band
 
 
 def _dump_value(value, changes: dict | None, fn, max_frame: int) -> Any:
@@ -3054,6 +3054,7 @@ class _Peer:
         self.functions: dict[int, Any] = {}  # DEFINE'd bytes, then resolved
         self.defined = 0  # bytes DEFINE'd on this connection
         self.burst = 0  # tasks accepted since they last got to run
+        self.first: list[tuple] = []  # (rid, bytes of replies ahead): see started()
         self.closed = self.loop.create_future()
         seconds = worker.handshake_timeout
         no_hello = ProtocolError(f"no HELLO within {seconds:g} s")
@@ -3132,16 +3133,11 @@ class _Peer:
         if generator:
             self.streams[rid] = steps = asyncio.Queue[tuple[int, bytes]](1)
             steps.put_nowait((NEXT, b""))
-        ahead = self.out.queued  # bytes of replies its answer would queue behind
         run = self.run(rid, body, generator)
         context = cast(contextvars.Context, self.context).copy()
         task = asyncio.Task(run, loop=self.loop, context=context, **_EAGER)
         self.tasks[rid] = task
         task.add_done_callback(functools.partial(self.done, rid))
-        if task.done():  # its first step ran as it was made (3.12+: eager)
-            self.started(rid, task, ahead)
-        else:
-            self.loop.call_soon(self.started, rid, task, ahead)
         worker.tally(1)
         # Let the tasks just accepted run now and then, so a burst of TASKs
         # does not starve them; stop taking more while replies pile up.
@@ -3150,15 +3146,16 @@ class _Peer:
             self.frames.hold()
             self.loop.call_soon(self.breathe)
 
-    def started(self, rid: int, task: asyncio.Task, ahead: int):
-        """After a task's first step: ACCEPTED, ahead of queued replies;
-        not needed when it is done and its answer is not stuck behind others
-        (`ahead`: bytes of them; a frame less per quick call), nor when it
-        was REFUSED (it never ran)."""
-        out, done = self.out, task.done()
-        stuck = out.paused or out.large or ahead > LARGE
-        if rid in self.running and (not done or stuck):
-            out.send(ACCEPTED, rid)
+    def started(self):
+        """After the first step of the tasks in `first` (one call for those
+        whose steps ran in one loop turn): ACCEPTED, ahead of queued replies;
+        not for a task done, if its answer is not stuck behind others (a
+        frame less per quick call), nor for one REFUSED (it never ran)."""
+        out, first, self.first = self.out, self.first, []
+        for rid, ahead in first:
+            stuck = out.paused or out.large or ahead > LARGE
+            if (task := self.tasks.get(rid)) is not None and (stuck or not task.done()):
+                out.send(ACCEPTED, rid)
 
     def resolve(self, ref) -> tuple[Callable, bool]:
         if type(ref) is not int:
@@ -3241,6 +3238,9 @@ class _Peer:
                 why = pickle.dumps((whole, _dump_error(e, max_frame)))
                 return self.out.send(REFUSED, rid, why)
             self.running[rid] = (fn, start)  # for status
+            if not self.first:  # after this turn's first steps (handles: FIFO)
+                self.loop.call_soon(self.started)
+            self.first.append((rid, self.out.queued))
             changed = _enter_context(context)
             if generator:
                 return await self.drive(rid, fn, fn(*args, **kwargs), changed)
