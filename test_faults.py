@@ -125,6 +125,9 @@ async def no_hello(worker, marker):
 
 
 TASK_BODY = pickle.dumps((("test_wool", "add"), (1, 2), {}, None, None))
+WAIT_BODY = pickle.dumps(
+    (("test_wool", "wait_cancelled"), ("/dev/null",), {}, None, None)
+)
 
 
 NOT_SHARED = os.open(os.devnull, os.O_RDONLY)  # a descriptor, not a shared file
@@ -183,8 +186,8 @@ ATTACKS = {
         lambda w, m: after_hello(w, (99, 1, b"")),
         "unknown frame kind 99 from a caller",
     ),
-    "a generator step for a coroutine": (
-        lambda w, m: after_hello(w, (wool.TASK, 1, TASK_BODY), (wool.NEXT, 1, b"")),
+    "a generator step for a coroutine": (  # (one still running: else it has ended)
+        lambda w, m: after_hello(w, (wool.TASK, 1, WAIT_BODY), (wool.NEXT, 1, b"")),
         "a generator step for task 1, a coroutine",
     ),
     "a shared file from a peer on another machine": (

@@ -1708,15 +1708,17 @@ def _dump_task(fn, args, kwargs, max_frame: int) -> tuple[Any, tuple | None]:
             + _unpicklable(used, "its global")
             + "; define it in a module the workers import, or make that value in it"
         ) from e
-    plain = not kwargs and not context and _SMALL.issuperset(map(type, args))
-    if not plain:  # (else plain data with nothing out of band: the common call)
+    small = not kwargs and not context and _SMALL.issuperset(map(type, args))
+    if not small:  # (else plain data with nothing out of band: the common call)
         args, kwargs = _lift(args), _lift(kwargs)
-        plain = _plain(args) and _plain(kwargs) and (not context or _plain(context))
+    plain = (
+        small or _plain(args) and _plain(kwargs) and (not context or _plain(context))
+    )
     name = fn.__qualname__  # (what() runs only on failure: this is the hot path)
     what = lambda: f"{name}() and its arguments to a worker" + _unpicklable(context)
     # The reference and the timeout are plain data.
     body = _pickle((ref, args, kwargs, context, _time_limit(fn)), what, max_frame,
-                   oob=True, plain=plain)  # fmt: skip
+                   oob=not small, plain=plain)  # fmt: skip
     return body, None if definition is None else (ref, definition)
 
 
@@ -1832,19 +1834,18 @@ def _pickle(obj, what=None, max_frame=MAX_FRAME, oob=False, plain=None) -> Any:
     about five times the cost. With `oob`, buffers of LARGE bytes or more stay
     out of band: a _Parts, else bytes. A failure, or a message over max_frame,
     is a TypeError saying what could not be sent (`what()`, asked only then)."""
-    buffers: list = []
+    kept: list = []  # the buffers that travel out of band
 
     def aside(buffer: pickle.PickleBuffer) -> bool:  # False: out of band
         if (view := buffer.raw()).nbytes >= LARGE:
-            buffers.append(view)
+            kept.append(view)
         return view.nbytes < LARGE
 
-    callback = aside if oob else None
     try:
         module = pickle if (_plain(obj) if plain is None else plain) else cloudpickle
-        data: Any = module.dumps(obj, 5, buffer_callback=callback)
-        if buffers:
-            data = _Parts(data, buffers)
+        data: Any = module.dumps(obj, 5, buffer_callback=aside if oob else None)
+        if kept:
+            data = _Parts(data, kept)
     except BaseException as e:  # a __reduce__ may raise anything, SystemExit too
         if what is None:
             raise
@@ -1914,12 +1915,13 @@ _SMALL = _PLAIN - _LIFTED  # plain data that never travels out of band
 
 def _dump_value(value, changes: dict | None, fn, max_frame: int) -> Any:
     """A RESULT body: (value, the wool.ContextVar values the task set)."""
-    value, plain = _lift(value), not changes or _plain(changes)
+    small = not changes and type(value) in _SMALL  # (the common answer)
+    value = value if small else _lift(value)
+    plain = small or (not changes or _plain(changes)) and _plain(value)
     what = lambda: (  # (only on failure: this is the hot path)
         f"the value of {_name(fn)}() back to the caller" + _unpicklable(changes)
     )
-    return _pickle((value, changes), what, max_frame, oob=True,
-                   plain=plain and _plain(value))  # fmt: skip
+    return _pickle((value, changes), what, max_frame, oob=not small, plain=plain)
 
 
 def _dump_error(exc: BaseException, max_frame: int = MAX_FRAME) -> bytes:
@@ -2930,7 +2932,7 @@ class Worker:
         await self._stopped.wait()
 
     def tally(self, started: int, done: bool | None = None):
-        """A _Peer's task started (1) or left (-1), or ended (0) done or not."""
+        """A _Peer's task started (1) or left (-1), `done` or not (None: neither)."""
         self.running += started
         if done is not None:
             self.done, self.failed = self.done + done, self.failed + (not done)
@@ -3105,9 +3107,11 @@ class _Peer:
             raise ProtocolError(f"two steps at once for generator {rid}")
         steps.put_nowait((kind, body))
 
-    def cancel(self, kind: int, rid: int, body):
+    def cancel(self, kind: int, rid: int, body=None):
         if (task := self.tasks.get(rid)) is not None:
             task.cancel()
+            if rid not in self.running:  # it never ran (3.11), so run() cannot end it
+                self.end(rid)
 
     def status(self, kind: int, rid: int, body):
         self.out.send(RESULT, rid, _pickle((self.worker.status(), None)))
@@ -3133,12 +3137,12 @@ class _Peer:
         if generator:
             self.streams[rid] = steps = asyncio.Queue[tuple[int, bytes]](1)
             steps.put_nowait((NEXT, b""))
+        worker.tally(1)  # (first: on 3.12+ it may run, and end, as it is made)
         run = self.run(rid, body, generator)
         context = cast(contextvars.Context, self.context).copy()
         task = asyncio.Task(run, loop=self.loop, context=context, **_EAGER)
-        self.tasks[rid] = task
-        task.add_done_callback(functools.partial(self.done, rid))
-        worker.tally(1)
+        if not task.done():  # (else it has ended: see end())
+            self.tasks[rid] = task
         # Let the tasks just accepted run now and then, so a burst of TASKs
         # does not starve them; stop taking more while replies pile up.
         self.burst += 1
@@ -3152,9 +3156,8 @@ class _Peer:
         not for a task done, if its answer is not stuck behind others (a
         frame less per quick call), nor for one REFUSED (it never ran)."""
         out, first, self.first = self.out, self.first, []
-        for rid, ahead in first:
-            stuck = out.paused or out.large or ahead > LARGE
-            if (task := self.tasks.get(rid)) is not None and (stuck or not task.done()):
+        for rid, ahead in first:  # (a task done has left `tasks`)
+            if rid in self.tasks or out.paused or out.large or ahead > LARGE:
                 out.send(ACCEPTED, rid)
 
     def resolve(self, ref) -> tuple[Callable, bool]:
@@ -3166,11 +3169,13 @@ class _Peer:
             found = self.functions[ref] = _resolve(bytes(found))
         return found
 
-    def done(self, rid: int, task: asyncio.Task):
-        del self.tasks[rid]
+    def end(self, rid: int, done: bool | None = None):
+        """A task has left, `done` or failed (None: neither), as its run()
+        ends (no done callback: a loop handle less per task), or cancel()."""
+        self.tasks.pop(rid, None)
         self.streams.pop(rid, None)
         self.running.pop(rid, None)
-        self.worker.tally(-1)
+        self.worker.tally(-1, done)
 
     def breathe(self):
         self.burst = 0
@@ -3191,8 +3196,8 @@ class _Peer:
         else:
             why = f": {error!r}" if error else ""
             log.info("connection from %s closed%s", self.address, why)
-        for task in self.tasks.values():
-            task.cancel()
+        for rid in list(self.tasks):
+            self.cancel(CANCEL, rid)
         self.worker._release_nested(self)
         self.closed.set_result(None)
 
@@ -3201,8 +3206,8 @@ class _Peer:
         gets WorkerLost) and close the connection, or `abort` it."""
         self.out.flush()
         self.out.close()
-        for task in self.tasks.values():
-            task.cancel()
+        for rid in list(self.tasks):
+            self.cancel(CANCEL, rid)
         self.writer.transport.abort() if abort else self.writer.close()
 
     async def reply(self, kind: int, rid: int, make: Callable[[], bytes]):
@@ -3257,7 +3262,7 @@ class _Peer:
             outcome = f"failed: {type(e).__name__}"
             await self.reply(ERROR, rid, functools.partial(_dump_error, e, max_frame))
         finally:  # (a refused task is neither done nor failed: it went elsewhere)
-            worker.tally(0, None if outcome[:7] == "refused" else outcome == "done")
+            self.end(rid, None if outcome[:7] == "refused" else outcome == "done")
             if self.debug:
                 log.debug(
                     "task %d %s() from %s: %s in %.3f s", rid, _name(fn), self.address,
