@@ -413,7 +413,6 @@ class LeastLoadedLoadBalancer:
 # stopped, each once.
 _State = enum.Enum("_State", "NEW STARTING READY STOPPING STOPPED")
 
-
 _started: dict[WorkerPool, None] = {}  # pools start()ed and not stopped, oldest first
 _current_pool: contextvars.ContextVar[WorkerPool | _Peer | None]
 _current_pool = contextvars.ContextVar("wool.pool", default=None)
@@ -472,10 +471,9 @@ class WorkerPool:
             raise TypeError(f"modules= takes imported modules, not {bad[0]!r}")
         self.tags, self.size = _check_tags(tags, "WorkerPool"), size or 0
         self.discovery, self.lease = discovery, lease
-        self.authkey, self.ssl = authkey, ssl
+        self.authkey, self.ssl, self.max_tasks_per_worker = authkey, ssl, cap
         self.loadbalancer = loadbalancer or RoundRobinLoadBalancer()
         self.wait, self.grace, self.max_frame = wait, grace, max_frame
-        self.max_tasks_per_worker = cap
         self._state = _State.NEW
         self._spawner: _Spawner | None = None
         self._roster = _Roster(lease, max_frame, cap)
@@ -618,10 +616,8 @@ class WorkerPool:
                 if ordered:
                     yield await running.popleft()
                     continue
-                done, _ = await asyncio.wait(
-                    running, return_when=asyncio.FIRST_COMPLETED
-                )
-                for call in done:
+                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for call in [c for c in running if c.done()]:
                     running.remove(call)
                     yield call.result()
         finally:
@@ -711,12 +707,13 @@ class WorkerPool:
         if not loads:
             return None
         info = self.loadbalancer.select(loads, task)
-        if info not in loads:
+        conn = roster.ready.conns.get(info)
+        if conn is None or loads is not roster.ready and info not in loads:
             raise TypeError(
                 f"{self.loadbalancer!r}.select() returned {info!r}, "
                 "which is not one of the workers it was given"
             )
-        return roster.ready.conns[info]
+        return conn
 
     def _waited_on(self) -> str:
         """The discovery sources, and why the workers they list cannot be used."""
@@ -731,7 +728,7 @@ class WorkerPool:
         never sent); after WorkerLost, `retries` times. `started()` is
         called when a worker says it started the task."""
         body, definition = _dump_task(fn, args, kwargs, self.max_frame)
-        task, lost = Task(fn, args, kwargs, started), cast(tuple[WorkerInfo, ...], ())
+        task, lost = Task(fn, args, kwargs, started), cast("tuple[WorkerInfo, ...]", ())
         seconds = None if generator else _time_limit(fn)
         retries = fn.__wool_retries__ if (n := _retries.get()) is _MISSING else n
         # The uids of the workers that refused it, and that lost it:
@@ -958,8 +955,7 @@ class _Roster:
             self.errors.pop(info.uid, None)
             if (conn := self.find(info.uid)) is not None:
                 conn.retire()  # no new tasks; closes once its calls are answered
-            self.notify()
-            return
+            return self.notify()
         known = self.listed.get(info.uid)
         self.listed[info.uid] = (info, source)
         if known is None:
@@ -1135,8 +1131,7 @@ class _Spawner:
         code += "importlib.import_module(sys.argv[2])._spawned()"
         root = os.path.abspath(__file__ + "/.." * (__name__.count(".") + 1))
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", code, root, __name__,
-            stdin=asyncio.subprocess.PIPE,
+            sys.executable, "-c", code, root, __name__, stdin=asyncio.subprocess.PIPE,
             start_new_session=True,  # Ctrl-C reaches the caller, which stops us
         )  # fmt: skip
         worker = dict(authkey=self.key, grace=pool.grace, max_frame=pool.max_frame,
@@ -1295,10 +1290,9 @@ class _Connection:
 
     def _lose(self, error: Exception | None):
         reason = "closed by the worker" if error is None else str(error) or repr(error)
-        reason = "the worker stopped" if self.goodbye else reason
+        self.lost = reason = "the worker stopped" if self.goodbye else reason
         if isinstance(error, ProtocolError):
             log.warning("closed connection to worker %s: %s", self.info.address, error)
-        self.lost = reason
         self.writer.close()
         if not self.introduced.done():
             self.introduced.set_exception(ConnectionError(reason))
@@ -1482,10 +1476,9 @@ class Executor(concurrent.futures.Executor):
         self, max_workers=None, mp_context=None, initializer=None, initargs=(),
         *, tags: tuple[str, ...] = (), **options,
     ):  # fmt: skip
-        if max_workers is not None:
-            if options.setdefault("size", max_workers) != max_workers:
-                raise TypeError("give max_workers= or its alias size=, not both")
-        size = options.get("size")
+        size = options.setdefault("size", max_workers)  # (None: WorkerPool's default)
+        if max_workers is not None and size != max_workers:
+            raise TypeError("give max_workers= or its alias size=, not both")
         if isinstance(size, int) and size <= 0 and options.get("discovery") is None:
             raise ValueError("max_workers must be greater than 0")
         if initializer is not None and not callable(initializer):
@@ -1632,10 +1625,8 @@ def _as_call(fn, args: tuple, kwargs: dict, init=None) -> tuple[Callable, tuple,
         return fn.func, fn.args + args, {**fn.keywords, **kwargs}
     if not callable(fn) or inspect.isasyncgenfunction(fn):
         raise TypeError(f"{fn!r} is not a function that returns a value")
-    if init is not None:
-        return _call, (_Initialized(init, fn), *args), kwargs
-    if type(fn) is not types.FunctionType:
-        return _call, (fn, *args), kwargs
+    if init is not None or type(fn) is not types.FunctionType:
+        return _call, (fn if init is None else _Initialized(init, fn), *args), kwargs
     if (task := fn.__dict__.get("__wool_task__")) is None:
         task = work(
             fn if inspect.iscoroutinefunction(fn) else functools.partial(_in_thread, fn)
@@ -1660,7 +1651,6 @@ async def _in_thread(fn, /, *args, **kwargs):
 
 _call = work(_in_thread)  # any callable, as the first argument (see _as_call)
 _call.__name__ = _call.__qualname__ = "_call"  # so the worker imports it
-
 
 _initialized: set[str] = set()  # in a worker: the executors whose initializer ran
 _initializing = threading.Lock()
@@ -1891,9 +1881,6 @@ def _lift(obj):
     return obj
 
 
-_LIFTED = frozenset({bytes, bytearray, memoryview})
-
-
 class _Bytes:
     """Large `bytes` or bytearray, or a memoryview, in a message: its buffer
     travels out of band (pickle keeps bytes and bytearrays inside the pickle,
@@ -1909,6 +1896,7 @@ class _Bytes:
         return type(self.data), (pickle.PickleBuffer(self.data),)
 
 
+_LIFTED = frozenset({bytes, bytearray, memoryview})
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None), _Bytes})
 _SMALL = _PLAIN - _LIFTED  # plain data that never travels out of band
 
@@ -2152,10 +2140,10 @@ class _Parts:
             if start < at:
                 raise ProtocolError(f"a frame's {n} buffers are longer than the frame")
         edges, memory = itertools.accumulate(lengths, initial=start), memoryview(memory)
-        buffers = [memory[a:b] for a, b in itertools.pairwise(edges)]
-        return cls(view[at:end], buffers)
+        return cls(view[at:end], [memory[a:b] for a, b in itertools.pairwise(edges)])
 
 
+FORGED = "a frame failed its MAC check: not from the peer of the handshake, or altered"
 # The MAC of a body over SMALL on an end-to-end TLS connection: TLS
 # authenticates those bytes already (see _trust); its tag is zeros.
 _UNSEALED = types.SimpleNamespace(update=lambda data: None, digest=lambda: bytes(TAG))
@@ -2174,9 +2162,6 @@ def _trust(frames: _Frames, end_to_end: bool):
     bodies over SMALL go unsealed, both ways (one MAC, not two). Each side
     says in INFO or HELLO, themselves sealed, whether it verified."""
     frames.seal.trusted = frames.out.seal.trusted = end_to_end
-
-
-FORGED = "a frame failed its MAC check: not from the peer of the handshake, or altered"
 
 
 # -- Handshake: proving the key, both ways -------------------------------------
@@ -2429,7 +2414,9 @@ class _Frames(asyncio.BufferedProtocol):
         self.out.paused = True
 
     def resume_writing(self):
-        self.out.resume()
+        self.out.paused = False
+        self.out.feed()
+        self.out.flush()
 
 
 class _Outbox:
@@ -2580,16 +2567,10 @@ class _Outbox:
         """Request ids of the tasks whose frames never left this process."""
         return {rid for kind, rid, _ in self.queue if kind in (TASK, STREAM)}
 
-    def resume(self):
-        self.paused = False
-        self.feed()
-        self.flush()
-
     def close(self):
         """Drop what is queued and every later frame; wake those waiting."""
-        self.closed = True
+        self.closed, self.queued, self.large = True, 0, None
         self.queue.clear()
-        self.queued, self.large = 0, None
         for fd in [*self.files.values(), *(fd for _, fd in self.spare)]:
             os.close(fd)
         self.files, self.spare = {}, []
@@ -2672,13 +2653,13 @@ def _machine() -> str | None:
 
 
 _serials = itertools.count(1)
+_mapped: weakref.WeakSet = weakref.WeakSet()  # (< 3.13: each holds a descriptor)
 
 
 def _share(buffers: list, spare: tuple[int, int] | None = None) -> tuple[int, int]:
     """Write `buffers` one after another into a memfd: a `spare` one (serial,
-    descriptor), whose pages are there already (a third of the cost of new
-    ones), else a new one. (descriptor, serial); in a thread (os.pwrite lets
-    go of the GIL)."""
+    descriptor), whose pages are there already, else a new one. (descriptor,
+    serial); in a thread (os.pwrite lets go of the GIL)."""
     serial, fd = spare or (next(_serials), -1)
     fd = os.memfd_create(f"wool.{serial}", os.MFD_CLOEXEC) if fd < 0 else fd
     try:
@@ -2693,9 +2674,6 @@ def _share(buffers: list, spare: tuple[int, int] | None = None) -> tuple[int, in
         os.close(fd)
         raise
     return fd, serial
-
-
-_mapped: weakref.WeakSet = weakref.WeakSet()  # (< 3.13: each holds a descriptor)
 
 
 def _map(pid: int, fd: int, serial: int, size: int, done: Callable[[], Any]):
@@ -2826,18 +2804,15 @@ class Worker:
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
         self.max_tasks = max_tasks  # running at once; more are REFUSED
-        self.running = 0  # tasks running now; only tally() changes them,
-        self.done = self.failed = 0  # and those that ended, since start
-        self.uid = uuid.uuid4().hex
+        self.running = self.done = self.failed = 0  # tasks: only tally() changes them
+        self.uid, self.state = uuid.uuid4().hex, _State.NEW
         self.info: WorkerInfo | None = None
-        self.state = _State.NEW
         self._server: asyncio.Server | None = None
         self._shaking: dict[asyncio.StreamWriter, str] = {}  # handshakes, oldest first
         self._peers: set[_Peer] = set()  # authenticated; each removes itself
         self._nested: dict[bytes, tuple] = {}  # HELLO -> (pool, _Peers keeping it)
         self._closing: set[asyncio.Task] = set()  # nested pools being stopped
-        self._log = _LogLimit()
-        self._stopped = asyncio.Event()
+        self._log, self._stopped = _LogLimit(), asyncio.Event()
 
     def __repr__(self):
         where = self.info.address if self.info else f"{self.host}:{self.port}"
@@ -2967,8 +2942,7 @@ class Worker:
         if (many := len(self._peers)) >= self.max_connections:
             refused = f"refused connection from {address}: {many} already open"
             self._log.warning(address, refused)
-            writer.transport.abort()
-            return
+            return writer.transport.abort()
         if len(self._shaking) >= MAX_HANDSHAKES:  # the oldest is most likely idle
             oldest = next(iter(self._shaking))
             self._shaking[oldest] = f"the oldest of {MAX_HANDSHAKES} handshakes at once"
@@ -2993,8 +2967,7 @@ class Worker:
         finally:
             self._shaking.pop(writer, None)
         if self.state in (_State.STOPPING, _State.STOPPED):
-            writer.transport.abort()
-            return
+            return writer.transport.abort()
         peer = _Peer(self, (reader, writer), seals, address)  # in _peers now
         me = cast(WorkerInfo, self.info)
         peer.out.send(INFO, 0, me.to_json(machine=_machine(), verified=peer.verified))

@@ -52,6 +52,9 @@ POLL_MAX = 0.05  # ... backing off to this when nothing changes
 LIVENESS_EVERY = 0.5  # seconds between checks that listed local pids still run
 REANNOUNCE_EVERY = 5.0  # seconds between mDNS re-announcements of a worker
 
+EventType = Literal["worker-added", "worker-updated", "worker-dropped"]
+log = logging.getLogger("wool")
+
 
 # -- Worker records -------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +93,6 @@ class WorkerInfo:
     def from_json(cls, data: bytes) -> WorkerInfo:
         fields = json.loads(data)
         return cls(**{f.name: fields[f.name] for f in dataclasses.fields(cls)})
-
-
-EventType = Literal["worker-added", "worker-updated", "worker-dropped"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,9 +259,6 @@ class LocalDiscoveryService:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-LocalDiscovery = LocalDiscoveryService
-
-
 # -- LAN discovery: DNS-SD over mDNS ----------------------------------------------
 #
 # One service per worker, `<uid>._wool._tcp.local.`, its address records the
@@ -418,17 +415,12 @@ class LanDiscoveryService:
             await zc.async_close()  # sends goodbyes for what is still registered
 
 
-LanDiscovery = LanDiscoveryService
-
-
 # -- DNS discovery: what names resolve to ------------------------------------------
 #
 # Orchestrators publish workers as DNS names (a Kubernetes headless service
 # resolves to one address per ready pod). A record here is only an address:
 # who answers there is learnt from the worker itself, after the handshake, and
 # that is what `filter` sees (the pool applies it).
-
-log = logging.getLogger("wool")
 
 
 def _split(name: str, port: int | None) -> tuple[str, int]:
@@ -513,3 +505,7 @@ class DnsDiscoveryService:
             for event in _changes(known, await self.resolve(errors), None):
                 yield event
             await asyncio.sleep(self.interval)
+
+
+LocalDiscovery = LocalDiscoveryService
+LanDiscovery = LanDiscoveryService
