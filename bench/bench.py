@@ -5,10 +5,13 @@ instead, in one run on this machine, and print ratios.
 
 Measures, each the median of --rounds rounds, with 2 worker processes:
   latency     one no-op call, awaited alone (µs)
-  throughput  20,000 concurrent no-op calls (calls/s), and the CPU µs per call
-              they cost the caller (getrusage; of which its garbage collector,
-              by gc.callbacks) and the workers (/proc/PID/stat), for wool and
-              the floor (with --uvloop, its servers on uvloop too)
+  throughput  20,000 concurrent no-op calls (calls/s)
+  side by side  wool and the floor up at once, measured in turn, round after
+              round: latency, burst calls/s, and the CPU µs per call the burst
+              costs the caller (getrusage; of which its garbage collector, by
+              gc.callbacks) and the workers (/proc/PID/stat); each ratio the
+              median of the rounds' ratios, as the machine drifts between them
+              (with --uvloop the floor's servers run on uvloop too)
   payload     a 10 MB bytes echo (MB/s, counting one direction's bytes)
   array       an 80 MB float64 numpy array echo (MB/s, likewise), and the
               caller's peak RSS during it above its baseline (x the payload);
@@ -36,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import gc
 import importlib.util
 import json
@@ -98,7 +102,6 @@ def cpu(pids=()) -> float:
     return sum(int(f[11]) + int(f[12]) for f in stats) / ticks
 
 
-CPU = {}  # name -> (caller, workers, caller's GC) CPU µs per call in the burst
 GC = [0.0, 0.0]  # when the collector last started; seconds it took in all
 
 
@@ -109,9 +112,8 @@ def collecting(phase, info):  # a gc.callbacks entry: the caller's time in the G
         GC[1] += time.process_time() - GC[0]
 
 
-async def measure(call, latency_n=2000, pids=(), name=""):
-    """(latency µs, throughput calls/s, payload MB/s) for an async `call(x)`;
-    with `pids` (the workers'), CPU per call in the burst goes to CPU[name]."""
+async def measure(call, latency_n=2000):
+    """(latency µs, throughput calls/s, payload MB/s) for an async `call(x)`."""
     for _ in range(200):
         await call(None)
     times = []
@@ -120,15 +122,29 @@ async def measure(call, latency_n=2000, pids=(), name=""):
         await call(None)
         times.append(time.perf_counter() - t)
     latency = statistics.median(times) * 1e6
-    GC[1], _ = 0.0, gc.callbacks.append(collecting)
-    t, mine, theirs = time.perf_counter(), cpu(), cpu(pids) if pids else 0.0
+    t = time.perf_counter()
     await asyncio.gather(*(call(i) for i in range(CALLS)))
     throughput = CALLS / (time.perf_counter() - t)
-    gc.callbacks.remove(collecting)
-    if pids:
-        used = (cpu() - mine, cpu(pids) - theirs, GC[1])
-        CPU.setdefault(name, []).append(tuple(u / CALLS * 1e6 for u in used))
     return latency, throughput, await echo_bytes(call)
+
+
+async def small_calls(call, pids) -> dict:
+    """One round of small calls: the latency of 500 in turn, then a burst of
+    CALLS at once, its calls/s and CPU µs per call: the caller's (and of that
+    its garbage collector's) and the workers' (`pids`)."""
+    times = []
+    for _ in range(500):
+        t = time.perf_counter()
+        await call(None)
+        times.append(time.perf_counter() - t)
+    GC[1], _ = 0.0, gc.callbacks.append(collecting)
+    t, mine, theirs = time.perf_counter(), cpu(), cpu(pids)
+    await asyncio.gather(*(call(i) for i in range(CALLS)))
+    elapsed, mine, theirs = time.perf_counter() - t, cpu() - mine, cpu(pids) - theirs
+    gc.callbacks.remove(collecting)
+    return {"latency_us": statistics.median(times) * 1e6, "throughput": CALLS / elapsed,
+            "caller_cpu_us": mine / CALLS * 1e6, "caller_gc_us": GC[1] / CALLS * 1e6,
+            "worker_cpu_us": theirs / CALLS * 1e6}  # fmt: skip
 
 
 async def echo_bytes(call) -> float:
@@ -174,8 +190,7 @@ async def echo_array(call) -> tuple[float, float]:
 
 async def bench_wool():
     async with wool.WorkerPool(size=2) as pool:
-        pids = [w.pid for w in pool.workers]
-        latency, throughput, payload = await measure(noop, pids=pids, name="wool")
+        latency, throughput, payload = await measure(noop)
         array, array_rss = await echo_array(noop)
         for _ in range(6):  # the workers' nested pools connect, and warm up
             await along(bytearray(ARRAY), 2)
@@ -298,7 +313,9 @@ class RawClient:
         return await future
 
 
-async def bench_raw():
+@contextlib.asynccontextmanager
+async def floor():
+    """The floor's two servers, and a call(x) that goes round-robin to them."""
     code = ("import uvloop; uvloop.install()\n" if UVLOOP else "") + SERVER
     servers = [
         subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -310,18 +327,40 @@ async def bench_raw():
             await c.start()
         turn = iter(range(10**9))
 
-        async def call(x):  # round-robin over the two server processes
+        async def call(x):
             return await clients[next(turn) % 2].call(x)
 
-        pids = [s.pid for s in servers]
-        latency, throughput, payload = await measure(call, pids=pids, name="raw")
+        yield call, [s.pid for s in servers]
         for c in clients:
             c.task.cancel()
-        return {"latency_us": latency, "throughput": throughput, "payload_mbs": payload}
     finally:
         for s in servers:
             s.kill()
             s.wait()
+
+
+async def bench_raw():
+    async with floor() as (call, _):
+        latency, throughput, payload = await measure(call)
+    return {"latency_us": latency, "throughput": throughput, "payload_mbs": payload}
+
+
+async def bench_paired(rounds: int) -> dict:
+    """Small calls through wool and through the floor side by side: both up
+    at once, a round of each in turn (after one to warm up); a ratio is the
+    median of the rounds' ratios, so that the machine's drift, which moves
+    both alike within a round, cancels."""
+    async with floor() as raw, wool.WorkerPool(size=2) as pool:
+        sides = {"wool": (noop, [w.pid for w in pool.workers]), "raw": raw}
+        rows: dict = {name: [] for name in sides}
+        for r in range(rounds + 1):
+            for name, (call, pids) in sides.items():
+                row = await small_calls(call, pids)
+                if r:
+                    rows[name].append(row)
+    x = {k: statistics.median(w[k] / f[k] for w, f in zip(rows["wool"], rows["raw"]))
+         for k in rows["wool"][0]}  # fmt: skip
+    return {"wool": median_of(rows["wool"]), "raw": median_of(rows["raw"]), "x": x}
 
 
 # -- ProcessPoolExecutor --------------------------------------------------------------
@@ -480,8 +519,8 @@ async def bench_ray():
 
 TARGETS = [
     # (metric, label, check against results, text)
-    ("latency", lambda r: r["wool"]["latency_us"] <= (1.3 if UVLOOP else 1.1) * r["raw"]["latency_us"], "<= 1.1x raw (uvloop: 1.3x)"),
-    ("throughput", lambda r: r["wool"]["throughput"] >= 0.9 * r["raw"]["throughput"], ">= 0.9x raw"),
+    ("latency", lambda r: r["paired"]["x"]["latency_us"] <= (1.3 if UVLOOP else 1.1), "<= 1.1x raw (uvloop: 1.3x), side by side"),
+    ("throughput", lambda r: r["paired"]["x"]["throughput"] >= 0.9, ">= 0.9x raw, side by side"),
     ("throughput vs executor", lambda r: r["wool"]["throughput"] >= 2 * r["executor"]["throughput"], ">= 2x executor"),
     ("payload", lambda r: r["wool"]["payload_mbs"] >= r["executor"]["payload_mbs"], ">= executor"),
     ("fanout", lambda r: r["wool"]["fanout_s"] < 1.0, "fib(15) < 1 s"),
@@ -497,8 +536,8 @@ TARGETS = [
     ("tls vs raw tls", lambda r: r["wool tls"]["array_mbs"] >= 0.8 * r["tls"]["array_mbs"], ">= 0.8x raw TLS echo, 80 MB array"),
     ("array memory, 2x", lambda r: r["wool"]["array_rss_x"] <= 2, "caller peak <= 2x payload"),
     ("pipeline", lambda r: r["wool"]["pipeline_x"] <= 1, "3 tasks passing 80 MB along <= 1 echo"),
-    ("caller CPU per call", lambda r: r["wool"]["caller_cpu_us"] <= 1.2 * r["raw"]["caller_cpu_us"], "<= 1.2x raw"),
-    ("worker CPU per call", lambda r: r["wool"]["worker_cpu_us"] <= 1.5 * r["raw"]["worker_cpu_us"], "<= 1.5x raw"),
+    ("caller CPU per call", lambda r: r["paired"]["x"]["caller_cpu_us"] <= 1.2, "<= 1.2x raw, side by side"),
+    ("worker CPU per call", lambda r: r["paired"]["x"]["worker_cpu_us"] <= 1.5, "<= 1.5x raw, side by side"),
     ("fleet CPU per call", lambda r: r["fleet"][1024]["cpu_us"] <= 1.3 * r["fleet"][16]["cpu_us"], "1,024 workers <= 1.3x 16"),
     ("fleet memory", lambda r: r["fleet"][1024]["kib"] <= 32, "<= 32 KiB per idle connection"),
     ("fleet idle", lambda r: r["fleet"][1024]["idle"] <= 0.01, "<= 1% of a core, 1,024 idle workers"),
@@ -662,13 +701,16 @@ def main():
     for n, f in fleet.items():
         print(f"{n:>5} workers {f['cpu_us']:>13.0f} µs {f['rate']:>8.0f} {f['kib']:>11.1f} "
               f"{f['idle']:>9.2%}")  # fmt: skip
-    print(f"\nCPU µs per no-op call in the {CALLS:,}-call burst ({loop}): caller "
-          "(of which its garbage collector, by gc.callbacks), workers")  # fmt: skip
-    for name, runs in CPU.items():
-        caller, workers, gc_us = (statistics.median(r[i] for r in runs) for i in (0, 1, 2))
-        print(f"  {name:<5} {caller:6.1f} ({gc_us:4.1f}) {workers:6.1f}")
-        results[name] |= {"caller_cpu_us": caller, "worker_cpu_us": workers,
-                          "caller_gc_us": gc_us}  # fmt: skip
+    rounds = max(8, 4 * args.rounds)
+    paired = results["paired"] = asyncio.run(bench_paired(rounds))
+    print(f"\nsmall calls side by side ({loop}; medians of {rounds} rounds, x: of their "
+          f"ratios); CPU µs per call in the {CALLS:,}-call burst\n{'':7} {'latency µs':>10} "
+          f"{'calls/s':>9} {'caller CPU':>14} {'(GC)':>6} {'workers':>7}")  # fmt: skip
+    for name in ("wool", "raw", "x"):
+        r, d = paired[name], 2 if name == "x" else 1
+        print(f"  {name:<5} {r['latency_us']:10.{d}f} {r['throughput']:9.{2 * d - 2}f} "
+              f"{r['caller_cpu_us']:14.{d}f} ({r['caller_gc_us']:4.{d}f}) "
+              f"{r['worker_cpu_us']:7.{d}f}")  # fmt: skip
     print("\ntargets:")
     for name, check, text in TARGETS:
         print(f"  {'met ' if check(results) else 'MISS'}  {name:<24} {text}")
