@@ -735,7 +735,10 @@ class WorkerPool:
         refused = avoid = _NOBODY
         unable: dict[str, bytes] = {}  # uid -> why this call cannot run there
         while True:
-            conn = await self._connection(task, refused, avoid, unable)
+            conn = None  # (the common case first, without a coroutine)
+            if not (refused or unable or self._roster.queued()):
+                conn = self._choose(task, refused, avoid)
+            conn = conn or await self._connection(task, refused, avoid, unable)
             try:
                 rid = conn.start(task, body, definition, generator)
                 if seconds is None:  # as conn.answer(), without a coroutine
@@ -1701,9 +1704,7 @@ def _dump_task(fn, args, kwargs, max_frame: int) -> tuple[Any, tuple | None]:
     small = not kwargs and not context and _SMALL.issuperset(map(type, args))
     if not small:  # (else plain data with nothing out of band: the common call)
         args, kwargs = _lift(args), _lift(kwargs)
-    plain = (
-        small or _plain(args) and _plain(kwargs) and (not context or _plain(context))
-    )
+    plain = small or _plain(args) and _plain(kwargs) and _plain(context)
     name = fn.__qualname__  # (what() runs only on failure: this is the hot path)
     what = lambda: f"{name}() and its arguments to a worker" + _unpicklable(context)
     # The reference and the timeout are plain data.
