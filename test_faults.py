@@ -366,6 +366,27 @@ async def test_a_caller_that_stops_reading_stalls_only_itself(worker, slow):
     writer.close()
 
 
+async def test_a_task_cancelled_with_the_frames_that_brought_it_frees_its_place():
+    """A CANCEL that comes with its TASK (on 3.11 the task has not run yet,
+    so its own code cannot end it) still ends it: with max_tasks=1 the
+    worker counts nothing running afterwards, and the next task runs."""
+    async with wool.Worker(authkey=KEY, max_tasks=1) as worker:
+        session = await Session.open(worker.info, KEY)
+        frames = [
+            (wool.HELLO, 0, HELLO), (wool.TASK, 1, WAIT_BODY), (wool.CANCEL, 1, b""),
+            (wool.STATUS, 3, b""),  # answered once the frames before it are taken
+        ]  # fmt: skip
+        session.writer.write(b"".join(frame(*f, session.outbound) for f in frames))
+        for rid in (3, 2):
+            while (reply := await session.read())[1] != rid:
+                assert reply[1] == 1  # (3.12+: it ran as it came, then was cancelled)
+            if rid == 3:
+                await until(lambda: worker.running == 0)
+                session.send(wool.TASK, 2, TASK_BODY)
+        assert reply[0] == wool.RESULT and pickle.loads(reply[2])[0] == 3, reply
+        session.writer.close()
+
+
 async def test_definitions_over_the_bound_close_the_connection(
     worker, caplog, monkeypatch
 ):
