@@ -234,6 +234,42 @@ async def test_a_full_worker_refuses_before_accepting():
         shutil.rmtree(f"/dev/shm/wool-{namespace}", ignore_errors=True)
 
 
+async def test_a_balancer_that_picks_a_worker_left_out_gets_a_clear_error():
+    """Asked again without the worker that refused a call (full), a balancer
+    that picks that one anyway is told it is not among those it was given."""
+    namespace = f"t{uuid.uuid4().hex[:10]}"
+    local = wool.LocalDiscoveryService
+
+    class Stubborn:  # always the busy worker, listed or not
+        known: dict = {}
+
+        def select(self, workers, task):
+            self.known |= {info.uid: info for info in workers}
+            return self.known[(a if a.running else b).uid]
+
+    try:
+        async with wool.Worker(max_tasks=1, discovery=local(namespace)) as a, \
+                wool.Worker(max_tasks=1, discovery=local(namespace)) as b:  # fmt: skip
+            first = wool.WorkerPool(discovery=local(namespace))
+            second = wool.WorkerPool(
+                discovery=local(namespace), loadbalancer=Stubborn()
+            )
+            async with first, second:
+                for pool in (first, second):
+                    await pool.wait_for_workers(2)
+                global held
+                held = asyncio.Event()
+                busy = in_pool(first, hold())
+                await held.wait()
+                with pytest.raises(
+                    TypeError, match="not one of the workers it was given"
+                ):
+                    await in_pool(second, add(2, 2))
+                busy.cancel()
+    finally:
+        shutil.rmtree(f"/dev/shm/wool-{namespace}", ignore_errors=True)
+
+
 # -- Balancing and current_worker() --------------------------------------------
 
 

@@ -659,15 +659,15 @@ class WorkerPool:
     # takes, as a queue: wool.timeout() or asyncio.timeout bound that.
 
     async def _connection(self, task: Task, refused, lost, unable) -> _Connection:
-        """A worker for `task` (see _choose), once there is one, in turn
-        behind the calls that wait for room already; those that `refused`
-        it (full with others' tasks) are asked again after a pause that
-        doubles each time, those `unable` to run it (uid -> why) never."""
+        """A worker for `task` (see _choose), once there is one (after _run
+        found none at once), in turn behind the calls that wait for room
+        already; those that `refused` it (full with others' tasks) are asked
+        again after a pause that doubles each time, those `unable` to run it
+        (uid -> why) never."""
         pause, deadline = ASK_AGAIN[0], time.monotonic() + self.wait
         roster = self._roster
         refused |= frozenset(unable)  # for this call, as if full
-        conn = None if roster.queued() else self._choose(task, refused, lost)
-        while conn is None:
+        while True:
             if self._state not in (_State.READY, _State.STARTING):
                 raise NoWorkersAvailable(f"{self!r} is closed; call inside its block")
             roster.check(task, unable)
@@ -685,8 +685,8 @@ class WorkerPool:
             else:
                 seconds = None if roster.conns else deadline - now
                 await roster.wait_change(seconds, queued=True)
-            conn = self._choose(task, refused, lost)
-        return conn
+            if (conn := self._choose(task, refused, lost)) is not None:
+                return conn
 
     def _choose(self, task: Task, refused: frozenset[str], lost: frozenset[str]):
         """A connected worker with room for `task` that has not `refused` it
@@ -735,9 +735,9 @@ class WorkerPool:
         refused = avoid = _NOBODY
         unable: dict[str, bytes] = {}  # uid -> why this call cannot run there
         while True:
-            conn = None  # (the common case first, without a coroutine)
-            if not (refused or unable or self._roster.queued()):
-                conn = self._choose(task, refused, avoid)
+            # A worker with room now (no coroutine: the common case), else wait:
+            seen = refused | frozenset(unable) if unable else refused  # as if full
+            conn = None if self._roster.queued() else self._choose(task, seen, avoid)
             conn = conn or await self._connection(task, refused, avoid, unable)
             try:
                 rid = conn.start(task, body, definition, generator)
@@ -1906,7 +1906,7 @@ def _dump_value(value, changes: dict | None, fn, max_frame: int) -> Any:
     """A RESULT body: (value, the wool.ContextVar values the task set)."""
     small = not changes and type(value) in _SMALL  # (the common answer)
     value = value if small else _lift(value)
-    plain = small or (not changes or _plain(changes)) and _plain(value)
+    plain = small or _plain(changes) and _plain(value)
     what = lambda: (  # (only on failure: this is the hot path)
         f"the value of {_name(fn)}() back to the caller" + _unpicklable(changes)
     )
