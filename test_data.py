@@ -180,11 +180,12 @@ async def test_a_killed_worker_leaves_no_shared_file_open(arrays):
         assert no_more(before)
 
 
-async def test_shared_files_spoken_by_hand_are_taken_then_closed():
+async def test_shared_files_spoken_by_hand_are_passed_on_then_taken():
     """A caller that says it shares the machine (HELLO's rid: its pid) sends
-    a TASK whose buffer is in a shared file: the worker maps it, shares its
-    reply the same way, says TAKEN once its mapping is gone, and holds its
-    own file until our TAKEN, then keeps it for its next message."""
+    a TASK whose buffer is in a shared file: the worker maps it and, as it
+    sends the unwritten array back, passes that same file on (no copy),
+    holding its mapping, and so our file, until our TAKEN of its reply; then
+    it says TAKEN of ours, and keeps nothing (the file was never its own)."""
     array = np.arange(2**18, dtype=float)  # 2 MiB
     async with wool.Worker(authkey=KEY) as worker:
         session = await Session.open(worker.info, KEY)
@@ -193,23 +194,108 @@ async def test_shared_files_spoken_by_hand_are_taken_then_closed():
         fd, serial = wool._share(task.buffers)
         body = wool.FILE.pack(fd, serial) + task.wire()[0]
         session.send(wool.TASK | wool.BUFFERS | wool.SHARED, 1, body)
-        replies = [await session.read() for _ in range(2)]
-        os.close(fd)
-        assert [kind for kind, _, _ in replies] == [
-            wool.RESULT | wool.BUFFERS | wool.SHARED, wool.TAKEN
-        ]  # fmt: skip
-        assert replies[1][1] == serial
-        reply = replies[0][2]
+        kind, rid, reply = await session.read()
+        assert (kind, rid) == (wool.RESULT | wool.BUFFERS | wool.SHARED, 1)
+        assert wool.FILE.unpack_from(reply)[1] == serial  # our own file, passed on
         value, _ = wool._loads(wool._Parts.read(reply, wool.MAX_FRAME, worker.info.pid))
         assert np.array_equal(value, array) and value.flags.writeable
         (peer,) = worker._peers
-        assert list(peer.out.files) == [wool.FILE.unpack_from(reply)[1]]
-        session.send(wool.TAKEN, wool.FILE.unpack_from(reply)[1])
-        await until(lambda: not peer.out.files)
-        assert [serial for serial, _ in peer.out.spare] == [
-            wool.FILE.unpack_from(reply)[1]
-        ]
+        assert list(peer.out.files) == list(peer.out.held) == [serial]
+        session.send(wool.STATUS, 2)  # answered at once: no TAKEN went before it
+        assert (await session.read())[:2] == (wool.RESULT, 2)
+        session.send(wool.TAKEN, serial)
+        assert (await session.read())[:2] == (wool.TAKEN, serial)
+        assert not peer.out.files and not peer.out.held and not peer.out.spare
+        os.close(fd)
         session.writer.close()
+
+
+KEPT: dict = {}  # (on a worker) arrays tasks keep
+
+
+@wool.work
+async def along(x, n: int):
+    """Hand `x` on through n more tasks (nested), then back."""
+    return x if n == 0 else await along(x, n - 1)
+
+
+@wool.work
+async def keep(x, name: str, then: int = 0):
+    """Keep `x` here under `name`, handing it on through `then` tasks first."""
+    KEPT[name] = await along(x, then) if then else x
+    return x
+
+
+@wool.work
+async def kept(name: str, fill: float | None = None) -> float:
+    """The sum of the array kept as `name`; after filling it, if asked (and
+    then letting it go)."""
+    if fill is None:
+        return float(KEPT[name].sum())
+    KEPT[name][:] = fill
+    return float(KEPT.pop(name).sum())
+
+
+@wool.work
+async def write_one(x, at: int, n: int):
+    """`x` with one element written, handed on through n tasks."""
+    x[at] = -1
+    return await along(x, n)
+
+
+def file_of(array) -> int:
+    """The serial of the shared file whose mapping `array` views (/proc/self/maps)."""
+    address = array.__array_interface__["data"][0]
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            start, end = (int(a, 16) for a in line.split()[0].split("-"))
+            if start <= address < end:
+                return int(line.split("/memfd:wool.")[1].split()[0])
+    raise AssertionError("not a mapping of a shared file")
+
+
+async def test_an_unwritten_array_handed_along_tasks_travels_in_its_first_file(pool):
+    """Through three tasks and back, the array the caller gets views the
+    file the caller wrote: each task passed it on, none copied it."""
+    array = np.random.default_rng(1).random(2**18)  # 2 MiB
+    back = await along(array, 2)
+    assert np.array_equal(back, array) and back.flags.writeable
+    if pool.path == "shared":
+        assert file_of(back) >> 32 == os.getpid()  # (a serial holds its maker's pid)
+
+
+async def test_an_array_written_before_it_is_handed_on_goes_on_as_written(pool):
+    """One element written (one page copied, the file's other pages still
+    mapped) is enough for the array to go on in a copy, with the write."""
+    array = np.random.default_rng(2).random(2**18)
+    for at in (0, 2**17, 2**18 - 1):
+        expected = array.copy()
+        expected[at] = -1
+        assert np.array_equal(await write_one(array, at, 2), expected), at
+    assert np.array_equal(array, np.random.default_rng(2).random(2**18))
+
+
+async def test_arrays_received_are_each_receivers_own(pool):
+    """The caller's writes to what it got back do not reach the task that
+    kept the array, nor the task's writes what the caller holds."""
+    array = np.arange(2**18, dtype=float)
+    back = await keep(array, "isolated")
+    back[:] = 7  # the caller's write
+    assert await kept("isolated") == array.sum()
+    assert await kept("isolated", fill=3) == 3 * array.size  # the task's write
+    assert np.array_equal(back, np.full(array.size, 7.0))
+
+
+async def test_a_file_passed_on_is_not_written_again_while_it_is_mapped(pool):
+    """A task that hands the array on to one that keeps it: the caller's
+    file stays the kept array's (the first task holds it until the last says
+    TAKEN), so the caller's next messages go into other files."""
+    array = np.arange(2**18, dtype=float)
+    assert np.array_equal(await keep(array, "held", then=1), array)
+    for i in range(4):  # each a message the size of the first, which may reuse it
+        assert np.array_equal(await echo(array + i), array + i)
+    assert await kept("held") == array.sum()
+    assert await kept("held", fill=0) == 0
 
 
 async def test_a_receive_buffer_is_used_again_only_once_nothing_views_it(pool):

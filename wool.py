@@ -41,6 +41,7 @@ import collections
 import concurrent.futures
 import contextlib
 import contextvars
+import ctypes
 import dataclasses
 import enum
 import errno
@@ -2140,8 +2141,15 @@ class _Parts:
             memory, start, end = view, len(view) - size, len(view) - size
             if start < at:
                 raise ProtocolError(f"a frame's {n} buffers are longer than the frame")
-        edges, memory = itertools.accumulate(lengths, initial=start), memoryview(memory)
-        return cls(view[at:end], [memory[a:b] for a, b in itertools.pairwise(edges)])
+        edges, mapping = itertools.accumulate(lengths, initial=start), memory
+        memory = memoryview(memory)
+        buffers = [memory[a:b] for a, b in itertools.pairwise(edges)]
+        if type(mapping) is mmap.mmap:  # to pass on unwritten (_source)
+            to = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+            layout = list(zip(itertools.accumulate(lengths, initial=to), lengths))
+            _received[to] = (shared_by, fd, serial, size, layout, weakref.ref(mapping))
+            weakref.finalize(mapping, _received.pop, to, None)
+        return cls(view[at:end], buffers)
 
 
 FORGED = "a frame failed its MAC check: not from the peer of the handshake, or altered"
@@ -2443,6 +2451,7 @@ class _Outbox:
         self.peer: int | None = None  # memfd transfer: the peer's pid (share_with)
         self.share = False  # to send by shared files: until one cannot be made
         self.files: dict[int, int] = {}  # serial -> our fd of a file not yet TAKEN
+        self.held: dict[int, list] = {}  # serial -> buffers of a file passed on
         self.spare: list[tuple[int, int]] = []  # (serial, fd) TAKEN, for reuse
         # Paused while it has a backlog: then chunks go to the kernel whole. A
         # TLS transport keeps a buffer of its own, HIGH_WATER at most.
@@ -2476,9 +2485,14 @@ class _Outbox:
 
     def commit(self, kind: int, rid: int, body):
         # In memfd transfer, large buffers go by a shared file while fewer than
-        # SHARED_FILES wait for TAKEN (a peer that never says it: the socket).
+        # SHARED_FILES wait for TAKEN (a peer that never says it: the socket):
+        # the one they came in, if they are all of one, unwritten, else a new one.
         shared = type(body) is _Parts and body.size - len(body.pickle) >= SHARE
         if shared and self.share and len(self.files) < SHARED_FILES:
+            if (on := _source(body.buffers)) and on[2] not in self.files:
+                if (fd := _pass(*on)) is not None:  # held, and its sender's file
+                    self.held[on[2]] = body.buffers
+                    return self.shared(kind, rid, body, (fd, on[2]))
             self.large = _Large([])  # frames behind wait for the file
             spare = self.spare.pop() if self.spare else None
             done = self.loop.run_in_executor(_THREADS, _share, body.buffers, spare)
@@ -2517,11 +2531,12 @@ class _Outbox:
         large.tag = tag
         self.feed()
 
-    def shared(self, kind: int, rid: int, body: _Parts, done: asyncio.Future):
-        """The buffers of `body` are in a shared file: send its frame."""
+    def shared(self, kind: int, rid: int, body: _Parts, done):
+        """The buffers of `body` are in a shared file (`done`: its descriptor
+        and serial, or a future of them): send its frame."""
         self.large = None
         try:
-            fd, serial = done.result()
+            fd, serial = done if type(done) is tuple else done.result()
         except Exception as e:  # out of memory, of descriptors: the socket it is
             log.warning("cannot share a message's buffers (%r); sending them", e)
             self.share, fd = False, None
@@ -2545,10 +2560,11 @@ class _Outbox:
     def taken(self, kind: int, serial: int, body):
         """The peer is done with shared file `serial`: keep it for a next
         message (SPARE at most), or close it."""
+        held = self.held.pop(serial, None)  # a file passed on: not ours to keep
         if (fd := self.files.pop(serial, None)) is None:
             if not self.closed:
                 raise ProtocolError(f"TAKEN for shared file {serial}, never sent")
-        elif len(self.spare) < SPARE and not self.closed:
+        elif held is None and len(self.spare) < SPARE and not self.closed:
             self.spare.append((serial, fd))
         else:
             os.close(fd)
@@ -2574,7 +2590,7 @@ class _Outbox:
         self.queue.clear()
         for fd in [*self.files.values(), *(fd for _, fd in self.spare)]:
             os.close(fd)
-        self.files, self.spare = {}, []
+        self.files, self.spare, self.held = {}, [], {}
         self.wake()
 
     def full(self) -> bool:
@@ -2632,13 +2648,17 @@ def _switch(writer: asyncio.StreamWriter, seals, max_frame, on_lost, **out):
 # memory, gone when its last descriptor closes: a killed process leaves
 # nothing behind), the frame names it by descriptor number and serial, and
 # the receiver opens it through /proc/PID/fd, checks its name and size and
-# maps it: arrays view the mapping, writable, no copy. Once that mapping is
-# gone it says TAKEN, and the sender writes a next message into the file (its
-# pages are there already: writing into new ones costs three times as much)
-# or closes it. Each message has a file of its own while it is mapped, so no
-# receiver sees another's data or writes. Only peers that see the same
-# machine token in INFO share files: same boot, PID namespace and user, which
-# may read each other's memory anyway (a MAC would guard nothing there).
+# maps it copy-on-write: arrays view the mapping, no copy, writable, and a
+# page written is the writer's own, so no receiver sees another's writes.
+# Once that mapping is gone it says TAKEN, and the sender writes a next
+# message into the file (its pages are there already: writing into new ones
+# costs three times as much) or closes it. A value sent on whose buffers are
+# all those of a file received, unwritten (the kernel's pagemap tells which
+# pages are still the file's), goes on in that file: the one who passes it on
+# keeps its mapping, so its sender's file, until the next receiver's TAKEN.
+# Only peers that see the same machine token in INFO share files: same boot,
+# PID namespace and user, which may read each other's memory anyway (a MAC
+# would guard nothing there).
 
 
 @functools.cache
@@ -2655,13 +2675,17 @@ def _machine() -> str | None:
 
 _serials = itertools.count(1)
 _mapped: weakref.WeakSet = weakref.WeakSet()  # (< 3.13: each holds a descriptor)
+# Received shared files mapped: address -> (its sender's pid and fd, its serial,
+# size, (address, length) of each buffer it came as, its mapping, weakly)
+_received: dict[int, tuple] = {}
+_UNWRITTEN = bytes(b for b in range(256) if not b & 0xC0 or b & 0x20)  # see _pass
 
 
 def _share(buffers: list, spare: tuple[int, int] | None = None) -> tuple[int, int]:
     """Write `buffers` one after another into a memfd: a `spare` one (serial,
     descriptor), whose pages are there already, else a new one. (descriptor,
     serial); in a thread (os.pwrite lets go of the GIL)."""
-    serial, fd = spare or (next(_serials), -1)
+    serial, fd = spare or (os.getpid() << 32 | next(_serials), -1)
     fd = os.memfd_create(f"wool.{serial}", os.MFD_CLOEXEC) if fd < 0 else fd
     try:
         at = 0
@@ -2677,11 +2701,40 @@ def _share(buffers: list, spare: tuple[int, int] | None = None) -> tuple[int, in
     return fd, serial
 
 
+def _source(buffers: list) -> tuple | None:
+    """The received file (_received) that `buffers` are all of, in order, as
+    (its sender's pid and fd, serial, address, size): to pass on, not copy."""
+    try:
+        at = [
+            (ctypes.addressof(ctypes.c_char.from_buffer(b)), b.nbytes) for b in buffers
+        ]
+    except TypeError:  # read-only, so not a view of our mapping
+        return None
+    if not (seen := _received.get(at[0][0])) or seen[4] != at or seen[5]() is None:
+        return None  # (a mapping being collected may be unmapped already)
+    return (*seen[:3], at[0][0], seen[3])
+
+
+def _pass(pid: int, fd: int, serial: int, address: int, size: int) -> int | None:
+    """Our own descriptor of received file `serial`, mapped at `address`, to
+    send on, if no page of our mapping was written (a written page is not the
+    file's any more: pagemap's top byte lacks its 0x20, page of a file)."""
+    pages = -(-size // mmap.PAGESIZE)
+    with contextlib.suppress(OSError), open("/proc/self/pagemap", "rb", 0) as pagemap:
+        entries = os.pread(pagemap.fileno(), 8 * pages, address // mmap.PAGESIZE * 8)
+        if len(entries) == 8 * pages and not entries[7::8].translate(None, _UNWRITTEN):
+            own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            if os.readlink(f"/proc/self/fd/{own}") == f"/memfd:wool.{serial} (deleted)":
+                return own  # (its sender may have closed it since: then not that)
+            os.close(own)
+    return None
+
+
 def _map(pid: int, fd: int, serial: int, size: int, done: Callable[[], Any]):
-    """The shared file `serial` that process `pid` holds as `fd`, mapped
+    """The shared file `serial` that process `pid` holds as `fd`, mapped (private)
     (or, where descriptors run short, copied); `done()` once it is not."""
     try:
-        own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+        own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise ProtocolError(
             f"cannot open the shared file of process {pid} ({e.strerror}); where "
@@ -2692,9 +2745,9 @@ def _map(pid: int, fd: int, serial: int, size: int, done: Callable[[], Any]):
         if name != f"/memfd:wool.{serial} (deleted)" or os.fstat(own).st_size != size:
             raise ProtocolError(f"the shared file {fd} is not the one sent ({name})")
         if sys.version_info >= (3, 13):
-            mapping = mmap.mmap(own, size, trackfd=False)
+            mapping = mmap.mmap(own, size, access=mmap.ACCESS_COPY, trackfd=False)
         else:
-            mapping = mmap.mmap(own, size)
+            mapping = mmap.mmap(own, size, access=mmap.ACCESS_COPY)
             if len(_mapped) >= resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4:
                 with mapping:  # descriptors run short: copy, and let it go
                     copy = bytearray(mapping)
