@@ -56,6 +56,7 @@ import linecache
 import logging
 import mmap
 import os
+import pathlib
 import pickle
 import random
 import resource
@@ -256,8 +257,7 @@ routine = work  # the upstream project's name
 def _pool_for(fn) -> WorkerPool:
     """The pool a call of `fn` goes to: the current one, or in a worker the
     one that sent the running task, or else the last one start()ed."""
-    pool = _current_pool.get() or next(reversed(_started), None)
-    if pool is None:
+    if (pool := _current_pool.get() or next(reversed(_started), None)) is None:
         raise NoWorkersAvailable(
             f"{fn.__qualname__}() was called outside a WorkerPool; call it inside "
             "`async with wool.WorkerPool():`"
@@ -352,8 +352,7 @@ def _enter_context(values: dict[str, Any] | None) -> set[str]:
     """In a new worker task: take on the caller's values; track changes."""
     for name, value in (values or {}).items():
         _registry.setdefault(name, contextvars.ContextVar(f"wool:{name}")).set(value)
-    changed: set[str] = set()
-    _set_by_task.set(changed)
+    _set_by_task.set(changed := set[str]())
     return changed
 
 
@@ -389,8 +388,7 @@ class RoundRobinLoadBalancer:
     `order`, a list where present, costs nothing. When the chosen worker
     refuses the task, the pool asks again without it.)"""
 
-    def __init__(self):
-        self._turn = 0
+    _turn = 0  # how many it chose (select's `+=` makes it the instance's own)
 
     def select(self, workers: Mapping[WorkerInfo, int], task: Task) -> WorkerInfo:
         self._turn += 1
@@ -410,8 +408,7 @@ class LeastLoadedLoadBalancer:
         return a if workers[a] <= workers[b] else b
 
 
-# The lifecycle of a pool or a worker: new -> starting -> ready -> stopping ->
-# stopped, each once.
+# The lifecycle of a pool or a worker, in this order, each state once:
 _State = enum.Enum("_State", "NEW STARTING READY STOPPING STOPPED")
 
 _started: dict[WorkerPool, None] = {}  # pools start()ed and not stopped, oldest first
@@ -475,9 +472,8 @@ class WorkerPool:
         self.authkey, self.ssl, self.max_tasks_per_worker = authkey, ssl, cap
         self.loadbalancer = loadbalancer or RoundRobinLoadBalancer()
         self.wait, self.grace, self.max_frame = wait, grace, max_frame
-        self._state = _State.NEW
+        self._state, self._roster = _State.NEW, _Roster(lease, max_frame, cap)
         self._spawner: _Spawner | None = None
-        self._roster = _Roster(lease, max_frame, cap)
         self._token: contextvars.Token | None = None
 
     @classmethod
@@ -697,11 +693,8 @@ class WorkerPool:
         roster = self._roster
         loads: Mapping[WorkerInfo, int] = roster.ready
         if refused or lost or task.fn in roster.cannot:
-            loads = {
-                info: conn.calls
-                for info, conn in roster.ready.conns.items()
-                if info.uid not in refused and task.fn not in conn.cannot
-            }
+            usable = lambda i, c: i.uid not in refused and task.fn not in c.cannot
+            loads = {i: c.calls for i, c in roster.ready.conns.items() if usable(i, c)}
             if lost and any(info.uid not in lost for info in loads):
                 loads = {i: n for i, n in loads.items() if i.uid not in lost}
             loads = types.MappingProxyType(loads)
@@ -732,8 +725,7 @@ class WorkerPool:
         task, lost = Task(fn, args, kwargs, started), cast("tuple[WorkerInfo, ...]", ())
         seconds = None if generator else _time_limit(fn)
         retries = fn.__wool_retries__ if (n := _retries.get()) is _MISSING else n
-        # The uids of the workers that refused it, and that lost it:
-        refused = avoid = _NOBODY
+        refused = avoid = _NOBODY  # uids: workers that refused it, that lost it
         unable: dict[str, bytes] = {}  # uid -> why this call cannot run there
         while True:
             # A worker with room now (no coroutine: the common case), else wait:
@@ -903,10 +895,9 @@ class _Roster:
         waiter = asyncio.get_running_loop().create_future()
         (self.queue.append if queued else self.watchers.append)(waiter)
         try:
-            async with asyncio.timeout(seconds):
-                await waiter
-        except TimeoutError:
-            pass
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.room()  # woken, then cancelled: the turn passes on
@@ -960,14 +951,12 @@ class _Roster:
             if (conn := self.find(info.uid)) is not None:
                 conn.retire()  # no new tasks; closes once its calls are answered
             return self.notify()
-        known = self.listed.get(info.uid)
-        self.listed[info.uid] = (info, source)
+        known, self.listed[info.uid] = self.listed.get(info.uid), (info, source)
         if known is None:
             _spawn(self.tasks, self.link(info.uid))
         elif (conn := self.find(info.uid)) is not None and conn.info != info:
             self.ready.put(conn, False)
-            self.conns[info] = self.conns.pop(conn.info)
-            conn.info = info
+            self.conns[info], conn.info = self.conns.pop(conn.info), info
             self.notify(conn)
 
     def find(self, uid: str) -> _Connection | None:
@@ -1098,9 +1087,8 @@ class _Spawner:
     the pool is ready is replaced, RESPAWNS per RESPAWN_WINDOW at most."""
 
     def __init__(self, pool: WorkerPool):
-        self.pool = pool
+        self.pool, self.key = pool, _authkey(pool.authkey) or secrets.token_bytes(32)
         self.service = LocalDiscoveryService(f"p{uuid.uuid4().hex[:12]}")
-        self.key = _authkey(pool.authkey) or secrets.token_bytes(32)
         self.procs: set[asyncio.subprocess.Process] = set()
         self.replaced = collections.deque[float](maxlen=RESPAWNS)  # when, last ones
         self.failed: int | None = None  # exit code of a worker that could not start
@@ -1157,14 +1145,11 @@ class _Spawner:
         if self.pool._state is not _State.READY:  # or the pool is stopping
             return
         log.warning("worker pid %d exited with %s; replacing it", proc.pid, code)
-        while (
-            len(self.replaced) == RESPAWNS
-            and (delay := self.replaced[0] + RESPAWN_WINDOW - time.monotonic()) > 0
-        ):  # (rechecked: other replacements may have waited too)
-            log.error(
-                "%d workers were replaced in %g s; the next starts in %.1f s",
-                RESPAWNS, RESPAWN_WINDOW, delay,
-            )  # fmt: skip
+        while len(self.replaced) == RESPAWNS:  # (rechecked: others may have waited)
+            if (delay := self.replaced[0] + RESPAWN_WINDOW - time.monotonic()) <= 0:
+                break
+            log.error("%d workers were replaced in %g s; the next starts in %.1f s",
+                      RESPAWNS, RESPAWN_WINDOW, delay)  # fmt: skip
             await asyncio.sleep(delay)
         self.replaced.append(time.monotonic())
         await self.spawn()
@@ -1179,8 +1164,7 @@ class _Spawner:
         for proc in procs:  # closing stdin is the worker's signal to stop
             with contextlib.suppress(Exception):
                 proc.stdin.close()  # type: ignore[union-attr]
-        if procs:
-            waits = [asyncio.ensure_future(p.wait()) for p in procs]
+        if waits := [asyncio.ensure_future(p.wait()) for p in procs]:
             await asyncio.wait(waits, timeout=self.pool.grace + PATIENCE)
         for proc in procs:
             if proc.returncode is None:
@@ -1225,8 +1209,7 @@ class _Connection:
     @classmethod
     async def open(cls, info: WorkerInfo, source: _Source, roster: _Roster):
         """A connection to `info` for `roster`, past the handshake and INFO."""
-        nested = roster.nested  # a worker's pool: its TLS settings are the worker's
-        tls, address = source.ssl, info.address
+        nested, tls, address = roster.nested, source.ssl, info.address
         if info.secure and tls is None:
             raise AuthenticationError(
                 f"worker {address} speaks TLS; give {roster.who} "
@@ -1241,15 +1224,12 @@ class _Connection:
                 seals = await _authenticate_worker(*streams, source.key, address)
                 conn = cls(info, streams, seals, roster.max_frame, roster.room)
                 await conn.introduced  # the worker's INFO
-            except (ssl.SSLError, asyncio.IncompleteReadError) as e:
+            except BaseException as e:
                 streams[1].close()
-                cut = isinstance(e, ssl.SSLError) or not e.partial  # no MAGIC
-                if tls is None or not cut:
+                no_magic = isinstance(e, asyncio.IncompleteReadError) and not e.partial
+                if tls is None or not (no_magic or isinstance(e, ssl.SSLError)):
                     raise
                 raise _tls_refused(address, e, nested) from None
-            except BaseException:
-                streams[1].close()
-                raise
         hello = roster.greeting(conn.verified)
         conn.out.send(HELLO, os.getpid() if conn.out.peer else 0, hello)
         return conn
@@ -1270,8 +1250,7 @@ class _Connection:
         if ours and os.access(f"/proc/{record.pid}/fd", os.R_OK | os.X_OK):
             self.out.share_with(record.pid)
         _trust(self.frames, self.verified or fields.get("verified") is True)
-        # What a worker sends once it said INFO:
-        replies = {kind: self._reply for kind in _REPLIES}
+        replies = {kind: self._reply for kind in _REPLIES}  # what it sends after INFO
         self.frames.handlers = replies | {GOODBYE: self._goodbye, TAKEN: self.out.taken}
         self.frames.unknown = f"unknown frame kind {{}} from worker {record.address}"
         self.introduced.set_result(None)
@@ -1415,22 +1394,21 @@ def _refusal(address: str, rid: int, call: Task, body) -> tuple | None:
         ) from None
 
 
-def _tls_refused(address: str, error: Exception, nested: bool) -> AuthenticationError:
+def _tls_refused(address: str, e: BaseException, nested: bool) -> AuthenticationError:
     """What a failed TLS handshake with a worker means, and what to do (in a
     worker's `nested` pool, its TLS settings are the worker's own)."""
-    reason = getattr(error, "reason", None) or ""
+    reason = getattr(e, "reason", None) or ""
     if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE"):
         why = "does not speak TLS; give TLS to all workers and their callers or none"
     elif reason == "CERTIFICATE_VERIFY_FAILED":
-        why = f"has a certificate we do not trust ({error}); "
-        why += "trust the CA that signed it"
+        why = f"has a certificate we do not trust ({e}); trust the CA that signed it"
     elif nested:  # the worker presents its own certificate as a client one
-        why = f"refused this worker's certificate as a client's ({error!r}): a worker "
+        why = f"refused this worker's certificate as a client's ({e!r}): a worker "
         why += "that makes nested calls needs a certificate whose extendedKeyUsage "
         why += "has clientAuth as well as serverAuth (see the README's TLS guide)"
     else:  # a TLS 1.3 server refuses a client certificate after the handshake
         why = "refused our TLS client certificate, or wants one: load one from its "
-        why += f"CA into ssl= (context.load_cert_chain) ({error!r})"
+        why += f"CA into ssl= (context.load_cert_chain) ({e!r})"
     return AuthenticationError(f"worker {address} {why}")
 
 
@@ -1467,10 +1445,9 @@ async def _remote_generator(fn, args, kwargs):
 class Executor(concurrent.futures.Executor):
     """A concurrent.futures.Executor over a WorkerPool: ProcessPoolExecutor's
     arguments and behaviour (a drop-in for it), with workers that may be on
-    other machines. `max_workers` (alias `size`) workers, each running one
-    call at a time (`max_tasks_per_worker=N` for more); WorkerPool's other
-    arguments by keyword (`tags=` for its positional ones); `mp_context` is
-    ignored.
+    other machines. `max_workers` (alias `size`) workers, each running one call
+    at a time (`max_tasks_per_worker=N` for more); WorkerPool's other arguments
+    by keyword (`tags=` for its positional ones); `mp_context` is ignored.
     `submit` takes any callable: a plain one runs in a thread on the worker.
     A future is running() once its worker started it; cancel() then stops an
     async task there. The pool runs on an event loop in a thread of its own,
@@ -1537,9 +1514,8 @@ class Executor(concurrent.futures.Executor):
         run = self._pool._run(task, args, kwargs, started=future.start)
         call = self._loop.create_task(run)
         call.add_done_callback(functools.partial(self._settle, future))
-        future.add_done_callback(
-            lambda f: f.cancelled() and self._loop.call_soon_threadsafe(call.cancel)
-        )
+        stop = lambda f: f.cancelled() and self._loop.call_soon_threadsafe(call.cancel)
+        future.add_done_callback(stop)
 
     def _settle(self, future: _Future, call: asyncio.Task):
         if not future.start():
@@ -1632,9 +1608,8 @@ def _as_call(fn, args: tuple, kwargs: dict, init=None) -> tuple[Callable, tuple,
     if init is not None or type(fn) is not types.FunctionType:
         return _call, (fn if init is None else _Initialized(init, fn), *args), kwargs
     if (task := fn.__dict__.get("__wool_task__")) is None:
-        task = work(
-            fn if inspect.iscoroutinefunction(fn) else functools.partial(_in_thread, fn)
-        )
+        plain = not inspect.iscoroutinefunction(fn)
+        task = work(functools.partial(_in_thread, fn) if plain else fn)
         task.__qualname__ = fn.__qualname__
         try:
             _ref(task)
@@ -1743,11 +1718,10 @@ def _ref(fn) -> tuple[tuple[str, str] | int, bytes | None]:
     module, name = fn.__module__, fn.__qualname__
     registered = tuple(m + "." for m in cloudpickle.list_registry_pickle_by_value())
     by_value = module == "__main__" or f"{module}.".startswith(registered)
-    if not by_value:
-        try:
-            by_value = _lookup(module, name) is not fn
-        except Exception:
-            by_value = True
+    try:
+        by_value = by_value or _lookup(module, name) is not fn
+    except Exception:
+        by_value = True
     ref = ((module, name), None)
     if by_value:  # with its file's name and lines, for readable tracebacks
         code = getattr(_target(fn), "__code__", None)
@@ -1786,9 +1760,8 @@ def _lookup(module: str, qualname: str):
         where = f"worker {me.address}" if (me := _current_worker.get()) else "here"
         if not isinstance(e, ImportError):  # it ran a program as it was imported
             raise RuntimeError(
-                f"{where} failed to import {module!r} for {qualname}(): {e!r}; "
-                "put the code a module runs as a program under "
-                '`if __name__ == "__main__":`'
+                f"{where} failed to import {module!r} for {qualname}(): {e!r}; put the "
+                'code a module runs as a program under `if __name__ == "__main__":`'
             ) from e
         raise ModuleNotFoundError(
             f"{where} cannot import {module!r} for {qualname}(): {e}. Start the "
@@ -1812,12 +1785,9 @@ def _name(fn) -> str:
     return getattr(_target(fn), "__qualname__", repr(fn))
 
 
-def _relabel(code: types.CodeType, filename: str) -> types.CodeType:
-    consts = tuple(
-        _relabel(c, filename) if isinstance(c, types.CodeType) else c
-        for c in code.co_consts
-    )
-    return code.replace(co_filename=filename, co_consts=consts)
+def _relabel(code: types.CodeType, path: str) -> types.CodeType:
+    each = lambda c: _relabel(c, path) if isinstance(c, types.CodeType) else c
+    return code.replace(co_filename=path, co_consts=tuple(map(each, code.co_consts)))
 
 
 def _pickle(obj, what=None, max_frame=MAX_FRAME, oob=False, plain=None) -> Any:
@@ -2160,8 +2130,7 @@ _UNSEALED = types.SimpleNamespace(update=lambda data: None, digest=lambda: bytes
 
 def _verified(writer) -> bool:
     """Whether TLS on this connection verified the peer's certificate."""
-    tls = writer.get_extra_info("ssl_object")
-    return tls is not None and bool(tls.getpeercert())
+    return bool((tls := writer.get_extra_info("ssl_object")) and tls.getpeercert())
 
 
 def _trust(frames: _Frames, end_to_end: bool):
@@ -2237,10 +2206,9 @@ async def _authenticate_worker(reader, writer, key: bytes, address: str):
     _check_magic(data, f"worker {address}", AuthenticationError)
     their_nonce, nonce = data[len(MAGIC) :], secrets.token_bytes(NONCE)
     writer.write(MAGIC + _digest(key, b"caller", their_nonce) + nonce)
-    try:
+    verdict = b"-"  # (also if it closes instead)
+    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
         verdict = await reader.readexactly(1)
-    except (asyncio.IncompleteReadError, ConnectionError):
-        verdict = b"-"
     if verdict != b"+":
         raise AuthenticationError(
             f"worker {address} refused the key; give callers and workers the same "
@@ -2856,8 +2824,7 @@ class Worker:
         self.ssl, self.client_ssl, self.insecure = ssl, client_ssl, insecure
         self.discovery, self.grace, self.max_frame = discovery, grace, max_frame
         self.max_connections = max_connections
-        self.handshake_timeout = handshake_timeout
-        self.max_tasks = max_tasks  # running at once; more are REFUSED
+        self.handshake_timeout, self.max_tasks = handshake_timeout, max_tasks
         self.running = self.done = self.failed = 0  # tasks: only tally() changes them
         self.uid, self.state = uuid.uuid4().hex, _State.NEW
         self.info: WorkerInfo | None = None
@@ -2972,11 +2939,8 @@ class Worker:
         s), tasks done and failed since start, connections, RSS (bytes), and
         the connections its nested pools hold to other workers (its mesh)."""
         now, info = time.monotonic(), cast(WorkerInfo, self.info)
-        running = [
-            {"function": _name(fn), "age": round(now - start, 3)}
-            for peer in self._peers
-            for fn, start in peer.running.values()
-        ]
+        tasks = [task for peer in self._peers for task in peer.running.values()]
+        running = [{"function": _name(f), "age": round(now - s, 3)} for f, s in tasks]
         rss = None  # not Linux
         with contextlib.suppress(OSError), open("/proc/self/statm") as statm:
             rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -3064,6 +3028,10 @@ class _Peer:
     a generator takes one step at a time, DEFINEs stop at MAX_DEFINED. Only
     _Peer changes the worker's task counts, through Worker.tally()."""
 
+    # Python 3.12+ runs a task's first step as it is made: a quick task is done
+    # without a trip through the event loop (current_task() and timeouts hold).
+    EAGER: dict[str, Any] = {"eager_start": True} if sys.version_info >= (3, 12) else {}
+
     def __init__(self, worker: Worker, streams, seals, address: str):
         self.worker, self.writer, self.address = worker, streams[1], address
         self.loop = asyncio.get_running_loop()
@@ -3081,8 +3049,7 @@ class _Peer:
         self.debug = log.isEnabledFor(logging.DEBUG)  # a line per task
         self.streams: dict[int, asyncio.Queue] = {}  # generators' next step
         self.functions: dict[int, Any] = {}  # DEFINE'd bytes, then resolved
-        self.defined = 0  # bytes DEFINE'd on this connection
-        self.burst = 0  # tasks accepted since they last got to run
+        self.defined = self.burst = 0  # bytes DEFINE'd; tasks accepted since breathe()
         self.first: list[tuple] = []  # (rid, bytes of replies ahead): see started()
         self.closed = self.loop.create_future()
         seconds = worker.handshake_timeout
@@ -3159,15 +3126,14 @@ class _Peer:
         worker = self.worker
         stopping = worker.state in (_State.STOPPING, _State.STOPPED)
         if stopping or worker.running == worker.max_tasks:
-            self.out.send(REFUSED, rid)  # the caller tries another worker
-            return
+            return self.out.send(REFUSED, rid)  # the caller tries another worker
         if generator:
             self.streams[rid] = steps = asyncio.Queue[tuple[int, bytes]](1)
             steps.put_nowait((NEXT, b""))
         worker.tally(1)  # (first: on 3.12+ it may run, and end, as it is made)
         run = self.run(rid, body, generator)
         context = cast(contextvars.Context, self.context).copy()
-        task = asyncio.Task(run, loop=self.loop, context=context, **_EAGER)
+        task = asyncio.Task(run, loop=self.loop, context=context, **self.EAGER)
         if not task.done():  # (else it has ended: see end())
             self.tasks[rid] = task
         # Let the tasks just accepted run now and then, so a burst of TASKs
@@ -3291,10 +3257,8 @@ class _Peer:
         finally:  # (a refused task is neither done nor failed: it went elsewhere)
             self.end(rid, None if outcome[:7] == "refused" else outcome == "done")
             if self.debug:
-                log.debug(
-                    "task %d %s() from %s: %s in %.3f s", rid, _name(fn), self.address,
-                    outcome, time.monotonic() - start,
-                )  # fmt: skip
+                log.debug("task %d %s() from %s: %s in %.3f s", rid, _name(fn),
+                          self.address, outcome, time.monotonic() - start)  # fmt: skip
 
     async def drive(self, rid: int, fn, agen, changed: set[str]):
         """Run a generator one step per NEXT/THROW, until it stops or CLOSE
@@ -3315,11 +3279,6 @@ class _Peer:
             await self.reply(STOP, rid, bytes)
         finally:
             await agen.aclose()  # runs the generator's `finally` if it is open
-
-
-# Python 3.12+ runs a task's first step as it is made: a quick task is done
-# without a trip through the event loop (current_task() and timeouts hold).
-_EAGER: dict[str, Any] = {"eager_start": True} if sys.version_info >= (3, 12) else {}
 
 
 class _LogLimit:
@@ -3460,10 +3419,7 @@ def _discovery(spec: str, interfaces: list[str] | None, publish: bool):
 
 
 def _authkey_file(path: str | None) -> bytes | None:
-    if path is None:
-        return None
-    with open(path, "rb") as f:
-        return f.read().rstrip(b"\r\n")
+    return None if path is None else pathlib.Path(path).read_bytes().rstrip(b"\r\n")
 
 
 def _tls(cert, key, ca, purpose):

@@ -69,12 +69,11 @@ class WorkerInfo:
     tags: frozenset[str] = frozenset()
     secure: bool = False  # the worker speaks TLS
 
-    def __post_init__(self):
+    def __post_init__(self):  # a record is data from elsewhere: of these types, or none
         object.__setattr__(self, "tags", frozenset(self.tags))
         fields = (self.uid, self.host, self.port, self.pid, self.version, self.secure)
-        if list(map(type, fields)) != [str, str, int, int, str, bool] or not all(
-            isinstance(t, str) for t in self.tags
-        ):  # a record is data from elsewhere: of these types, or none
+        strings = all(isinstance(t, str) for t in self.tags)
+        if list(map(type, fields)) != [str, str, int, int, str, bool] or not strings:
             raise TypeError(f"not a worker record: {self!r}")
 
     def __hash__(self):  # pools look workers up per task: keep it cheap
@@ -298,13 +297,12 @@ def _from_service(service) -> WorkerInfo | None:
         return None  # not a wool worker, or not resolved
     addresses.sort(key=lambda a: ":" in a)  # IPv4 first
     tags = frozenset(t for t in props.get("tags", "").split(",") if t)
-    try:
+    with contextlib.suppress(ValueError):  # a pid that is not a number
         return WorkerInfo(
             props["uid"], addresses[0], service.port, int(props["pid"]),
             props["version"], tags, props.get("secure") == "1",
         )  # fmt: skip
-    except ValueError:
-        return None
+    return None
 
 
 class LanDiscoveryService:
