@@ -19,6 +19,8 @@ import pickle
 import signal
 import sys
 import time
+import uuid
+import weakref
 
 import pytest
 
@@ -296,6 +298,91 @@ async def test_a_file_passed_on_is_not_written_again_while_it_is_mapped(pool):
         assert np.array_equal(await echo(array + i), array + i)
     assert await kept("held") == array.sum()
     assert await kept("held", fill=0) == 0
+
+
+@wool.work
+async def make(value: float):
+    """A 2 MiB array made here: it goes back in a shared file of this process."""
+    return np.full(2**18, value)
+
+
+async def test_a_file_passed_to_a_connection_since_closed_is_never_written_again(
+    pool,
+):
+    """The caller hands an array it got from its worker W (in W's file) to
+    worker D, which keeps it; the caller's pool to D closes before D said
+    TAKEN, D lives on. Once the caller lets go of its array, W closes that
+    file instead of writing its next messages into it: D maps it still."""
+    array = await make(1.0)
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    async with wool.Worker(discovery=wool.LocalDiscoveryService(namespace)):
+        async with wool.WorkerPool(discovery=wool.LocalDiscoveryService(namespace)):
+            await keep(array, "closed")  # D is in this process: KEPT is its own
+        del array
+        gc.collect()
+        for value in (5.0, 6.0, 7.0):  # each as large: W's spare file, if any
+            assert (await make(value))[0] == value
+        assert KEPT.pop("closed").sum() == 2**18
+
+
+@wool.work
+async def fork_with(array) -> int:
+    """Fork a child that holds `array` (as a fork-started multiprocessing
+    child does) and, when told, answers its sum."""
+    go, answer = os.pipe(), os.pipe()
+    if (pid := os.fork()) == 0:
+        os.read(go[0], 1)
+        os.write(answer[1], str(float(array.sum())).encode())
+        os._exit(0)
+    KEPT["child"] = (pid, go[1], answer[0])
+    return pid
+
+
+@wool.work
+async def forked_sum() -> float:
+    pid, go, answer = KEPT.pop("child")
+    os.write(go, b".")
+    total = float(os.read(answer, 100))
+    os.waitpid(pid, 0)
+    return total
+
+
+async def test_a_file_mapped_by_a_forked_child_is_never_written_again(pool):
+    """A task forks while it maps a received array: once the task is done,
+    the caller must not write its next messages into that file, which the
+    child maps still."""
+    array = np.ones(2**18)
+    await fork_with(array)
+    for value in (5.0, 6.0, 7.0):  # each as large: into the caller's spare file
+        assert (await echo(np.full(2**18, value)))[0] == value
+    assert await forked_sum() == 2**18
+
+
+async def test_the_arguments_of_a_call_lost_are_let_go_without_the_collector():
+    """A call that ends in WorkerLost holds nothing once the error is let go:
+    no reference cycle keeps its arguments (or their shared files) alive
+    until the garbage collector runs."""
+    array = np.arange(2**18, dtype=float)
+    gone = weakref.ref(array)
+    async with wool.WorkerPool(size=1) as pool:
+        await pool.wait_for_workers(1, timeout=10)
+        (conn,) = pool._roster.conns.values()
+        os.kill(conn.info.pid, signal.SIGSTOP)  # the task is sent, never answered
+        gc.disable()
+        try:
+            call = asyncio.ensure_future(echo(array))
+            await until(lambda: conn.out.files)  # its file made and its frame sent
+            os.kill(conn.info.pid, signal.SIGKILL)
+            try:
+                await call
+            except wool.WorkerLost:
+                lost = True
+            del call
+            del array
+            await asyncio.sleep(0)  # (the loop lets go of its last handle's reply)
+            assert lost and gone() is None
+        finally:
+            gc.enable()
 
 
 async def test_a_receive_buffer_is_used_again_only_once_nothing_views_it(pool):

@@ -745,6 +745,7 @@ class WorkerPool:
             except _NotSent:
                 kind = REFUSED
             except WorkerLost as e:
+                del task.reply  # (it holds e, whose traceback holds this frame)
                 lost += (conn.info,)
                 if len(lost) > retries:
                     if retries:
@@ -2004,8 +2005,8 @@ STOP = 20  # no body: the generator finished
 GOODBYE = 21  # no body, rid 0: the worker is stopping; send nothing more
 INFO = 22  # body: the worker's WorkerInfo as JSON, its first frame; rid 0
 # either way
-TAKEN = 23  # no body: done with shared file rid (its mapping is gone): its sender
-#           may write the next message into it, or close it
+TAKEN = 23  # done with shared file rid (its mapping is gone): its sender may write
+#           the next message into it, or close it; with a body, only close it
 
 # The kind byte's two high bits are flags, so kinds stay below 0x40.
 BUFFERS = 0x80  # the body is a _Parts (pickle and out-of-band buffers)
@@ -2529,10 +2530,12 @@ class _Outbox:
         """The peer is done with shared file `serial`: keep it for a next
         message (SPARE at most), or close it."""
         held = self.held.pop(serial, None)  # a file passed on: not ours to keep
+        if body:  # "it may be mapped still": so our own TAKEN of it says so too
+            _unsafe.add(serial)
         if (fd := self.files.pop(serial, None)) is None:
             if not self.closed:
                 raise ProtocolError(f"TAKEN for shared file {serial}, never sent")
-        elif held is None and len(self.spare) < SPARE and not self.closed:
+        elif held is None and not body and len(self.spare) < SPARE and not self.closed:
             self.spare.append((serial, fd))
         else:
             os.close(fd)
@@ -2540,8 +2543,9 @@ class _Outbox:
     def release(self, serial: int):
         """Our mapping of the peer's shared file `serial` is gone (called
         from any thread, as it is collected): TAKEN."""
+        body = b"!" if serial in _unsafe else b""  # (see _unsafe)
         with contextlib.suppress(RuntimeError):  # the loop is closed
-            self.loop.call_soon_threadsafe(self.send, TAKEN, serial)
+            self.loop.call_soon_threadsafe(self.send, TAKEN, serial, body)
 
     def write(self):
         parts, self.parts = self.parts, []
@@ -2558,6 +2562,7 @@ class _Outbox:
         self.queue.clear()
         for fd in [*self.files.values(), *(fd for _, fd in self.spare)]:
             os.close(fd)
+        _unsafe.update(self.held)  # passed on, and maybe mapped there still
         self.files, self.spare, self.held = {}, [], {}
         self.wake()
 
@@ -2647,6 +2652,12 @@ _mapped: weakref.WeakSet = weakref.WeakSet()  # (< 3.13: each holds a descriptor
 # size, (address, length) of each buffer it came as, its mapping, weakly)
 _received: dict[int, tuple] = {}
 _UNWRITTEN = bytes(b for b in range(256) if not b & 0xC0 or b & 0x20)  # see _pass
+# Serials of files that someone may map still when we are done with them: we
+# passed them on to a connection that closed before its TAKEN, or forked while
+# mapping them. Our TAKEN of one says so (a body): its sender closes it, never
+# writes a next message into it, and says so upstream in turn.
+_unsafe: set[int] = set()
+os.register_at_fork(before=lambda: _unsafe.update(r[2] for r in [*_received.values()]))
 
 
 def _share(buffers: list, spare: tuple[int, int] | None = None) -> tuple[int, int]:
