@@ -172,7 +172,8 @@ async def test_lan_pool_sends_tasks_only_to_production_workers(keyfile):
         assert {pid for pid, _ in results} == {prod.pid}
         assert all("production" in tags for _, tags in results)
 
-        listed = ls("--discovery", "lan", "--interface", "127.0.0.1")
+        # (mDNS answers take longer than ls's 2 s on a loaded machine: 5)
+        listed = ls("--discovery", "lan", "--interface", "127.0.0.1", "--wait", "5")
         assert any(
             line.startswith(prod_uid) and "production" in line for line in listed
         )
