@@ -187,7 +187,8 @@ async def test_shared_files_spoken_by_hand_are_passed_on_then_taken():
     a TASK whose buffer is in a shared file: the worker maps it and, as it
     sends the unwritten array back, passes that same file on (no copy),
     holding its mapping, and so our file, until our TAKEN of its reply; then
-    it says TAKEN of ours, and keeps nothing (the file was never its own)."""
+    it says TAKEN of ours (with our TAKEN's "may be mapped still", passed on)
+    and keeps nothing (the file was never its own)."""
     array = np.arange(2**18, dtype=float)  # 2 MiB
     async with wool.Worker(authkey=KEY) as worker:
         session = await Session.open(worker.info, KEY)
@@ -205,9 +206,10 @@ async def test_shared_files_spoken_by_hand_are_passed_on_then_taken():
         assert list(peer.out.files) == list(peer.out.held) == [serial]
         session.send(wool.STATUS, 2)  # answered at once: no TAKEN went before it
         assert (await session.read())[:2] == (wool.RESULT, 2)
-        session.send(wool.TAKEN, serial)
-        assert (await session.read())[:2] == (wool.TAKEN, serial)
+        session.send(wool.TAKEN, serial, b"!")  # "it may be mapped still": and
+        assert await session.read() == (wool.TAKEN, serial, b"!")  # so it says on
         assert not peer.out.files and not peer.out.held and not peer.out.spare
+        wool._unsafe.discard(serial)  # (this process is the worker's too)
         os.close(fd)
         session.writer.close()
 
