@@ -131,8 +131,8 @@ class EveryKind(dict):
 def frames_taking_every_kind(transport, max_frame, take, on_lost) -> wool._Frames:
     """A _Frames (session key KEY) that gives `take` each frame as a tuple."""
     protocol = wool._Frames(
-        transport, max_frame, wool._Seal(KEY), types.SimpleNamespace(transfer=None),
-        on_lost,
+        transport, max_frame, wool._Seal(KEY),
+        types.SimpleNamespace(peer=None, corked=True), on_lost,
     )  # fmt: skip
     protocol.handlers = EveryKind(lambda *frame: take(frame))
     return protocol

@@ -349,6 +349,19 @@ async def test_accepted_comes_after_a_first_step_that_did_not_answer(worker):
         (wool.RESULT, 2), (wool.ACCEPTED, 1)
     }  # fmt: skip
     assert HELD["accepted"].is_set()
+    # One alone says it too; and one whose TASK came in just ahead of the start
+    # of a large frame, still being received as the task starts.
+    held = pickle.dumps(((__name__, "hold"), ("accepted",), {}, None, None))
+    session.send(wool.TASK, 3, held)
+    assert (await session.read())[:2] == (wool.ACCEPTED, 3)
+    task = frame(wool.TASK, 4, held, session.outbound)  # (sealed in sending order)
+    large = frame(wool.DEFINE, 9, bytes(4 * wool.LARGE), session.outbound)
+    session.writer.write(task + large[:100])
+    assert (await session.read())[:2] == (wool.ACCEPTED, 4)
+    session.writer.write(large[100:])
+    quick = pickle.dumps(((__name__, "add"), (2, 2), {}, None, None))
+    session.send(wool.TASK, 5, quick)
+    assert (await session.read())[:2] == (wool.RESULT, 5)
     session.writer.close()
 
 
@@ -655,6 +668,36 @@ def test_held_frames_wait_for_release():
     assert frames == [] and transport.paused
     protocol.release()
     assert [f[1] for f in frames] == [1, 2] and not transport.paused
+
+
+async def test_a_lone_frame_leaves_at_once_and_a_turns_others_at_its_end():
+    """A frame sent while its connection has nothing waiting goes to the
+    socket as it is sent (a lone call's TASK, a quick task's RESULT: no wait
+    for the loop's turn); the others sent in that turn leave together once
+    the handles it scheduled have run, in the order they were sealed (urgent
+    ones ahead of those waiting)."""
+    mine, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    _, writer = await asyncio.open_connection(sock=mine)
+    out = wool._Outbox(writer.transport, wool._Seal(KEY))
+    out.send(wool.TASK, 1, b"first")
+    first = theirs.recv(4096)
+    assert first == frame(wool.TASK, 1, b"first", wool._Seal(KEY))
+    for rid in range(2, 102):
+        out.send(wool.TASK, rid, pickle.dumps(rid))
+    out.send(wool.CANCEL, 102)
+    out.send(wool.TAKEN, 7)  # urgent: ahead of those waiting
+    with pytest.raises(BlockingIOError):
+        theirs.recv(4096)  # the turn has not ended
+    rest = [(wool.TASK, r, pickle.dumps(r)) for r in range(2, 102)]
+    rest = [(wool.TAKEN, 7, b""), *rest, (wool.CANCEL, 102, b"")]
+    got, size = bytearray(first), len(first) + len(sealed(*rest))
+    while len(got) < size:
+        got += await asyncio.get_running_loop().sock_recv(theirs, 2**16)
+    frames, error, _ = decode([bytes(got)])  # (in order: each tag checks its number)
+    assert error is None and frames == [(wool.TASK, 1, b"first"), *rest]
+    writer.close()
+    theirs.close()
 
 
 def test_result_over_max_frame_is_a_clear_error():

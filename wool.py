@@ -79,16 +79,11 @@ from typing import Any, NamedTuple, ParamSpec, Self, TypeVar, cast, overload
 
 import cloudpickle  # type: ignore[import-untyped]
 
+# Discovery's __all__, each name listed in ours too (PEP 8's case for `import *`).
 if __package__:  # vendored into a package: its own sibling, never another copy
-    from .wool_discovery import (  # type: ignore[import-not-found]
-        DiscoveryEvent, DnsDiscoveryService, LanDiscovery, LanDiscoveryService,
-        LocalDiscovery, LocalDiscoveryService, WorkerInfo,
-    )  # fmt: skip
+    from .wool_discovery import *  # type: ignore[import-not-found]
 else:
-    from wool_discovery import (
-        DiscoveryEvent, DnsDiscoveryService, LanDiscovery, LanDiscoveryService,
-        LocalDiscovery, LocalDiscoveryService, WorkerInfo,
-    )  # fmt: skip
+    from wool_discovery import *
 
 __all__ = [
     "AuthenticationError", "ContextVar", "DiscoveryEvent", "DnsDiscoveryService",
@@ -132,7 +127,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
 Items = Iterable[T] | AsyncIterable[T]
-Future = concurrent.futures.Future
 
 
 # -- Errors --------------------------------------------------------------------
@@ -342,9 +336,9 @@ class ContextVar:
         self._var.reset(token)
 
 
-def _context_values() -> dict[str, Any] | None:
-    """The wool.ContextVars set in this context: what a call carries."""
-    values = {n: var.get(_MISSING) for n, var in _registry.items()}
+def _context_values(names: Iterable[str] = _registry) -> dict[str, Any] | None:
+    """The wool.ContextVars set in this context (of `names`): what a call carries."""
+    values = {n: _registry[n].get(_MISSING) for n in names}
     return {n: v for n, v in values.items() if v is not _MISSING} or None
 
 
@@ -352,17 +346,15 @@ def _enter_context(values: dict[str, Any] | None) -> set[str]:
     """In a new worker task: take on the caller's values; track changes."""
     for name, value in (values or {}).items():
         _registry.setdefault(name, contextvars.ContextVar(f"wool:{name}")).set(value)
-    _set_by_task.set(changed := set[str]())
+    _set_by_task.set(changed := cast("set[str]", set()))  # (set[str]() is slow)
     return changed
 
 
 def _context_changes(changed: set[str]) -> dict[str, Any] | None:
     """The values a worker task set, to send back (and forget)."""
-    if not changed:
-        return None
-    values = {n: _registry[n].get(_MISSING) for n in changed}
+    values = _context_values(changed) if changed else None
     changed.clear()
-    return {n: v for n, v in values.items() if v is not _MISSING} or None
+    return values
 
 
 # -- WorkerPool and its load balancers -----------------------------------------
@@ -595,15 +587,15 @@ class WorkerPool:
         The first exception cancels the calls in flight, and is raised."""
         running = collections.deque[asyncio.Task]()
         limit = 4 * max(1, len(self.workers)) if concurrency is None else concurrency
-        if not isinstance(limit, int) or limit < 1:
-            raise ValueError(
-                f"concurrency must be a whole number >= 1, not {concurrency!r}"
-            )
-        items = aiter(iterable) if hasattr(iterable, "__aiter__") else _aiter(iterable)
+        if not isinstance(limit, int) or limit < 1:  # (then it is `concurrency`)
+            raise ValueError(f"concurrency must be a whole number >= 1, not {limit!r}")
+        sync = not hasattr(iterable, "__aiter__")
+        rest = iter(iterable) if sync else aiter(iterable)  # the items not pulled yet
         try:
             while True:
                 while len(running) < limit:
-                    if (item := await anext(items, _MISSING)) is _MISSING:
+                    item = next(rest, _MISSING) if sync else await anext(rest, _MISSING)
+                    if item is _MISSING:
                         limit = 0  # exhausted
                         break
                     each = _as_call(fn, (item,), {})
@@ -721,9 +713,9 @@ class WorkerPool:
         to another worker while the task provably did not start (REFUSED, or
         never sent); after WorkerLost, `retries` times. `started()` is
         called when a worker says it started the task."""
-        body, definition = _dump_task(fn, args, kwargs, self.max_frame)
+        seconds = _time_limit(fn)  # on the worker (for a generator: each step's)
+        body, definition = _dump_task(fn, args, kwargs, seconds, self.max_frame)
         task, lost = Task(fn, args, kwargs, started), cast("tuple[WorkerInfo, ...]", ())
-        seconds = None if generator else _time_limit(fn)
         retries = fn.__wool_retries__ if (n := _retries.get()) is _MISSING else n
         refused = avoid = _NOBODY  # uids: workers that refused it, that lost it
         unable: dict[str, bytes] = {}  # uid -> why this call cannot run there
@@ -734,7 +726,7 @@ class WorkerPool:
             conn = conn or await self._connection(task, refused, avoid, unable)
             try:
                 rid = conn.start(task, body, definition, generator)
-                if seconds is None:  # as conn.answer(), without a coroutine
+                if seconds is None or generator:  # as conn.answer(), no coroutine
                     kind, data = await task.reply
                 else:  # the worker times out; this is in case it hangs
                     reply = conn.answer(rid, task)
@@ -868,8 +860,10 @@ class _Roster:
     def update(self, conn: _Connection):
         """Keep `conn` in `ready` while it takes tasks: open and registered,
         not retiring, with room under the cap."""
-        ok = self.conns.get(conn.info) is conn and not conn.retiring and not conn.lost
-        self.ready.put(conn, ok and (self.cap is None or conn.calls < self.cap))
+        ok = not conn.retiring and not conn.lost
+        ok = ok and (self.cap is None or conn.calls < self.cap)
+        if ok != conn.ready:  # (no lookups while nothing changes: twice per call)
+            self.ready.put(conn, ok and self.conns.get(conn.info) is conn)
 
     def room(self, conn: _Connection | None = None, freed: bool = True):
         """A call of `conn` started, or ended (`freed` room): wake the
@@ -1068,6 +1062,7 @@ class _Ready(Mapping[WorkerInfo, int]):
             at, last = self.at.pop(info), self.order.pop()
             if last is not info:  # the last one takes its place
                 self.order[at], self.at[last] = last, at
+        conn.ready = self.conns.get(info) is conn
 
 
 class _Source(NamedTuple):
@@ -1200,7 +1195,7 @@ class _Connection:
         self.cannot: dict[Callable, Any] = {}  # @work functions it REFUSED, and why
         self.lost: str | None = None
         self.listed_as = info.uid  # the discovery record it was opened for
-        self.goodbye = self.retiring = False
+        self.goodbye = self.retiring = self.ready = False  # ready: in roster.ready
         self.closed = self.loop.create_future()
         self.frames, self.out = _switch(streams[1], seals, max_frame, self._lose)
         self.verified = _verified(streams[1])  # the worker's TLS certificate
@@ -1282,14 +1277,12 @@ class _Connection:
             self.introduced.set_exception(ConnectionError(reason))
         unsent = self.out.unsent()
         self.out.close()
+        sent = "after sending it the task, which may or may not have run"
         for rid, call in self.pending.items():
-            if call.reply.done():
-                continue
-            what = "with the task on it"
-            if not call.accepted:
-                what = "after sending it the task, which may or may not have run"
-            lost = WorkerLost(f"lost worker {self.info.address} ({reason}) {what}")
-            call.reply.set_exception(_NotSent() if rid in unsent else lost)
+            if not call.reply.done():
+                what = "with the task on it" if call.accepted else sent
+                lost = WorkerLost(f"lost worker {self.info.address} ({reason}) {what}")
+                call.reply.set_exception(_NotSent() if rid in unsent else lost)
         self.pending.clear()
         self.on_change(self, False)
         if not self.closed.done():
@@ -1490,11 +1483,11 @@ class Executor(concurrent.futures.Executor):
     @overload  # typed for its callers: what an async `fn` returns is awaited
     def submit(
         self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
-    ) -> Future[R]: ...
+    ) -> concurrent.futures.Future[R]: ...
     @overload
     def submit(
         self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs
-    ) -> Future[R]: ...
+    ) -> concurrent.futures.Future[R]: ...
     def submit(self, fn, /, *args, **kwargs):
         task, args, kwargs = _as_call(fn, args, kwargs, self._init)
         future = _Future(inspect.iscoroutinefunction(getattr(fn, "__wool_work__", fn)))
@@ -1657,13 +1650,8 @@ class _Initialized:
         return self.fn(*args, **kwargs)
 
 
-async def _aiter(iterable):
-    for item in iterable:
-        yield item
-
-
 # -- Messages: what calls and answers pickle to. No sockets. -------------------
-def _dump_task(fn, args, kwargs, max_frame: int) -> tuple[Any, tuple | None]:
+def _dump_task(fn, args, kwargs, seconds, max_frame: int) -> tuple[Any, tuple | None]:
     """A TASK body: (function reference, args, kwargs, context, timeout), and
     the function's (id, definition) when it travels by value."""
     context = _context_values() if _registry else None
@@ -1679,13 +1667,16 @@ def _dump_task(fn, args, kwargs, max_frame: int) -> tuple[Any, tuple | None]:
             + "; define it in a module the workers import, or make that value in it"
         ) from e
     small = not kwargs and not context and _SMALL.issuperset(map(type, args))
-    if not small:  # (else plain data with nothing out of band: the common call)
+    body = small and pickle.dumps((ref, args, kwargs, None, seconds), 5)  # the common
+    if body and len(body) <= max_frame:  # call: builtin data, nothing out of band
+        return body, None if definition is None else (ref, definition)
+    if not small:
         args, kwargs = _lift(args), _lift(kwargs)
     plain = small or _plain(args) and _plain(kwargs) and _plain(context)
     name = fn.__qualname__  # (what() runs only on failure: this is the hot path)
     what = lambda: f"{name}() and its arguments to a worker" + _unpicklable(context)
     # The reference and the timeout are plain data.
-    body = _pickle((ref, args, kwargs, context, _time_limit(fn)), what, max_frame,
+    body = _pickle((ref, args, kwargs, context, seconds), what, max_frame,
                    oob=not small, plain=plain)  # fmt: skip
     return body, None if definition is None else (ref, definition)
 
@@ -1705,7 +1696,7 @@ def _unpicklable(values: dict | None, what: str = "wool.ContextVar") -> str:
     return ""
 
 
-_refs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_refs: dict[int, tuple] = {}  # id(fn) -> _ref(fn), while fn lives
 _function_ids = itertools.count(1)
 
 
@@ -1714,7 +1705,7 @@ def _ref(fn) -> tuple[tuple[str, str] | int, bytes | None]:
     is (module, qualname) when the worker can import it, with no definition;
     else a number, and the definition is the function pickled by value
     (functions in __main__, closures), sent once per connection in DEFINE."""
-    if (ref := _refs.get(fn)) is not None:
+    if (ref := _refs.get(id(fn))) is not None:  # (no WeakKeyDictionary: hot path)
         return ref
     module, name = fn.__module__, fn.__qualname__
     registered = tuple(m + "." for m in cloudpickle.list_registry_pickle_by_value())
@@ -1728,7 +1719,8 @@ def _ref(fn) -> tuple[tuple[str, str] | int, bytes | None]:
         code = getattr(_target(fn), "__code__", None)
         where = code.co_filename if code else ""
         ref = (next(_function_ids), _pickle((fn, where, linecache.getlines(where))))
-    _refs[fn] = ref
+    _refs[id(fn)] = ref
+    weakref.finalize(fn, _refs.pop, id(fn), None)
     return ref
 
 
@@ -1797,16 +1789,11 @@ def _pickle(obj, what=None, max_frame=MAX_FRAME, oob=False, plain=None) -> Any:
     about five times the cost. With `oob`, buffers of LARGE bytes or more stay
     out of band: a _Parts, else bytes. A failure, or a message over max_frame,
     is a TypeError saying what could not be sent (`what()`, asked only then)."""
-    kept: list = []  # the buffers that travel out of band
-
-    def aside(buffer: pickle.PickleBuffer) -> bool:  # False: out of band
-        if (view := buffer.raw()).nbytes >= LARGE:
-            kept.append(view)
-        return view.nbytes < LARGE
-
+    kept: list = []  # the buffers that travel out of band (no closure: hot)
     try:
         module = pickle if (_plain(obj) if plain is None else plain) else cloudpickle
-        data: Any = module.dumps(obj, 5, buffer_callback=aside if oob else None)
+        aside = functools.partial(_aside, kept) if oob else None
+        data: Any = module.dumps(obj, 5, buffer_callback=aside)
         if kept:
             data = _Parts(data, kept)
     except BaseException as e:  # a __reduce__ may raise anything, SystemExit too
@@ -1819,6 +1806,12 @@ def _pickle(obj, what=None, max_frame=MAX_FRAME, oob=False, plain=None) -> Any:
             f"over max_frame ({max_frame / 2**20:.0f} MiB); pass a file path instead"
         )
     return data
+
+
+def _aside(kept: list, buffer: pickle.PickleBuffer) -> bool:  # False: out of band
+    if (view := buffer.raw()).nbytes >= LARGE:
+        kept.append(view)
+    return view.nbytes < LARGE
 
 
 def _plain(obj, depth: int = 2) -> bool:
@@ -1876,7 +1869,9 @@ _SMALL = _PLAIN - _LIFTED  # plain data that never travels out of band
 
 def _dump_value(value, changes: dict | None, fn, max_frame: int) -> Any:
     """A RESULT body: (value, the wool.ContextVar values the task set)."""
-    small = not changes and type(value) in _SMALL  # (the common answer)
+    small = not changes and type(value) in _SMALL  # (the common answer: at once)
+    if (body := small and pickle.dumps((value, None), 5)) and len(body) <= max_frame:
+        return body
     value = value if small else _lift(value)
     plain = small or _plain(changes) and _plain(value)
     what = lambda: (  # (only on failure: this is the hot path)
@@ -1979,6 +1974,10 @@ def _loads(body):
 HEADER = struct.Struct("!IBQ")  # body length, kind, request id
 TAG = 16  # bytes of a frame's MAC
 FILE = struct.Struct("!IQ")  # a shared file: its sender's descriptor, its serial
+FORGED = "a frame failed its MAC check: not from the peer of the handshake, or altered"
+# The MAC of a body over SMALL on an end-to-end TLS connection: TLS
+# authenticates those bytes already (see _trust); its tag is zeros.
+_UNSEALED = types.SimpleNamespace(update=lambda data: None, digest=lambda: bytes(TAG))
 
 # caller -> worker
 HELLO = 1  # body: (a pickle of (the caller's discovery sources, whether it is a
@@ -2121,12 +2120,6 @@ class _Parts:
             _received[to] = (shared_by, fd, serial, size, layout, weakref.ref(mapping))
             weakref.finalize(mapping, _received.pop, to, None)
         return cls(view[at:end], buffers)
-
-
-FORGED = "a frame failed its MAC check: not from the peer of the handshake, or altered"
-# The MAC of a body over SMALL on an end-to-end TLS connection: TLS
-# authenticates those bytes already (see _trust); its tag is zeros.
-_UNSEALED = types.SimpleNamespace(update=lambda data: None, digest=lambda: bytes(TAG))
 
 
 def _verified(writer) -> bool:
@@ -2295,6 +2288,8 @@ class _Frames(asyncio.BufferedProtocol):
                 if self.filled == len(self.large):
                     self.untagged, self.large = (*self.head, self.large), None
             self.deliver()
+            if not self.out.corked:  # after what the frames woke or started: their
+                self.out.cork()  # answers go out together (see _Peer.started)
         except ProtocolError as e:
             self.fail(e)
 
@@ -2399,23 +2394,26 @@ class _Frames(asyncio.BufferedProtocol):
 
 class _Outbox:
     """Seals and writes frames, in the order it commits them to the transport:
-    an event-loop turn's together at its end, and, while the transport holds
-    bytes it could not send, urgent ones (_URGENT) first. A large message
-    goes to the transport a CHUNK at a time, each once the last is sent (the
-    kernel takes it whole, no copy), while a thread computes its tag; in
-    memfd transfer (share_with) a thread writes its buffers into a shared
-    file instead. Frames behind a large message wait for it (`large`).
-    `full()` past HIGH_WATER unsent; `on_resume` when not."""
+    a loop turn's together once the handles it scheduled have run (cork(); a
+    delivery corks it, so the answers of what it woke go then), and, while
+    the transport holds bytes it could not send, urgent ones (_URGENT) first.
+    A large message goes to the transport a CHUNK at a time, each once the
+    last is sent (the kernel takes it whole, no copy), while a thread computes
+    its tag; in memfd transfer (share_with) a thread writes its buffers into a
+    shared file instead. Frames behind a large message wait for it (`large`).
+    `full()` past HIGH_WATER unsent; `on_resume` when not; `on_flush` first
+    thing as frames go out."""
 
-    def __init__(self, transport, seal: _Seal, on_resume=None):
+    def __init__(self, transport, seal: _Seal, on_resume=None, on_flush=None):
         self.transport, self.seal, self.on_resume = transport, seal, on_resume
+        self.on_flush = on_flush
         self.loop = asyncio.get_running_loop()
         self.queue: collections.deque[tuple[int, int, Any]] = collections.deque()
         self.urgent = 0  # how many frames at the queue's head are urgent
         self.queued = 0  # bytes of the bodies in the queue
         self.parts: list = []  # sealed small frames, written together
         self.large: _Large | None = None  # the message the frames behind wait for
-        self.corked = self.paused = self.closed = False
+        self.corked = self.paused = self.closed = self.wrote = False
         self.writable: asyncio.Future | None = None  # resolved by wake()
         self.peer: int | None = None  # memfd transfer: the peer's pid (share_with)
         self.share = False  # to send by shared files: until one cannot be made
@@ -2428,22 +2426,33 @@ class _Outbox:
         transport.set_write_buffer_limits(high=HIGH_WATER if self.tls else 0)
 
     def send(self, kind: int, rid: int, body=b""):
-        self.queued += len(body)
-        if kind in _URGENT:
+        busy = self.wrote or self.queue or self.paused or self.large or self.closed
+        if not busy and type(body) is bytes and len(body) < CHUNK:  # a turn's first
+            self.parts += encode(kind, rid, body, self.seal)  # small frame goes at
+            self.wrote = True  # once (a lone call's sooner), the others together
+            self.write()
+        elif kind in _URGENT:
+            self.queued += len(body)
             self.queue.insert(self.urgent, (kind, rid, body))
             self.urgent += 1
         else:
+            self.queued += len(body)
             self.queue.append((kind, rid, body))
-        if not self.corked:  # the turn's frames go out together at its end
-            self.corked = True
-            self.loop.call_soon(self.flush)
+        if not self.corked:  # flushed at the turn's end
+            self.cork()
+
+    def cork(self):  # flush once the handles scheduled so far have run
+        self.corked = True
+        self.loop.call_soon(self.flush)
 
     def flush(self):
-        self.corked = False
+        if self.on_flush is not None:
+            self.on_flush()
+        self.corked = self.wrote = False
         queue = self.queue
         while queue and not self.paused and self.large is None:
             kind, rid, body = queue.popleft()
-            self.urgent = max(0, self.urgent - 1)
+            self.urgent -= self.urgent > 0  # (no max(): per frame)
             self.queued -= len(body)
             self.commit(kind, rid, body)
             if len(self.parts) >= BATCH:  # so that a pause stops us soon
@@ -2633,19 +2642,6 @@ def _switch(writer: asyncio.StreamWriter, seals, max_frame, on_lost, **out):
 # PID namespace and user, which may read each other's memory anyway (a MAC
 # would guard nothing there).
 
-
-@functools.cache
-def _machine() -> str | None:
-    """This machine, as far as sharing memory goes; None where we cannot
-    (or WOOL_SHARE=0 says not to)."""
-    if os.environ.get("WOOL_SHARE") == "0":
-        return None
-    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as f:
-        boot = f.read().strip()
-        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}/{os.getuid()}"
-    return None
-
-
 _serials = itertools.count(1)
 _mapped: weakref.WeakSet = weakref.WeakSet()  # (< 3.13: each holds a descriptor)
 # Received shared files mapped: address -> (its sender's pid and fd, its serial,
@@ -2658,6 +2654,17 @@ _UNWRITTEN = bytes(b for b in range(256) if not b & 0xC0 or b & 0x20)  # see _pa
 # writes a next message into it, and says so upstream in turn.
 _unsafe: set[int] = set()
 os.register_at_fork(before=lambda: _unsafe.update(r[2] for r in [*_received.values()]))
+
+
+@functools.cache
+def _machine() -> str | None:
+    """This machine, as far as sharing memory goes; None where we cannot
+    (or WOOL_SHARE=0 says not to)."""
+    if os.environ.get("WOOL_SHARE") == "0":
+        return None
+    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as f:
+        return f"{f.read().strip()}/{os.stat('/proc/self/ns/pid').st_ino}/{os.getuid()}"
+    return None
 
 
 def _share(buffers: list, spare: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -3047,14 +3054,15 @@ class _Peer:
         self.worker, self.writer, self.address = worker, streams[1], address
         self.loop = asyncio.get_running_loop()
         self.frames, self.out = _switch(
-            self.writer, seals, worker.max_frame, self.on_lost, on_resume=self.release
-        )
+            self.writer, seals, worker.max_frame, self.on_lost,
+            on_resume=self.release, on_flush=self.started,
+        )  # fmt: skip
         self.verified = _verified(self.writer)  # the caller's TLS certificate
         self.hello, self.nested, self.wait = b"", False, WAIT  # from HELLO, with
         self.services: list = []  # the caller's discovery, and workers it lists
         self.seeds: list = []
         self.pool: WorkerPool | None = None  # for nested calls: see get()
-        self.context: contextvars.Context | None = None  # tasks run in copies
+        self.context = contextvars.Context()  # tasks run in copies: see on_hello
         self.tasks: dict[int, asyncio.Task] = {}
         self.running: dict[int, tuple] = {}  # rid -> (function, start): status
         self.debug = log.isEnabledFor(logging.DEBUG)  # a line per task
@@ -3139,11 +3147,11 @@ class _Peer:
         if stopping or worker.running == worker.max_tasks:
             return self.out.send(REFUSED, rid)  # the caller tries another worker
         if generator:
-            self.streams[rid] = steps = asyncio.Queue[tuple[int, bytes]](1)
-            steps.put_nowait((NEXT, b""))
+            self.streams[rid] = asyncio.Queue(1)  # (not Queue[...](1): slow)
+            self.streams[rid].put_nowait((NEXT, b""))
         worker.tally(1)  # (first: on 3.12+ it may run, and end, as it is made)
         run = self.run(rid, body, generator)
-        context = cast(contextvars.Context, self.context).copy()
+        context = self.context.copy()
         task = asyncio.Task(run, loop=self.loop, context=context, **self.EAGER)
         if not task.done():  # (else it has ended: see end())
             self.tasks[rid] = task
@@ -3155,8 +3163,8 @@ class _Peer:
             self.loop.call_soon(self.breathe)
 
     def started(self):
-        """After the first step of the tasks in `first` (one call for those
-        whose steps ran in one loop turn): ACCEPTED, ahead of queued replies;
+        """As the outbox flushes (corked by the delivery of their TASKs, behind
+        the first steps of the tasks in `first`): ACCEPTED, ahead of replies;
         not for a task done, if its answer is not stuck behind others (a
         frame less per quick call), nor for one REFUSED (it never ran)."""
         out, first, self.first = self.out, self.first, []
@@ -3247,8 +3255,6 @@ class _Peer:
                 why = pickle.dumps((whole, _dump_error(e, max_frame)))
                 return self.out.send(REFUSED, rid, why)
             self.running[rid] = (fn, start)  # for status
-            if not self.first:  # after this turn's first steps (handles: FIFO)
-                self.loop.call_soon(self.started)
             self.first.append((rid, self.out.queued))
             changed = _enter_context(context)
             if generator:

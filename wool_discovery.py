@@ -34,9 +34,9 @@ import logging
 import os
 import re
 import shutil
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from socket import SOCK_STREAM
 from stat import S_ISDIR
 from typing import Any, Literal
 
@@ -229,8 +229,7 @@ class LocalDiscoveryService:
 
     async def subscribe(self) -> AsyncIterator[DiscoveryEvent]:
         """Events for the namespace's workers: those present first, as added."""
-        known: dict[str, WorkerInfo] = {}
-        files: dict[str, tuple] = {}
+        known, files = dict[str, WorkerInfo](), dict[str, tuple]()
         delay, seen, checked = POLL_MIN, None, 0.0
         while True:
             now = time.monotonic()
@@ -371,8 +370,7 @@ class LanDiscoveryService:
         from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo
 
         zc = self._zeroconf()
-        changes: asyncio.Queue = asyncio.Queue()
-        resolving: set[asyncio.Task] = set()
+        changes, resolving = asyncio.Queue[Any](), set[asyncio.Task]()
 
         async def resolve(name: str):
             service = AsyncServiceInfo(SERVICE_TYPE, name)
@@ -388,8 +386,7 @@ class LanDiscoveryService:
                 task.add_done_callback(resolving.discard)
 
         browser = AsyncServiceBrowser(zc.zeroconf, [SERVICE_TYPE], handlers=[on_change])
-        current: dict[str, WorkerInfo | None] = {}
-        known: dict[str, WorkerInfo] = {}
+        current, known = dict[str, WorkerInfo | None](), dict[str, WorkerInfo]()
         try:
             while True:
                 name, current[name] = await changes.get()  # None: gone
@@ -476,9 +473,7 @@ class DnsDiscoveryService:
             try:
                 answers: list = [(0, 0, 0, "", (_literal(host), port))]
                 if answers[0][4][0] is None:  # not an address: resolve it
-                    answers = await loop.getaddrinfo(
-                        host, port, type=socket.SOCK_STREAM
-                    )
+                    answers = await loop.getaddrinfo(host, port, type=SOCK_STREAM)
             except OSError as e:  # socket.gaierror: no such name, no DNS server
                 if errors.get(host) != str(e):  # (quiet in a worker's nested pool,
                     log.log(  # where the caller's list stands in)
@@ -497,8 +492,7 @@ class DnsDiscoveryService:
 
     async def subscribe(self) -> AsyncIterator[DiscoveryEvent]:
         """Events for the addresses: those resolved first, as added."""
-        known: dict[str, WorkerInfo] = {}
-        errors: dict[str, str] = {}
+        known, errors = dict[str, WorkerInfo](), dict[str, str]()
         while True:
             for event in _changes(known, await self.resolve(errors), None):
                 yield event
