@@ -291,6 +291,7 @@ def _setting(var: contextvars.ContextVar, value):
 
 _MISSING: Any = object()
 _NOBODY = frozenset[str]()  # no workers' uids (not a singleton: made once)
+_NO_REASONS: Mapping[str, bytes] = types.MappingProxyType({})  # (no dict per call)
 _timeout = contextvars.ContextVar[float | None]("wool.timeout", default=_MISSING)
 _retries = contextvars.ContextVar[int]("wool.retries", default=_MISSING)
 _registry: dict[str, contextvars.ContextVar] = {}  # wool.ContextVar name -> var
@@ -718,7 +719,7 @@ class WorkerPool:
         task, lost = Task(fn, args, kwargs, started), cast("tuple[WorkerInfo, ...]", ())
         retries = fn.__wool_retries__ if (n := _retries.get()) is _MISSING else n
         refused = avoid = _NOBODY  # uids: workers that refused it, that lost it
-        unable: dict[str, bytes] = {}  # uid -> why this call cannot run there
+        unable = _NO_REASONS  # uid -> why this call cannot run there (one made then)
         while True:
             # A worker with room now (no coroutine: the common case), else wait:
             seen = refused | frozenset(unable) if unable else refused  # as if full
@@ -755,7 +756,7 @@ class WorkerPool:
                 if kind != REFUSED:
                     return _load_reply(kind, data, fn)
                 if data is not None:  # it cannot run there: this call, or ever
-                    whole, unable[conn.info.uid] = data
+                    whole, unable = data[0], {**unable, conn.info.uid: data[1]}
                     if whole and fn not in conn.cannot:  # skip it for fn: say so
                         conn.cannot[fn] = data[1]
                         self._roster.cannot.add(fn)
@@ -908,7 +909,7 @@ class _Roster:
         if conns:
             await asyncio.wait([c.closed for c in conns], timeout=PATIENCE)
 
-    def check(self, task: Task, unable: dict[str, bytes]):
+    def check(self, task: Task, unable: Mapping[str, bytes]):
         """Raise what makes waiting for a worker pointless: no worker can run
         this call (its function, or here `unable` its arguments: uid -> why),
         or every worker refused us, or discovery failed."""
