@@ -362,6 +362,12 @@ async def test_accepted_comes_after_a_first_step_that_did_not_answer(worker):
     quick = pickle.dumps(((__name__, "add"), (2, 2), {}, None, None))
     session.send(wool.TASK, 5, quick)
     assert (await session.read())[:2] == (wool.RESULT, 5)
+    # And one that came in a read right behind a STATUS, whose answer went at
+    # once: the flush that follows it was due before the task's first step.
+    status = frame(wool.STATUS, 50, b"", session.outbound)
+    session.writer.write(status + frame(wool.TASK, 6, held, session.outbound))
+    assert (await session.read())[:2] == (wool.RESULT, 50)
+    assert (await session.read())[:2] == (wool.ACCEPTED, 6)
     session.writer.close()
 
 

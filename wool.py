@@ -3164,8 +3164,8 @@ class _Peer:
             self.loop.call_soon(self.breathe)
 
     def started(self):
-        """As the outbox flushes (corked by the delivery of their TASKs, behind
-        the first steps of the tasks in `first`): ACCEPTED, ahead of replies;
+        """As the outbox flushes after the first steps of the tasks in `first`
+        (corked by their delivery, or by run()): ACCEPTED, ahead of replies;
         not for a task done, if its answer is not stuck behind others (a
         frame less per quick call), nor for one REFUSED (it never ran)."""
         out, first, self.first = self.out, self.first, []
@@ -3257,6 +3257,8 @@ class _Peer:
                 return self.out.send(REFUSED, rid, why)
             self.running[rid] = (fn, start)  # for status
             self.first.append((rid, self.out.queued))
+            if not self.out.corked:  # (a flush that ran ahead of this first step)
+                self.out.cork()
             changed = _enter_context(context)
             if generator:
                 return await self.drive(rid, fn, fn(*args, **kwargs), changed)
