@@ -2394,10 +2394,10 @@ class _Frames(asyncio.BufferedProtocol):
 
 
 class _Outbox:
-    """Seals and writes frames, in the order it commits them to the transport:
-    a loop turn's together once the handles it scheduled have run (cork(); a
-    delivery corks it, so the answers of what it woke go then), and, while
-    the transport holds bytes it could not send, urgent ones (_URGENT) first.
+    """Seals and writes frames in the order it commits them: one sent while
+    nothing waits at once, the loop turn's others together once the handles
+    it scheduled have run (cork(); a delivery corks it, so the answers of what
+    it woke go then), urgent ones (_URGENT) ahead of those waiting.
     A large message goes to the transport a CHUNK at a time, each once the
     last is sent (the kernel takes it whole, no copy), while a thread computes
     its tag; in memfd transfer (share_with) a thread writes its buffers into a
