@@ -1674,7 +1674,7 @@ def _dump_task(fn, args, kwargs, seconds, max_frame: int) -> tuple[Any, tuple | 
     if not small:
         args, kwargs = _lift(args), _lift(kwargs)
     plain = small or _plain(args) and _plain(kwargs) and _plain(context)
-    name = fn.__qualname__  # (what() runs only on failure: this is the hot path)
+    name = fn.__qualname__  # (what() runs only on failure)
     what = lambda: f"{name}() and its arguments to a worker" + _unpicklable(context)
     # The reference and the timeout are plain data.
     body = _pickle((ref, args, kwargs, context, seconds), what, max_frame,
